@@ -1,0 +1,22 @@
+"""The two error families of the cores.
+
+``LocalProtocolError``: we misused an API (a bug on our side; may raise).
+``RemoteProtocolError`` / ``MalformedPacket``: bad input from the wire. Cores catch these
+at their ``handle_*`` boundary, count and drop; they never escape to the shells.
+"""
+
+
+class GatewayError(Exception):
+    """Base class of every error raised by the cores."""
+
+
+class LocalProtocolError(GatewayError):
+    """The caller used a core incorrectly."""
+
+
+class RemoteProtocolError(GatewayError):
+    """The remote side sent something that violates the protocol."""
+
+
+class MalformedPacket(RemoteProtocolError):
+    """Bytes that do not parse as the expected wire format."""
