@@ -53,9 +53,12 @@ def _violations(path: Path) -> list[str]:
             func = node.func
             if isinstance(func, ast.Name) and func.id in {"open", "input", "print"}:
                 found.append(f"{path.name}:{node.lineno} calls {func.id}()")
-            elif isinstance(func, ast.Attribute) and isinstance(func.value, ast.Name):
-                if (func.value.id, func.attr) in FORBIDDEN_CALLS:
-                    found.append(f"{path.name}:{node.lineno} calls {func.value.id}.{func.attr}()")
+            elif (
+                isinstance(func, ast.Attribute)
+                and isinstance(func.value, ast.Name)
+                and (func.value.id, func.attr) in FORBIDDEN_CALLS
+            ):
+                found.append(f"{path.name}:{node.lineno} calls {func.value.id}.{func.attr}()")
     return found
 
 

@@ -22,7 +22,8 @@ def _skip_or_fail(msg: str) -> None:
 def require_bin(binary: str, package: str) -> None:
     """Skip (or fail under FZ_REQUIRE_INTEROP=1) when ``binary`` is not installed."""
     if shutil.which(binary) is None:
-        _skip_or_fail(f"{binary} not installed (apt-get install -y --no-install-recommends {package})")
+        hint = f"apt-get install -y --no-install-recommends {package}"
+        _skip_or_fail(f"{binary} not installed ({hint})")
 
 
 def require_module(module: str) -> None:
