@@ -1,0 +1,1 @@
+"""STUN (RFC 8489/5389) message codec."""
