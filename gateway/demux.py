@@ -1,0 +1,66 @@
+"""Classify a received UDP datagram by protocol (snownet.md §7, RFC 7983 first-byte ranges).
+
+One socket pair carries STUN to/from relays, ChannelData from relays, ICE checks and
+WireGuard. This runs for every datagram, so it only looks at a few bytes and never parses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Container
+from enum import Enum
+
+from gateway.types import Address
+
+#: Datagrams longer than this are never processed (snownet.md §6.3).
+MAX_DATAGRAM_PAYLOAD = 1336
+
+_STUN_COOKIE = b"\x21\x12\xa4\x42"
+_WG_INITIATION_LEN = 148
+_WG_RESPONSE_LEN = 92
+_WG_COOKIE_REPLY_LEN = 64
+_WG_TRANSPORT_MIN_LEN = 32  # 16-byte header + 16-byte AEAD tag (keepalive)
+
+
+class DatagramKind(Enum):
+    STUN_FROM_RELAY = "stun-from-relay"
+    CHANNEL_DATA_FROM_RELAY = "channel-data-from-relay"
+    STUN = "stun"
+    WIREGUARD = "wireguard"
+    GARBAGE = "garbage"
+
+
+def _plausible_wireguard(data: bytes, kind: int) -> bool:
+    if data[1:4] != b"\x00\x00\x00":
+        return False
+    n = len(data)
+    if kind == 4:
+        # Transport: header, ciphertext of a 16-byte-padded plaintext, tag.
+        return n >= _WG_TRANSPORT_MIN_LEN and (n - _WG_TRANSPORT_MIN_LEN) % 16 == 0
+    if kind == 1:
+        return n == _WG_INITIATION_LEN
+    if kind == 2:
+        return n == _WG_RESPONSE_LEN
+    return n == _WG_COOKIE_REPLY_LEN  # kind 3
+
+
+def classify(data: bytes, src: Address, relay_servers: Container[Address]) -> DatagramKind:
+    """Which handler a datagram from ``src`` goes to; never raises."""
+    n = len(data)
+    if n == 0 or n > MAX_DATAGRAM_PAYLOAD:
+        return DatagramKind.GARBAGE
+    first = data[0]
+    if first < 4:
+        if src in relay_servers:
+            return DatagramKind.STUN_FROM_RELAY
+        if n >= 20 and data[4:8] == _STUN_COOKIE:
+            return DatagramKind.STUN
+        if first and n >= 4 and _plausible_wireguard(data, first):
+            return DatagramKind.WIREGUARD
+        return DatagramKind.GARBAGE
+    if first == 4:
+        if n >= 4 and _plausible_wireguard(data, first):
+            return DatagramKind.WIREGUARD
+        return DatagramKind.GARBAGE
+    if 0x40 <= first <= 0x7F and src in relay_servers:
+        return DatagramKind.CHANNEL_DATA_FROM_RELAY
+    return DatagramKind.GARBAGE

@@ -1,0 +1,66 @@
+"""Datagram classification (snownet.md §7)."""
+
+from __future__ import annotations
+
+import random
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
+from gateway.stun.message import Method, encode, new_request
+
+RELAY = ("192.0.2.1", 3478)
+PEER = ("198.51.100.7", 40000)
+RELAYS = frozenset({RELAY})
+
+
+def _stun() -> bytes:
+    return encode(new_request(Method.BINDING, random.Random(3)), fingerprint=True)
+
+
+def _wg(kind: int, length: int) -> bytes:
+    return bytes([kind, 0, 0, 0]) + b"\xab" * (length - 4)
+
+
+def test_stun_from_relay_and_from_peer() -> None:
+    assert classify(_stun(), RELAY, RELAYS) is DatagramKind.STUN_FROM_RELAY
+    assert classify(_stun(), PEER, RELAYS) is DatagramKind.STUN
+    # From a relay the first byte decides, cookie or not (the allocation consumes it).
+    assert classify(b"\x01\x01" + b"\x00" * 30, RELAY, RELAYS) is DatagramKind.STUN_FROM_RELAY
+
+
+def test_channel_data_only_from_relays() -> None:
+    data = b"\x40\x00\x00\x04abcd"
+    assert classify(data, RELAY, RELAYS) is DatagramKind.CHANNEL_DATA_FROM_RELAY
+    assert classify(b"\x7f\xff\x00\x00", RELAY, RELAYS) is DatagramKind.CHANNEL_DATA_FROM_RELAY
+    assert classify(data, PEER, RELAYS) is DatagramKind.GARBAGE
+    assert classify(b"\x80\x00\x00\x00", RELAY, RELAYS) is DatagramKind.GARBAGE
+
+
+def test_wireguard_messages() -> None:
+    for kind, length in ((1, 148), (2, 92), (3, 64), (4, 32), (4, 48), (4, 1328)):
+        assert classify(_wg(kind, length), PEER, RELAYS) is DatagramKind.WIREGUARD, (kind, length)
+
+
+def test_wireguard_implausible_lengths_and_headers() -> None:
+    for kind, length in ((1, 147), (2, 93), (3, 60), (4, 31), (4, 33), (4, 40), (5, 148)):
+        assert classify(_wg(kind, length), PEER, RELAYS) is DatagramKind.GARBAGE, (kind, length)
+    assert classify(b"\x01\x00\x01\x00" + b"\x00" * 144, PEER, RELAYS) is DatagramKind.GARBAGE
+    assert classify(_wg(0, 148), PEER, RELAYS) is DatagramKind.GARBAGE
+
+
+def test_size_limits() -> None:
+    assert classify(b"", PEER, RELAYS) is DatagramKind.GARBAGE
+    assert classify(b"\x00", PEER, RELAYS) is DatagramKind.GARBAGE
+    assert classify(_wg(4, 1344), PEER, RELAYS) is DatagramKind.GARBAGE  # > 1336
+    big_stun = _stun() + b"\x00" * (MAX_DATAGRAM_PAYLOAD + 1 - len(_stun()))
+    assert classify(big_stun, PEER, RELAYS) is DatagramKind.GARBAGE
+    assert classify(b"\x40\x00" + b"\x00" * MAX_DATAGRAM_PAYLOAD, RELAY, RELAYS) is (
+        DatagramKind.GARBAGE
+    )
+
+
+@given(st.binary(max_size=1500), st.booleans())
+def test_random_bytes_never_raise(data: bytes, from_relay: bool) -> None:
+    assert isinstance(classify(data, RELAY if from_relay else PEER, RELAYS), DatagramKind)
