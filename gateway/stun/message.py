@@ -199,6 +199,15 @@ class StunMessage:
             raise MalformedPacket("ERROR-CODE out of range")
         return klass * 100 + number, self._text(value[4:], "ERROR-CODE reason")
 
+    def unknown_attributes(self) -> list[int] | None:
+        """The attribute types listed in UNKNOWN-ATTRIBUTES (sent with 420 errors)."""
+        value = self.get(Attr.UNKNOWN_ATTRIBUTES)
+        if value is None:
+            return None
+        if len(value) % 2:
+            raise MalformedPacket("UNKNOWN-ATTRIBUTES length is odd")
+        return [int.from_bytes(value[i : i + 2], "big") for i in range(0, len(value), 2)]
+
     @staticmethod
     def _text(value: bytes, what: str) -> str:
         try:

@@ -377,3 +377,11 @@ def test_encode_parse_round_trip(
     ]
     if integrity:
         assert verify_integrity(raw, b"secret")
+
+
+def test_unknown_attributes_reader() -> None:
+    msg = parse(message(attr(Attr.UNKNOWN_ATTRIBUTES, b"\x00\x19\x80\x00"), msg_type=0x0114))
+    assert msg.unknown_attributes() == [0x0019, 0x8000]
+    assert parse(message()).unknown_attributes() is None
+    with pytest.raises(MalformedPacket):
+        parse(message(attr(Attr.UNKNOWN_ATTRIBUTES, b"\x00\x19\x80"))).unknown_attributes()
