@@ -1,0 +1,102 @@
+"""IPv4 <-> IPv6 header translation for DNS-resource NAT (dataplane.md §8.5, RFC 6145).
+
+Only what the NAT table can carry is translated: TCP, UDP and ICMP echo request/reply.
+The spec notes that 1.4.x never reaches its ICMP-error translation (the NAT table rejects
+ICMP errors), so ICMP errors, other ICMP types, other protocols, IPv4 fragments and IPv6
+packets starting with an extension header are untranslatable: the functions return None
+and the caller drops the packet.
+
+DSCP: IPv4 -> IPv6 copies the 6-bit DSCP into the traffic class; IPv6 -> IPv4 puts the
+traffic class back into the DSCP bits and fails if it does not fit (> 63), as 1.4 does.
+"""
+
+from __future__ import annotations
+
+from gateway.packet.ip import (
+    CHECKSUM_OFFSET,
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    IPV6_EXTENSION_HEADERS,
+    MIN_TRANSPORT_LEN,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_TCP,
+    PROTO_UDP,
+    ipv4_header,
+    ipv6_header,
+    transport_checksum,
+)
+
+_V4_TO_V6_ICMP = {ICMP_ECHO_REQUEST: ICMPV6_ECHO_REQUEST, ICMP_ECHO_REPLY: ICMPV6_ECHO_REPLY}
+_V6_TO_V4_ICMP = {ICMPV6_ECHO_REQUEST: ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY: ICMP_ECHO_REPLY}
+
+
+def _translate_segment(
+    segment: bytes, protocol: int, icmp_types: dict[int, int], new_protocol: int,
+    src: bytes, dst: bytes,
+) -> bytes | None:
+    if len(segment) < MIN_TRANSPORT_LEN[protocol]:
+        return None
+    if protocol in (PROTO_ICMP, PROTO_ICMPV6):
+        icmp_type = icmp_types.get(segment[0])
+        if icmp_type is None or segment[1] != 0:
+            return None
+        segment = bytes((icmp_type,)) + segment[1:]
+    checksum = transport_checksum(src, dst, new_protocol, segment)
+    at = CHECKSUM_OFFSET[new_protocol]
+    return segment[:at] + checksum.to_bytes(2, "big") + segment[at + 2 :]
+
+
+def ipv4_to_ipv6(packet: bytes, src: bytes, dst: bytes) -> bytes | None:
+    """Translate a valid IPv4 packet to IPv6 with the given 16-byte addresses."""
+    if (packet[6] & 0x3F) or packet[7]:
+        return None  # a fragment: transport checksums cannot be recomputed
+    protocol = packet[9]
+    if protocol == PROTO_ICMP:
+        new_protocol = PROTO_ICMPV6
+    elif protocol in (PROTO_TCP, PROTO_UDP):
+        new_protocol = protocol
+    else:
+        return None
+    ihl = (packet[0] & 0x0F) * 4
+    total = (packet[2] << 8) | packet[3]
+    segment = _translate_segment(
+        packet[ihl:total], protocol, _V4_TO_V6_ICMP, new_protocol, src, dst
+    )
+    if segment is None:
+        return None
+    header = ipv6_header(
+        src, dst, new_protocol, len(segment), hop_limit=packet[8], traffic_class=packet[1] >> 2
+    )
+    return header + segment
+
+
+def ipv6_to_ipv4(packet: bytes, src: bytes, dst: bytes) -> bytes | None:
+    """Translate a valid IPv6 packet to IPv4 with the given 4-byte addresses."""
+    next_header = packet[6]
+    if next_header in IPV6_EXTENSION_HEADERS:
+        return None
+    if next_header == PROTO_ICMPV6:
+        new_protocol = PROTO_ICMP
+    elif next_header in (PROTO_TCP, PROTO_UDP):
+        new_protocol = next_header
+    else:
+        return None
+    traffic_class = ((packet[0] & 0x0F) << 4) | (packet[1] >> 4)
+    if traffic_class > 63:
+        return None
+    payload_length = (packet[4] << 8) | packet[5]
+    if payload_length + 20 > 0xFFFF:
+        return None
+    segment = _translate_segment(
+        packet[40 : 40 + payload_length], next_header, _V6_TO_V4_ICMP, new_protocol, src, dst
+    )
+    if segment is None:
+        return None
+    header = ipv4_header(
+        src, dst, new_protocol, len(segment), ttl=packet[7], tos=traffic_class << 2,
+        identification=0, dont_fragment=True,
+    )
+    return header + segment

@@ -1,0 +1,599 @@
+"""One client's state on the gateway: authorizations, filters and DNS-resource NAT.
+
+Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.9):
+
+* ``add_resource``/``remove_resource``/``update_resource`` change the authorized set; each
+  change rebuilds the filter table (§5.1).
+* ``handle_inbound`` takes a decrypted packet from the client: p2p control packets are
+  consumed (§7), then anti-spoofing, the destination check (§5.2) and the forward NAT of
+  DNS-resource proxy IPs (§8.2). The result is the packet itself (``bytes``: write it to
+  the TUN) or a ``Drop``, ``Reply`` or ``NeedsResolution``.
+* ``handle_outbound`` takes a TUN packet addressed to the client and reverses the NAT
+  (§8.3). Unlike 1.4.0, which drops every packet that is not TCP/UDP/ICMP echo here, it
+  passes such packets (ICMP errors, GRE, ESP, ...) through unchanged, as 1.4.13 does:
+  without a NAT session there is nothing to reverse.
+* ``handle_timeout`` runs the 1 s tick: authorization expiry by wall clock (§6), NAT
+  session TTL (§8.4) and translation health, which emits ``NeedsResolution`` events for
+  domains whose proxy IPs saw no reply for 120 s. The shell resolves off-thread and calls
+  ``handle_resolved``.
+
+Sans-IO: no clocks, sockets or threads; bad packets are counted in ``counters``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import uuid
+from collections import Counter, deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TypeAlias
+
+from gateway.dns_pattern import matches
+from gateway.packet.filter import (
+    KIND_ICMP,
+    KIND_OTHER,
+    KIND_TCP,
+    KIND_UDP,
+    FilterEngine,
+    PrefixTable,
+    build_filter_table,
+    resource_networks,
+)
+from gateway.packet.icmp import build_prohibited
+from gateway.packet.ip import (
+    ICMP_ECHO_REPLY,
+    ICMP_ECHO_REQUEST,
+    ICMPV6_ECHO_REPLY,
+    ICMPV6_ECHO_REQUEST,
+    IPV6_EXTENSION_HEADERS,
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    PROTO_P2P_CONTROL,
+    PROTO_TCP,
+    PROTO_UDP,
+    IPAddress,
+    in_resources_range,
+    rewrite,
+)
+from gateway.packet.nat import NatTable
+from gateway.packet.nat46 import ipv4_to_ipv6, ipv6_to_ipv4
+from gateway.packet.p2p_control import AssignedIps, decode, encode_domain_status
+from gateway.resources import DnsResource, Filter, InternetResource, Resource
+
+logger = logging.getLogger(__name__)
+
+EXPIRE_RESOURCES_INTERVAL = 1.0
+NO_INCOMING_WINDOW = 120.0
+NO_INCOMING_LOOKAHEAD = 10.0
+GRACE_PERIOD = 1.0
+DNS_RESOLUTION_TIMEOUT = 10.0
+
+_ZERO_ADDRESSES = bytes(32)
+_ECHO_TYPES = frozenset({ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY})
+_ECHO6_TYPES = frozenset({ICMPV6_ECHO_REQUEST, ICMPV6_ECHO_REPLY})
+
+
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """The packet was dropped; ``reason`` is also the ``counters`` key."""
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An IP packet to encrypt back to the client (ICMP prohibited or DomainStatus)."""
+
+    packet: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsResolution:
+    """Resolve ``domain`` (A and AAAA, 10 s timeout), then call ``handle_resolved``.
+
+    As an ``handle_inbound`` result it answers an AssignedIps packet (``reply=True``);
+    as an event it is a §8.4 refresh (``reply=False``).
+    """
+
+    resource_id: uuid.UUID
+    domain: str
+    proxy_ips: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceExpired:
+    """The authorization of ``resource_id`` reached its ``expires_at`` and was removed."""
+
+    resource_id: uuid.UUID
+
+
+#: ``bytes`` means "write this packet to the TUN".
+InboundResult: TypeAlias = bytes | Drop | Reply | NeedsResolution
+Event: TypeAlias = ResourceExpired | NeedsResolution
+
+DROP_MALFORMED = Drop("malformed")
+DROP_SPOOFED = Drop("spoofed_source")
+DROP_NOT_ALLOWED = Drop("not_allowed")
+DROP_UNKNOWN_PROTOCOL = Drop("unknown_protocol")
+DROP_NAT_FAILED = Drop("nat_failed")
+DROP_NAT_EXHAUSTED = Drop("nat_exhausted")
+DROP_P2P_IGNORED = Drop("p2p_ignored")
+
+
+@dataclass(slots=True)
+class _Authorization:
+    resource: Resource
+    expires_at: float | None
+    #: DNS resources: domain -> resolved IPs (IPv6 first, as the resolver returns them).
+    resolved: dict[str, tuple[IPAddress, ...]] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Translation:
+    """Proxy IP -> real IP of one domain, with the §8.4 health bookkeeping."""
+
+    resource_id: uuid.UUID
+    domain: str
+    real_ip: bytes
+    created_at: float
+    last_incoming: float | None = None
+    grace_started: float | None = None
+
+    def no_incoming_for_window(self, at: float) -> bool:
+        since = self.last_incoming if self.last_incoming is not None else self.created_at
+        return at - since >= NO_INCOMING_WINDOW
+
+
+class ClientOnGateway:
+    """One client's authorizations, filters and DNS-resource NAT (dataplane.md §4-§8). Sans-IO."""
+
+    def __init__(
+        self,
+        *,
+        client_id: uuid.UUID,
+        ipv4: ipaddress.IPv4Address,
+        ipv6: ipaddress.IPv6Address,
+        now: float,
+        icmp_prohibited: bool = False,
+    ) -> None:
+        self.client_id = client_id
+        self.ipv4 = ipv4
+        self.ipv6 = ipv6
+        self.counters: Counter[str] = Counter()
+        self._ipv4 = ipv4.packed
+        self._ipv6 = ipv6.packed
+        self._icmp_prohibited = icmp_prohibited
+        self._resources: dict[uuid.UUID, _Authorization] = {}
+        self._translations: dict[bytes, _Translation] = {}
+        self._filters: PrefixTable[FilterEngine] = PrefixTable()
+        self._has_internet = False
+        self._nat = NatTable()
+        self._events: deque[Event] = deque()
+        self._next_tick: float | None = None
+        #: (resource, domain) -> deadline of an outstanding §8.4 re-resolution
+        self._refreshing: dict[tuple[uuid.UUID, str], float] = {}
+        self._created_at = now
+
+    # --- authorizations ------------------------------------------------------------------
+
+    def add_resource(self, resource: Resource, expires_at: float | None, now: float) -> None:
+        """Authorize ``resource``; if already present only its filters change (1.4 quirk)."""
+        existing = self._resources.get(resource.id)
+        if existing is not None:
+            self.update_resource(resource)
+            return
+        self._resources[resource.id] = _Authorization(resource, expires_at)
+        self._rebuild_filters()
+        if expires_at is not None:
+            self._arm(now)
+
+    def remove_resource(self, resource_id: uuid.UUID) -> None:
+        """Revoke access (``reject_access``); unknown ids are a no-op."""
+        if self._resources.pop(resource_id, None) is not None:
+            self._rebuild_filters()
+
+    def update_resource(self, resource: Resource) -> None:
+        """Replace the filters of an authorized resource (``resource_updated``).
+
+        A change of resource type is refused; address changes are not applied (§1.9).
+        """
+        existing = self._resources.get(resource.id)
+        if existing is None:
+            return
+        if type(existing.resource) is not type(resource):
+            self.counters["resource_type_change_refused"] += 1
+            logger.debug("Refusing to change the type of resource %s", resource.id)
+            return
+        if existing.resource.filters != resource.filters:
+            existing.resource = dataclasses.replace(existing.resource, filters=resource.filters)
+            self._rebuild_filters()
+
+    def is_empty(self) -> bool:
+        """No resource left: the caller drops this client's state."""
+        return not self._resources
+
+    def resources(self) -> list[tuple[Resource, float | None]]:
+        """Authorized resources with their ``expires_at`` (unix seconds or None)."""
+        return [(auth.resource, auth.expires_at) for auth in self._resources.values()]
+
+    def filter_table(self) -> list[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                         FilterEngine]]:
+        """The current filter table entries, for status output and tests."""
+        return self._filters.items()
+
+    def translations(self) -> dict[IPAddress, IPAddress]:
+        """Proxy IP -> real IP of every DNS translation, for status output and tests."""
+        return {
+            ipaddress.ip_address(proxy): ipaddress.ip_address(tr.real_ip)
+            for proxy, tr in self._translations.items()
+        }
+
+    # --- DNS-resource translations ---------------------------------------------------------
+
+    def setup_dns_translation(
+        self,
+        resource_id: uuid.UUID,
+        domain: str,
+        proxy_ips: Sequence[IPAddress],
+        resolved: Sequence[IPAddress],
+        now: float,
+    ) -> bool:
+        """Map ``proxy_ips`` of ``domain`` round-robin to ``resolved`` (§8.1).
+
+        False if the resource is not authorized, not a DNS resource, or ``domain`` does
+        not match its pattern. An empty ``resolved`` succeeds without installing anything.
+        """
+        auth = self._resources.get(resource_id)
+        if auth is None or not isinstance(auth.resource, DnsResource):
+            return False
+        domain = domain.rstrip(".")
+        if not matches(auth.resource.address, domain):
+            return False
+        real_v4 = [ip.packed for ip in resolved if ip.version == 4]
+        real_v6 = [ip.packed for ip in resolved if ip.version == 6]
+        proxies_v4 = [ip.packed for ip in proxy_ips if ip.version == 4]
+        proxies_v6 = [ip.packed for ip in proxy_ips if ip.version == 6]
+        for proxies, pool in ((proxies_v4, real_v4 or real_v6), (proxies_v6, real_v6 or real_v4)):
+            if not pool:
+                continue
+            for index, proxy in enumerate(proxies):
+                self._translations[proxy] = _Translation(
+                    resource_id, domain, pool[index % len(pool)], now
+                )
+        auth.resolved[domain] = tuple(resolved)
+        self._rebuild_filters()
+        if self._translations:
+            self._arm(now)
+        return True
+
+    def handle_resolved(
+        self,
+        resource_id: uuid.UUID,
+        domain: str,
+        proxy_ips: Sequence[IPAddress],
+        resolved: Sequence[IPAddress],
+        now: float,
+        *,
+        reply: bool,
+    ) -> bytes | None:
+        """Apply a resolution; with ``reply`` return the DomainStatus packet for the client.
+
+        A §8.4 refresh (``reply=False`` while a refresh is outstanding) that yields the same
+        set of IPs changes nothing.
+        """
+        domain = domain.rstrip(".")
+        key = (resource_id, domain)
+        if not reply and self._refreshing.pop(key, None) is not None:
+            auth = self._resources.get(resource_id)
+            if auth is not None and set(auth.resolved.get(domain, ())) == set(resolved):
+                return None
+        ok = self.setup_dns_translation(resource_id, domain, proxy_ips, resolved, now)
+        if not ok:
+            self.counters["dns_setup_failed"] += 1
+        return encode_domain_status(resource_id, domain, ok) if reply else None
+
+    # --- data path -------------------------------------------------------------------------
+
+    def handle_inbound(self, packet: bytes, now: float) -> InboundResult:
+        """A decrypted packet from the client (§3.1 steps 4-7)."""
+        n = len(packet)
+        if n < 20:
+            self.counters["malformed"] += 1
+            return DROP_MALFORMED
+        version = packet[0] >> 4
+        if version == 4:
+            l4 = (packet[0] & 0x0F) << 2
+            end = (packet[2] << 8) | packet[3]
+            if l4 < 20 or end < l4 or end > n:
+                self.counters["malformed"] += 1
+                return DROP_MALFORMED
+            if end != n:
+                packet = packet[:end]
+            if packet[12:16] != self._ipv4:
+                self.counters["spoofed_source"] += 1
+                return DROP_SPOOFED
+            dst = packet[16:20]
+            protocol = packet[9]
+            if (packet[6] & 0x1F) or packet[7]:
+                l4 = -1  # not the first fragment: no transport header
+            icmp = PROTO_ICMP
+        elif version == 6:
+            end = 40 + ((packet[4] << 8) | packet[5])
+            if n < 40 or end > n:
+                self.counters["malformed"] += 1
+                return DROP_MALFORMED
+            if end != n:
+                packet = packet[:end]
+            protocol = packet[6]
+            if protocol == PROTO_P2P_CONTROL and packet[8:40] == _ZERO_ADDRESSES:
+                return self._handle_control(packet)
+            if packet[8:24] != self._ipv6:
+                self.counters["spoofed_source"] += 1
+                return DROP_SPOOFED
+            dst = packet[24:40]
+            l4 = 40 if protocol not in IPV6_EXTENSION_HEADERS else -1
+            icmp = PROTO_ICMPV6
+        else:
+            self.counters["malformed"] += 1
+            return DROP_MALFORMED
+
+        if not self._has_internet or in_resources_range(dst):
+            engine = self._filters.lookup(dst)
+            if engine is None:
+                return self._deny(packet)
+            if not engine.permit_all:
+                kind = KIND_OTHER
+                port = 0
+                if l4 >= 0:
+                    if protocol == PROTO_TCP:
+                        if end - l4 >= 20:
+                            kind = KIND_TCP
+                            port = (packet[l4 + 2] << 8) | packet[l4 + 3]
+                    elif protocol == PROTO_UDP:
+                        if end - l4 >= 8:
+                            kind = KIND_UDP
+                            port = (packet[l4 + 2] << 8) | packet[l4 + 3]
+                    elif protocol == icmp and end - l4 >= 8:
+                        kind = KIND_ICMP
+                if not engine.allows(kind, port):
+                    return self._deny(packet)
+
+        if self._translations:
+            translation = self._translations.get(dst)
+            if translation is not None:
+                return self._translate_forward(packet, dst, translation, protocol, l4, now)
+        return packet
+
+    def handle_outbound(self, packet: bytes, now: float) -> bytes | None:
+        """A TUN packet towards this client (§3.2 step 3): reverse NAT if a session matches.
+
+        None means drop (malformed, or a NAT46/64 translation back that is impossible).
+        """
+        n = len(packet)
+        if n < 20:
+            self.counters["outbound_malformed"] += 1
+            return None
+        version = packet[0] >> 4
+        if version == 4:
+            l4 = (packet[0] & 0x0F) << 2
+            end = (packet[2] << 8) | packet[3]
+            if l4 < 20 or end < l4 or end > n:
+                self.counters["outbound_malformed"] += 1
+                return None
+            if end != n:
+                packet = packet[:end]
+            if (packet[6] & 0x1F) or packet[7]:
+                return packet  # a later fragment carries no ports: nothing to reverse
+            src = packet[12:16]
+        elif version == 6:
+            end = 40 + ((packet[4] << 8) | packet[5])
+            if n < 40 or end > n:
+                self.counters["outbound_malformed"] += 1
+                return None
+            if end != n:
+                packet = packet[:end]
+            l4 = 40
+            src = packet[8:24]
+        else:
+            self.counters["outbound_malformed"] += 1
+            return None
+        if not self._nat:
+            return packet
+        protocol = packet[9] if version == 4 else packet[6]
+        key = self._nat_key(packet, version, protocol, l4, end, reply=True)
+        if key is None:
+            return packet
+        kind, port_offset = key
+        port = (packet[l4 + port_offset] << 8) | packet[l4 + port_offset + 1]
+        inside = self._nat.translate_incoming(kind, port, src)
+        if inside is None:
+            return packet
+        _, original_port, proxy = inside
+        translation = self._translations.get(proxy)
+        if translation is not None:
+            translation.last_incoming = now
+            translation.grace_started = None
+        if len(proxy) == len(src):
+            return rewrite(packet, l4, protocol, src=proxy, port_offset=port_offset,
+                           port=original_port)
+        if port != original_port:
+            packet = rewrite(packet, l4, protocol, port_offset=port_offset, port=original_port)
+        if len(proxy) == 16:
+            translated = ipv4_to_ipv6(packet, proxy, self._ipv6)
+        else:
+            translated = ipv6_to_ipv4(packet, proxy, self._ipv4)
+        if translated is None:
+            self.counters["outbound_nat_failed"] += 1
+        return translated
+
+    # --- timers and events -----------------------------------------------------------------
+
+    def handle_timeout(self, now: float, unix_now: float) -> None:
+        """The 1 s tick: expiry (by ``unix_now``), NAT TTL, translation health (§6, §8.4)."""
+        if self._next_tick is None or now < self._next_tick:
+            return
+        self._next_tick = None
+        expired = [
+            rid for rid, auth in self._resources.items()
+            if auth.expires_at is not None and auth.expires_at <= unix_now
+        ]
+        for rid in expired:
+            del self._resources[rid]
+            logger.debug("Access to resource %s expired for client %s", rid, self.client_id)
+            self._events.append(ResourceExpired(rid))
+        if expired:
+            self._rebuild_filters()
+        self._nat.handle_timeout(now)
+        self._check_translations(now)
+        self._arm(now)
+
+    def poll_timeout(self) -> float | None:
+        """The next 1 s tick while anything can expire, else None."""
+        return self._next_tick
+
+    def poll_event(self) -> Event | None:
+        return self._events.popleft() if self._events else None
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _arm(self, now: float) -> None:
+        if self._next_tick is not None:
+            return
+        if (
+            self._nat
+            or self._translations
+            or any(auth.expires_at is not None for auth in self._resources.values())
+        ):
+            self._next_tick = now + EXPIRE_RESOURCES_INTERVAL
+
+    def _deny(self, packet: bytes) -> Drop | Reply:
+        self.counters["not_allowed"] += 1
+        if self._icmp_prohibited:
+            reply = build_prohibited(packet)
+            if reply is not None:
+                return Reply(reply)
+        return DROP_NOT_ALLOWED
+
+    def _handle_control(self, packet: bytes) -> Reply | NeedsResolution | Drop:
+        event = decode(packet)
+        if not isinstance(event, AssignedIps):
+            self.counters["p2p_ignored"] += 1
+            return DROP_P2P_IGNORED
+        auth = self._resources.get(event.resource_id)
+        # Checking the type and pattern before resolving spares a DNS lookup of a name we
+        # would refuse anyway; the answer (Inactive) is the one §7.2 step 4 would give.
+        if (
+            auth is None
+            or not isinstance(auth.resource, DnsResource)
+            or not matches(auth.resource.address, event.domain)
+        ):
+            self.counters["p2p_inactive"] += 1
+            return Reply(encode_domain_status(event.resource_id, event.domain, False))
+        return NeedsResolution(event.resource_id, event.domain, event.proxy_ips)
+
+    @staticmethod
+    def _nat_key(
+        packet: bytes, version: int, protocol: int, l4: int, end: int, *, reply: bool
+    ) -> tuple[int, int] | None:
+        """(NAT kind, offset of the port/identifier in the transport) or None if no key."""
+        if protocol == PROTO_TCP:
+            if end - l4 >= 20:
+                return PROTO_TCP, 2 if reply else 0
+        elif protocol == PROTO_UDP:
+            if end - l4 >= 8:
+                return PROTO_UDP, 2 if reply else 0
+        elif end - l4 >= 8:
+            echo = _ECHO_TYPES if version == 4 else _ECHO6_TYPES
+            icmp = PROTO_ICMP if version == 4 else PROTO_ICMPV6
+            if protocol == icmp and packet[l4] in echo and packet[l4 + 1] == 0:
+                return PROTO_ICMP, 4
+        return None
+
+    def _translate_forward(
+        self, packet: bytes, dst: bytes, translation: _Translation, protocol: int, l4: int,
+        now: float,
+    ) -> bytes | Drop:
+        if translation.resource_id not in self._resources:
+            self.counters["not_allowed"] += 1
+            return DROP_NOT_ALLOWED
+        version = packet[0] >> 4
+        key = None if l4 < 0 else self._nat_key(
+            packet, version, protocol, l4, len(packet), reply=False
+        )
+        if key is None:
+            self.counters["unknown_protocol"] += 1
+            return DROP_UNKNOWN_PROTOCOL
+        kind, port_offset = key
+        port = (packet[l4 + port_offset] << 8) | packet[l4 + port_offset + 1]
+        real = translation.real_ip
+        new_port = self._nat.translate_outgoing(kind, port, dst, real, now)
+        if new_port is None:
+            self.counters["nat_exhausted"] += 1
+            return DROP_NAT_EXHAUSTED
+        if translation.grace_started is None and translation.no_incoming_for_window(
+            now + NO_INCOMING_LOOKAHEAD
+        ):
+            translation.grace_started = now
+        if self._next_tick is None:
+            self._next_tick = now + EXPIRE_RESOURCES_INTERVAL
+        if len(real) == len(dst):
+            return rewrite(packet, l4, protocol, dst=real, port_offset=port_offset, port=new_port)
+        if new_port != port:
+            packet = rewrite(packet, l4, protocol, port_offset=port_offset, port=new_port)
+        if len(real) == 16:
+            translated = ipv4_to_ipv6(packet, self._ipv6, real)
+        else:
+            translated = ipv6_to_ipv4(packet, self._ipv4, real)
+        if translated is None:
+            self.counters["nat_failed"] += 1
+            return DROP_NAT_FAILED
+        return translated
+
+    def _check_translations(self, now: float) -> None:
+        """Emit a refresh for each (resource, domain) whose translations all went quiet."""
+        for key, deadline in list(self._refreshing.items()):
+            if deadline <= now:
+                del self._refreshing[key]  # the resolution result never came back
+        candidates: dict[tuple[uuid.UUID, str], list[bytes]] = {}
+        expired: set[tuple[uuid.UUID, str]] = set()
+        for proxy, tr in self._translations.items():
+            if tr.resource_id not in self._resources:
+                continue
+            key = (tr.resource_id, tr.domain)
+            candidates.setdefault(key, []).append(proxy)
+            if (
+                tr.grace_started is not None
+                and now - tr.grace_started >= GRACE_PERIOD
+                and tr.no_incoming_for_window(now)
+            ):
+                expired.add(key)
+        for key in expired:
+            if key in self._refreshing:
+                continue
+            proxies = candidates[key]
+            if not all(self._translations[p].no_incoming_for_window(now) for p in proxies):
+                continue
+            self._refreshing[key] = now + DNS_RESOLUTION_TIMEOUT + EXPIRE_RESOURCES_INTERVAL
+            self._events.append(
+                NeedsResolution(key[0], key[1], tuple(ipaddress.ip_address(p) for p in proxies))
+            )
+
+    def _rebuild_filters(self) -> None:
+        authorized = []
+        has_internet = False
+        for auth in self._resources.values():
+            resource = auth.resource
+            if isinstance(resource, InternetResource):
+                has_internet = True
+            resolved = [ip for ips in auth.resolved.values() for ip in ips]
+            authorized.append((resource, resource_networks(resource, resolved)))
+        proxies: list[tuple[bytes, tuple[Filter, ...]]] = []
+        for proxy, tr in self._translations.items():
+            owner = self._resources.get(tr.resource_id)
+            if owner is not None:
+                proxies.append((proxy, owner.resource.filters))
+        self._filters = build_filter_table(authorized, proxies)
+        self._has_internet = has_internet
