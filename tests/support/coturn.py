@@ -51,6 +51,8 @@ class CoturnServer:
     max_port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     extra_args: tuple[str, ...] = ()
+    #: Run inside this network namespace (listen_ip must then be an address there).
+    netns: str | None = None
 
     @property
     def address(self) -> tuple[str, int]:
@@ -71,7 +73,10 @@ class CoturnServer:
 
     def start(self, timeout: float = 15.0) -> CoturnServer:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or _free_udp_port(self.listen_ip)
+        if not self.port:
+            # A namespace of our own has no other listeners: any port is free there.
+            in_ns = self.netns is not None
+            self.port = random.randrange(20000, 30000) if in_ns else _free_udp_port(self.listen_ip)
         self.min_port = random.randrange(50000, 63900)
         self.max_port = self.min_port + 99
         listen = [f"--listening-ip={self.listen_ip}", f"--relay-ip={self.listen_ip}"]
@@ -86,6 +91,8 @@ class CoturnServer:
             "--realm=firezone", "--fingerprint", "--no-multicast-peers", "--allow-loopback-peers",
             "-v", "--use-auth-secret", f"--static-auth-secret={self.secret}", *self.extra_args,
         ]
+        if self.netns:
+            args = ["ip", "netns", "exec", self.netns, *args]
         log = open(self.log_path, "wb")  # noqa: SIM115 - lives as long as the process
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
         self._wait_ready(timeout)
@@ -95,7 +102,13 @@ class CoturnServer:
         assert self.proc is not None
         sent: set[bytes] = set()
         deadline = time.monotonic() + timeout
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        if self.netns:
+            from tests.support.netns import in_netns
+
+            probe = in_netns(self.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        else:
+            probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with probe as sock:
             sock.settimeout(0.05)
             while self.proc.poll() is None and time.monotonic() < deadline:
                 tid = os.urandom(12)
