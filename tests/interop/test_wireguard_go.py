@@ -205,8 +205,8 @@ def wg_setup(tmp_path: Path) -> Iterator[Callable[..., Setup]]:
     def make(psk: bytes, go_psk: bytes | None = None, keepalive: int | None = None) -> Setup:
         ns_us, ns_go = netns.unique_name("fzwu"), netns.unique_name("fzwg")
         for ns in (ns_us, ns_go):
+            cleanups.append(functools.partial(netns.delete, ns))  # delete ignores a missing ns
             netns.add(ns)
-            cleanups.append(functools.partial(netns.delete, ns))
         netns.veth(
             ns_us, netns.unique_name("vu"), f"{OUR_UNDERLAY}/24",
             ns_go, netns.unique_name("vg"), f"{GO_UNDERLAY}/24",

@@ -1,0 +1,104 @@
+"""mac1, mac2, cookie replies and the node-wide handshake rate limiter."""
+
+from __future__ import annotations
+
+import random
+
+from gateway.wg.constants import COOKIE_EXPIRATION, COOKIE_REPLY_LEN, COOKIE_SECRET_MAX_AGE
+from gateway.wg.cookie import CookieChecker, CookieJar
+from gateway.wg.keys import StaticKeyPair
+from gateway.wg.ratelimit import HandshakeRateLimiter
+
+SRC = ("198.51.100.7", 40000)
+
+
+def _setup() -> tuple[CookieChecker, CookieJar, random.Random]:
+    rng = random.Random(5)
+    responder = StaticKeyPair.generate(rng)
+    return CookieChecker(responder.public), CookieJar(responder.public), rng
+
+
+def test_mac1_verifies_and_detects_tampering() -> None:
+    checker, jar, _ = _setup()
+    message = jar.seal(b"\x01\0\0\0" + bytes(112), now=0.0)
+    assert len(message) == 148
+    assert checker.verify_mac1(message)
+    assert message[-16:] == bytes(16)  # no cookie yet: mac2 is zero
+    for pos in (0, 50, 116, 131):
+        bad = bytearray(message)
+        bad[pos] ^= 1
+        assert not checker.verify_mac1(bytes(bad))
+
+
+def test_cookie_reply_round_trip_then_mac2() -> None:
+    checker, jar, rng = _setup()
+    secret = rng.randbytes(32)
+    first = jar.seal(b"\x01\0\0\0" + b"\xaa" * 112, now=10.0)
+    assert not checker.verify_mac2(first, SRC, secret)
+    reply = checker.cookie_reply(first, SRC, secret, rng)
+    assert len(reply) == COOKIE_REPLY_LEN and reply[:4] == b"\x03\0\0\0"
+    assert reply[4:8] == first[4:8]  # addressed to the sender index of the message
+    assert jar.consume_reply(reply, now=10.0)
+    second = jar.seal(b"\x01\0\0\0" + b"\xbb" * 112, now=15.0)
+    assert checker.verify_mac1(second)
+    assert checker.verify_mac2(second, SRC, secret)
+    assert not checker.verify_mac2(second, ("198.51.100.7", 40001), secret)  # bound to src
+    assert not checker.verify_mac2(second, SRC, rng.randbytes(32))  # bound to the secret
+    # The cookie ages out: mac2 goes back to zeros.
+    third = jar.seal(b"\x01\0\0\0" + b"\xcc" * 112, now=10.0 + COOKIE_EXPIRATION)
+    assert third[-16:] == bytes(16)
+
+
+def test_cookie_reply_for_another_message_or_tampered_is_refused() -> None:
+    checker, jar, rng = _setup()
+    secret = rng.randbytes(32)
+    stale = jar.seal(b"\x01\0\0\0" + b"\x01" * 112, now=0.0)
+    jar.seal(b"\x01\0\0\0" + b"\x02" * 112, now=0.0)  # a newer message: different mac1
+    assert not jar.consume_reply(checker.cookie_reply(stale, SRC, secret, rng), now=0.0)
+    current = jar.seal(b"\x01\0\0\0" + b"\x03" * 112, now=0.0)
+    reply = bytearray(checker.cookie_reply(current, SRC, secret, rng))
+    reply[40] ^= 1
+    assert not jar.consume_reply(bytes(reply), now=0.0)
+    assert not jar.consume_reply(bytes(reply[:63]), now=0.0)
+    assert not jar.has_cookie
+    assert not CookieJar(bytes(32)).consume_reply(bytes(reply), now=0.0)  # nothing sent yet
+
+
+def test_ipv6_source_addresses_work() -> None:
+    checker, jar, rng = _setup()
+    secret = rng.randbytes(32)
+    src6 = ("2001:db8::1", 51820)
+    first = jar.seal(b"\x01\0\0\0" + bytes(112), now=0.0)
+    assert jar.consume_reply(checker.cookie_reply(first, src6, secret, rng), now=0.0)
+    second = jar.seal(b"\x01\0\0\0" + bytes(112), now=0.0)
+    assert checker.verify_mac2(second, src6, secret)
+
+
+def test_rate_limiter_counts_per_window() -> None:
+    limiter = HandshakeRateLimiter(bytes(32), random.Random(1), limit_per_second=3)
+    assert limiter.poll_timeout() is None
+    assert [limiter.note_handshake(10.0) for _ in range(4)] == [False, False, False, True]
+    assert limiter.is_under_load(10.5)
+    assert limiter.poll_timeout() == 11.0
+    limiter.handle_timeout(10.9)
+    assert limiter.is_under_load(10.9)  # the window is not over yet
+    limiter.handle_timeout(11.0)
+    assert limiter.poll_timeout() is None  # idle: no wake-ups
+    assert not limiter.is_under_load(11.0)
+    # Lazily reset on use even without handle_timeout.
+    assert [limiter.note_handshake(20.0) for _ in range(4)][-1]
+    assert not limiter.note_handshake(21.0)
+
+
+def test_default_limit_is_100_per_second() -> None:
+    limiter = HandshakeRateLimiter(bytes(32), random.Random(1))
+    results = [limiter.note_handshake(0.5) for _ in range(101)]
+    assert results.count(True) == 1 and results[-1]
+
+
+def test_cookie_secret_rotates_every_two_minutes() -> None:
+    limiter = HandshakeRateLimiter(bytes(32), random.Random(1))
+    first = limiter.cookie_secret(0.0)
+    assert limiter.cookie_secret(COOKIE_SECRET_MAX_AGE - 0.1) == first
+    second = limiter.cookie_secret(COOKIE_SECRET_MAX_AGE)
+    assert second != first and len(second) == 32
