@@ -118,7 +118,7 @@ class FakeTun:
 
 
 def ipv4_checksum(header: bytes) -> int:
-    """The RFC 791 header checksum (one's complement of the one's complement sum)."""
+    """The RFC 791 checksum (one's complement of the one's complement sum, even length)."""
     total = sum(int.from_bytes(header[i : i + 2], "big") for i in range(0, len(header), 2))
     while total > 0xFFFF:
         total = (total & 0xFFFF) + (total >> 16)
@@ -138,11 +138,13 @@ def udp_ipv4(src: str, dst: str, payload: bytes, sport: int = 40000, dport: int 
 
 
 def udp_ipv6(src: str, dst: str, payload: bytes, sport: int = 40000, dport: int = 9) -> bytes:
-    """A UDP/IPv6 packet; the UDP checksum is left 0, fine for routing tests (not the kernel)."""
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    header = struct.pack(
-        "!IHBB16s16s",
-        6 << 28, len(udp), 17, 64,
-        ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed,
-    )  # fmt: skip
+    """A UDP/IPv6 packet with a valid UDP checksum (IPv6 forbids a zero one)."""
+    source, destination = ipaddress.IPv6Address(src).packed, ipaddress.IPv6Address(dst).packed
+    length = 8 + len(payload)
+    udp = struct.pack("!HHHH", sport, dport, length, 0) + payload
+    pseudo = source + destination + struct.pack("!IxxxB", length, 17)
+    data = pseudo + udp + b"\0" * (len(udp) % 2)
+    checksum = ipv4_checksum(data) or 0xFFFF  # the same one's complement sum
+    udp = udp[:6] + struct.pack("!H", checksum) + udp[8:]
+    header = struct.pack("!IHBB16s16s", 6 << 28, length, 17, 64, source, destination)
     return header + udp

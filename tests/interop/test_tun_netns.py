@@ -1,0 +1,227 @@
+"""A real tun-firezone in a namespace: netconfig's result, and packets both ways via TunActor."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pykka
+import pytest
+
+from actors.backpressure import InFlight
+from actors.io.tun_linux import TUN_NAME, LinuxTun, open_tun
+from actors.netconfig import configure_interface
+from actors.tun import (
+    ConfigureInterface,
+    FromTun,
+    GetTunStats,
+    GetTunWriter,
+    RegisterClient,
+    TunActor,
+    TunWriter,
+)
+from tests.support import netns
+from tests.support.fake_tun import udp_ipv4, udp_ipv6
+from tests.support.interop import require_netns
+
+pytestmark = [pytest.mark.interop, pytest.mark.netns]
+
+TIMEOUT = 5.0
+TABLE = "539098368"
+GATEWAY_V4, GATEWAY_V6 = "100.64.0.1", "fd00:2021:1111::1"
+CLIENT_V4, CLIENT_V6 = "100.64.0.2", "fd00:2021:1111::2"
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    require_netns()
+    with netns.namespaces("fzttun") as (name,):
+        yield name
+
+
+def ip_json(ns: str, *args: str) -> Any:
+    return json.loads(netns.run("ip", "-j", *args, ns=ns).stdout or "[]")
+
+
+def configure_in(ns: str) -> Callable[[str, str], None]:
+    return lambda ipv4, ipv6: netns.in_netns(ns, lambda: configure_interface(ipv4, ipv6))
+
+
+def routes(ns: str, family: str) -> list[tuple[str, str, str]]:
+    shown = ip_json(ns, family, "route", "show", "table", TABLE)
+    return [(r["dst"], r["dev"], r.get("protocol")) for r in shown]
+
+
+def interface_state(ns: str) -> dict[str, Any]:
+    [link] = ip_json(ns, "addr", "show", "dev", TUN_NAME)
+    rules = [
+        (rule["family"], rule)
+        for family in ("-4", "-6")
+        for rule in [{"family": family, **r} for r in ip_json(ns, family, "rule")]
+        if rule.get("table") == TABLE
+    ]
+    return {
+        "mtu": link["mtu"],
+        "up": "UP" in link["flags"],
+        "addresses": sorted((a["local"], a["prefixlen"]) for a in link["addr_info"]),
+        "rules": sorted(
+            (family, r.get("priority"), "not" in r, r.get("fwmark")) for family, r in rules
+        ),
+        "routes_v4": routes(ns, "-4"),
+        "routes_v6": routes(ns, "-6"),
+    }
+
+
+EXPECTED_STATE = {
+    "mtu": 1280,
+    "up": True,
+    "addresses": [(GATEWAY_V4, 32), (GATEWAY_V6, 128)],
+    "rules": [
+        ("-4", 32765, True, "0xfd002021"),
+        ("-6", 32765, True, "0xfd002021"),
+    ],
+    "routes_v4": [("100.64.0.0/11", TUN_NAME, "static")],
+    "routes_v6": [("fd00:2021:1111::/107", TUN_NAME, "static")],
+}
+
+
+def test_netconfig_sets_up_addresses_mtu_rule_and_routes_idempotently(ns: str) -> None:
+    device: LinuxTun = netns.in_netns(ns, open_tun)
+    try:
+        configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
+        assert interface_state(ns) == EXPECTED_STATE
+
+        # A stray address goes, nothing else changes, no rule or route is duplicated.
+        netns.run("ip", "addr", "add", "100.64.0.99/32", "dev", TUN_NAME, ns=ns)
+        configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
+        configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
+        assert interface_state(ns) == EXPECTED_STATE
+    finally:
+        device.close()
+    assert [link["ifname"] for link in ip_json(ns, "link")] == ["lo"]  # gone with its fd
+
+
+def test_netconfig_without_the_device_only_warns(ns: str, caplog: pytest.LogCaptureFixture) -> None:
+    configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
+    assert "no such interface" in caplog.text
+    assert [r for r in ip_json(ns, "rule") if r.get("table") == TABLE] == []
+
+
+class Collected:
+    """Packets a recording peer received, with a way to wait for a particular one."""
+
+    def __init__(self) -> None:
+        self.packets: list[bytes] = []
+        self._changed = threading.Condition()
+
+    def add(self, packets: list[bytes]) -> None:
+        with self._changed:
+            self.packets.extend(packets)
+            self._changed.notify_all()
+
+    def wait_for(self, predicate: Callable[[bytes], bool]) -> bytes:
+        with self._changed:
+            found: list[bytes] = []
+
+            def seen() -> bool:
+                found[:] = [p for p in self.packets if predicate(p)]
+                return bool(found)
+
+            assert self._changed.wait_for(seen, TIMEOUT), f"not among {self.packets!r}"
+            return found[0]
+
+
+class RecordingPeer(pykka.ThreadingActor):
+    """A PeerActor stand-in that keeps every packet it is sent."""
+
+    def __init__(self, collected: Collected, inflight: InFlight) -> None:
+        super().__init__()
+        self._collected = collected
+        self._inflight = inflight
+
+    def on_receive(self, message: Any) -> None:
+        assert isinstance(message, FromTun)
+        self._collected.add(message.packets)
+        self._inflight.release()
+
+
+@pytest.fixture
+def tun(ns: str) -> Iterator[pykka.ActorRef[Any]]:
+    configured = threading.Event()
+
+    def configure(ipv4: str, ipv6: str) -> None:
+        configure_in(ns)(ipv4, ipv6)
+        configured.set()
+
+    ref = TunActor.start(device_factory=lambda: netns.in_netns(ns, open_tun), configure=configure)
+    ref.tell(ConfigureInterface(GATEWAY_V4, GATEWAY_V6))
+    assert configured.wait(TIMEOUT)
+    yield ref
+    ref.stop(timeout=TIMEOUT)
+    # The device lives exactly as long as the actor's fd.
+    assert [link["ifname"] for link in ip_json(ns, "link")] == ["lo"]
+
+
+def udp_socket(ns: str, family: int, bind: tuple[str, int]) -> socket.socket:
+    def make() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.settimeout(TIMEOUT)
+        sock.bind(bind)
+        return sock
+
+    return netns.in_netns(ns, make)
+
+
+def test_datagrams_to_a_client_come_out_of_the_tun_to_its_peer(
+    ns: str, tun: pykka.ActorRef[Any]
+) -> None:
+    collected, inflight = Collected(), InFlight(8)
+    peer = RecordingPeer.start(collected, inflight)
+    tun.ask(RegisterClient(uuid.uuid4(), CLIENT_V4, CLIENT_V6, peer, inflight), timeout=TIMEOUT)
+
+    with udp_socket(ns, socket.AF_INET, ("0.0.0.0", 0)) as sock4:
+        sock4.sendto(b"hello over v4", (CLIENT_V4, 5555))
+    with udp_socket(ns, socket.AF_INET6, ("::", 0)) as sock6:
+        sock6.sendto(b"hello over v6", (CLIENT_V6, 5556))
+
+    v4 = collected.wait_for(lambda p: p.endswith(b"hello over v4"))
+    v6 = collected.wait_for(lambda p: p.endswith(b"hello over v6"))
+    assert v4[0] >> 4 == 4
+    assert (socket.inet_ntop(socket.AF_INET, v4[12:16]), v4[16:20]) == (
+        GATEWAY_V4,
+        socket.inet_pton(socket.AF_INET, CLIENT_V4),
+    )
+    assert v6[0] >> 4 == 6
+    assert (socket.inet_ntop(socket.AF_INET6, v6[8:24]), v6[24:40]) == (
+        GATEWAY_V6,
+        socket.inet_pton(socket.AF_INET6, CLIENT_V6),
+    )
+    assert inflight.in_flight == 0
+    stats = tun.ask(GetTunStats(), timeout=TIMEOUT)
+    assert stats["rx_packets"] >= 2
+
+
+def test_packets_written_through_the_tun_writer_reach_namespace_sockets(
+    ns: str, tun: pykka.ActorRef[Any]
+) -> None:
+    writer: TunWriter = tun.ask(GetTunWriter(), timeout=TIMEOUT)
+    with (
+        udp_socket(ns, socket.AF_INET, (GATEWAY_V4, 0)) as sock4,
+        udp_socket(ns, socket.AF_INET6, (GATEWAY_V6, 0)) as sock6,
+    ):
+        port4, port6 = sock4.getsockname()[1], sock6.getsockname()[1]
+        written = writer.write_batch(
+            [
+                udp_ipv4(CLIENT_V4, GATEWAY_V4, b"from the client v4", 41000, port4),
+                udp_ipv6(CLIENT_V6, GATEWAY_V6, b"from the client v6", 41001, port6),
+            ]
+        )
+        assert written == 2
+        assert sock4.recvfrom(2048) == (b"from the client v4", (CLIENT_V4, 41000))
+        data, source = sock6.recvfrom(2048)
+        assert (data, source[:2]) == (b"from the client v6", (CLIENT_V6, 41001))
+    assert tun.ask(GetTunStats(), timeout=TIMEOUT)["tx_packets"] == 2
