@@ -1,0 +1,155 @@
+"""One scheduler thread that tells actors when their core's deadline has come.
+
+Every actor has at most one pending wake: "call ``handle_timeout`` at
+``core.poll_timeout()``" (:class:`ActorTimer`). The :class:`Timer` keeps a heap of
+``(deadline, actor, message)`` and ``tell``s the message when the deadline passes on the
+injected clock. The actor then calls ``handle_timeout(clock.monotonic())`` with the current
+time, never the stale deadline.
+
+The thread waits on a ``Condition`` with a timeout computed from ``clock.monotonic()``.
+With the real clock that is exact. With a ``ManualClock`` the thread cannot notice the
+clock being moved, so tests drive ``handle_timeout`` directly (or tell ``Wake()``) instead
+of relying on the timer thread; deadlines already due on the manual clock do fire at once.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+
+import pykka
+
+from actors.clock import Clock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Wake:
+    """The conventional timer message: "your core has a deadline now"."""
+
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class TimerHandle:
+    """Identifies one scheduled message (for :meth:`Timer.cancel`)."""
+
+    seq: int
+    deadline: float
+
+
+@dataclass(slots=True)
+class _Entry:
+    deadline: float
+    seq: int
+    ref: pykka.ActorRef
+    message: object
+    cancelled: bool = False
+
+    def __lt__(self, other: _Entry) -> bool:
+        return (self.deadline, self.seq) < (other.deadline, other.seq)
+
+
+class Timer:
+    """A process-wide scheduler thread named ``Timer``; start and stop it explicitly."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._heap: list[_Entry] = []
+        self._pending: dict[int, _Entry] = {}
+        self._seq = itertools.count()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("Timer already started")
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="Timer", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            thread, self._thread = self._thread, None
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def schedule(self, ref: pykka.ActorRef, deadline: float, message: object) -> TimerHandle:
+        """Tell ``message`` to ``ref`` once ``clock.monotonic() >= deadline``."""
+        with self._cond:
+            entry = _Entry(deadline, next(self._seq), ref, message)
+            heapq.heappush(self._heap, entry)
+            self._pending[entry.seq] = entry
+            self._cond.notify_all()
+            return TimerHandle(entry.seq, deadline)
+
+    def cancel(self, handle: TimerHandle) -> None:
+        """Forget a scheduled message; a no-op if it already fired."""
+        with self._cond:
+            entry = self._pending.pop(handle.seq, None)
+            if entry is not None:
+                entry.cancelled = True
+
+    def pending(self, handle: TimerHandle) -> bool:
+        """Whether the message is still waiting to be told."""
+        with self._cond:
+            return handle.seq in self._pending
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping:
+                    return
+                due = self._pop_due()
+                if not due:
+                    timeout = None
+                    if self._heap:
+                        timeout = max(0.0, self._heap[0].deadline - self._clock.monotonic())
+                    self._cond.wait(timeout)
+                    continue
+            for entry in due:  # tell outside the lock: tell may block on a bounded inbox
+                try:
+                    entry.ref.tell(entry.message)
+                except pykka.ActorDeadError:
+                    log.debug("Timer: actor %s is dead; dropping %r", entry.ref, entry.message)
+
+    def _pop_due(self) -> list[_Entry]:
+        now = self._clock.monotonic()
+        due = []
+        while self._heap and (self._heap[0].cancelled or self._heap[0].deadline <= now):
+            entry = heapq.heappop(self._heap)
+            if not entry.cancelled:
+                self._pending.pop(entry.seq, None)
+                due.append(entry)
+        return due
+
+
+class ActorTimer:
+    """An actor's single pending wake, kept at its core's ``poll_timeout()``."""
+
+    def __init__(self, timer: Timer, ref: pykka.ActorRef) -> None:
+        self._timer = timer
+        self._ref = ref
+        self._handle: TimerHandle | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        return self._handle.deadline if self._handle is not None else None
+
+    def arm(self, deadline: float | None) -> None:
+        """Wake at ``deadline`` (``None``: never). No-op if already pending for it."""
+        if self._handle is not None:
+            if self._handle.deadline == deadline and self._timer.pending(self._handle):
+                return
+            self._timer.cancel(self._handle)
+            self._handle = None
+        if deadline is not None:
+            self._handle = self._timer.schedule(self._ref, deadline, Wake())
