@@ -11,6 +11,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
@@ -24,6 +25,7 @@ from gateway.turn.allocation import (
     CandidateRemoved,
 )
 from tests.support.coturn import CoturnServer
+from tests.support.interop import require_bin
 
 pytestmark = pytest.mark.interop
 
@@ -33,14 +35,26 @@ SOFTWARE = "snownet; session=" + "AB" * 32
 class Harness:
     """Drives one Allocation over a real UDP socket."""
 
-    def __init__(self, coturn: CoturnServer, username: str, password: str) -> None:
+    def __init__(
+        self,
+        coturn: CoturnServer,
+        username: str,
+        password: str,
+        servers: list[tuple[str, int]] | None = None,
+    ) -> None:
         self.coturn = coturn
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.servers = servers or [coturn.address]
+        self.socks: dict[int, socket.socket] = {}
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            if any((":" in ip) == (family == socket.AF_INET6) for ip, _ in self.servers):
+                sock = socket.socket(family, socket.SOCK_DGRAM)
+                sock.bind((host, 0))
+                self.socks[family] = sock
+        self.sock = self.socks[socket.AF_INET]
         self.local = self.sock.getsockname()
         self.alloc = Allocation(
             relay_id="coturn",
-            servers=[coturn.address],
+            servers=self.servers,
             username=username,
             password=password,
             software=SOFTWARE,
@@ -52,13 +66,15 @@ class Harness:
         self.received: list[tuple[tuple[str, int], bytes, tuple[str, int]]] = []
 
     def close(self) -> None:
-        self.sock.close()
+        for sock in self.socks.values():
+            sock.close()
 
     def flush(self) -> None:
         while (tx := self.alloc.poll_transmit()) is not None:
-            assert tx.src is None and tx.dst == self.coturn.address
+            assert tx.src is None and tx.dst in self.servers
             self.sent.append(tx.payload)
-            self.sock.sendto(tx.payload, tx.dst)
+            family = socket.AF_INET6 if ":" in tx.dst[0] else socket.AF_INET
+            self.socks[family].sendto(tx.payload, tx.dst)
         while (event := self.alloc.poll_event()) is not None:
             self.events.append(event)
 
@@ -74,12 +90,13 @@ class Harness:
                 )
             deadline = self.alloc.poll_timeout()
             wait = end - now if deadline is None else max(0.0, min(end, deadline) - now)
-            readable, _, _ = select.select([self.sock], [], [], wait)
+            readable, _, _ = select.select(list(self.socks.values()), [], [], wait)
             now = time.monotonic()
-            if readable:
-                data, src = self.sock.recvfrom(65535)
+            for sock in readable:
+                data, src_full = sock.recvfrom(65535)
+                src, local = src_full[:2], sock.getsockname()[:2]
                 if looks_like_stun(data):
-                    consumed = self.alloc.handle_stun(parse(data), data, src, self.local, now)
+                    consumed = self.alloc.handle_stun(parse(data), data, src, local, now)
                     assert consumed
                 elif (inner := self.alloc.decapsulate(data, src, now)) is not None:
                     self.received.append(inner)
@@ -177,3 +194,26 @@ def test_wrong_password_frees_the_allocation(coturn: CoturnServer) -> None:
         assert harness.alloc.poll_transmit() is None
     finally:
         harness.close()
+
+
+def test_dual_stack_relay(tmp_path: Path) -> None:
+    """BINDING to both server addresses: two srflx candidates; coturn 4.6.1 answers
+    ADDITIONAL-ADDRESS-FAMILY=IPv6 with the IPv4 relay only."""
+    require_bin("turnserver", "coturn")
+    server = CoturnServer(tmp_path / "coturn", ipv6=True).start()
+    v6_server = ("::1", server.port)
+    username, password = server.credentials("gateway")
+    harness = Harness(server, username, password, servers=[server.address, v6_server])
+    try:
+        alloc = harness.alloc
+        harness.run_until(
+            lambda: bool(alloc.relay_addresses()) and len(alloc.srflx_addresses()) == 2
+        )
+        local6 = harness.socks[socket.AF_INET6].getsockname()[:2]
+        assert alloc.srflx_addresses() == [(harness.local, harness.local), (local6, local6)]
+        assert alloc.active_server() in (server.address, v6_server)
+        (relay,) = alloc.relay_addresses()
+        assert server.min_port <= relay[1] <= server.max_port
+    finally:
+        harness.close()
+        server.stop()
