@@ -1,0 +1,747 @@
+"""The gateway's connectivity core: keys, relays, one ICE agent per client, demultiplexing.
+
+Theory of operation (snownet.md):
+
+* The node owns the static X25519 key pair, the node-wide handshake rate limiter, one
+  TURN :class:`~gateway.turn.allocation.Allocation` per relay and one :class:`Connection`
+  (ICE agent + WireGuard parameters) per client, keyed by client id.
+* Every received datagram enters through :meth:`Node.handle_datagram`. STUN from a relay
+  goes to that relay's allocation; ChannelData from a relay is unwrapped and handled as if
+  it came from the peer; STUN goes to the ICE agent that accepts it; WireGuard is returned
+  to the caller as :class:`WireGuardDatagram` naming the client, because the WireGuard
+  session itself lives in the client's PeerActor.
+* Local candidates: host candidates are learned from the local address each datagram
+  arrived on; server-reflexive and relayed candidates come from the allocations. New
+  candidates are signalled per client as :class:`CandidatesAdded` (the shell turns them
+  into ``broadcast_ice_candidates``).
+* Once ICE nominates a pair, :class:`PathChanged` tells the shell how to reach the client:
+  directly, or through a relay channel. WireGuard datagrams produced before that are
+  buffered by the peer (ring of 10, snownet.md §8.1).
+* :meth:`Node.reset` rotates the key and forgets every connection and allocation; the
+  caller rebinds its sockets and reconnects the portal with the new public key.
+
+Sans-IO: bytes, ``now`` and portal commands in; transmits, events and deadlines out.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import logging
+import uuid
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
+from gateway.errors import MalformedPacket
+from gateway.ice.agent import Disconnected, IceAgent, Nominated
+from gateway.ice.candidate import Candidate, IceCredentials
+from gateway.stun.message import parse as parse_stun
+from gateway.turn.allocation import (
+    Allocation,
+    AllocationFailed,
+    CandidateAdded,
+    CandidateRemoved,
+)
+from gateway.types import Address, Rng, Transmit
+from gateway.wg.keys import StaticKeyPair
+from gateway.wg.ratelimit import HandshakeRateLimiter
+from gateway.wg.tunnel import message_type, receiver_index
+
+log = logging.getLogger(__name__)
+
+#: A connection fails if no remote candidate arrived this long after creation (§8.2).
+CANDIDATE_TIMEOUT = 10.0
+#: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
+#: tunnel may use the low 8 bits for its sessions.
+INDEX_SHIFT = 8
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True, slots=True)
+class DirectPath:
+    """Send straight from our socket ``local`` (a host candidate base) to ``remote``."""
+
+    local: Address
+    remote: Address
+
+    def describe(self) -> str:
+        return "direct"
+
+
+@dataclass(frozen=True, slots=True)
+class RelayedPath:
+    """Wrap in ChannelData ``channel`` and send to the relay ``server``."""
+
+    relay_id: str
+    server: Address
+    channel: int
+    remote: Address
+
+    def describe(self) -> str:
+        return f"relay:{self.relay_id}"
+
+
+Path = DirectPath | RelayedPath
+
+
+# --------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class CandidatesAdded:
+    client_id: uuid.UUID
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class CandidatesInvalidated:
+    client_id: uuid.UUID
+    candidates: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PathChanged:
+    client_id: uuid.UUID
+    path: Path
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFailed:
+    client_id: uuid.UUID
+    reason: str
+
+
+NodeEvent = CandidatesAdded | CandidatesInvalidated | PathChanged | ConnectionFailed
+
+
+@dataclass(frozen=True, slots=True)
+class WireGuardDatagram:
+    """A WireGuard datagram for the session of ``client_id`` (received from ``src``)."""
+
+    client_id: uuid.UUID
+    datagram: bytes
+    src: Address
+
+
+# --------------------------------------------------------------------------- upsert results
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionCreated:
+    """A new connection: the shell (re)starts the client's WireGuard session with these."""
+
+    client_id: uuid.UUID
+    local_index: int
+    peer_public: bytes
+    preshared_key: bytes
+    local_credentials: IceCredentials
+    replaced: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionReused:
+    client_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class NoTurnServers:
+    """No relay known: the caller must not reply and should re-fetch ``init`` (§5.1)."""
+
+
+UpsertResult = ConnectionCreated | ConnectionReused | NoTurnServers
+
+
+@dataclass(frozen=True, slots=True)
+class TurnServer:
+    """A relay as the node needs it: merged dual-stack entry with long-term credentials."""
+
+    relay_id: str
+    addresses: tuple[Address, ...]
+    username: str
+    password: str
+
+    def __repr__(self) -> str:
+        return f"TurnServer({self.relay_id}, {self.addresses})"
+
+
+# --------------------------------------------------------------------------- connection
+
+
+@dataclass(slots=True)
+class Connection:
+    client_id: uuid.UUID
+    local_credentials: IceCredentials
+    peer_public: bytes
+    agent: IceAgent
+    relay_id: str
+    local_index: int
+    created_at: float
+    got_remote_candidate: bool = False
+    path: Path | None = None
+    nominated: tuple[Candidate, Address] | None = None
+    failed: str | None = None
+    remote_addresses: set[Address] = field(default_factory=set)
+
+    @property
+    def state(self) -> str:
+        if self.failed:
+            return "failed"
+        return "connected" if self.path is not None else "connecting"
+
+
+class Node:
+    """The gateway's snownet node. See the module docstring for the contract."""
+
+    def __init__(self, *, rng: Rng, now: float, static: StaticKeyPair | None = None) -> None:
+        self._rng = rng
+        self.static = static or StaticKeyPair.generate(rng)
+        self.rate_limiter = HandshakeRateLimiter(self.static.public, rng)
+        self._allocations: dict[str, Allocation] = {}
+        self._server_to_relay: dict[Address, str] = {}
+        self._connections: dict[uuid.UUID, Connection] = {}
+        self._by_index: dict[int, uuid.UUID] = {}
+        self._host_candidates: dict[Address, Candidate] = {}
+        self._srflx_candidates: dict[Address, Candidate] = {}
+        self._transmits: deque[Transmit] = deque()
+        self._events: deque[NodeEvent] = deque()
+        self._pending_added: dict[uuid.UUID, list[str]] = {}
+        self._pending_invalidated: dict[uuid.UUID, list[str]] = {}
+        self.counters: Counter[str] = Counter()
+        self._now = now
+
+    # ------------------------------------------------------------------ identity
+
+    @property
+    def public_key(self) -> bytes:
+        return self.static.public
+
+    @property
+    def software(self) -> str:
+        """The STUN SOFTWARE value: a session id derived from the public key (§1)."""
+        session = hashlib.sha256(b"SESSION-ID" + self.static.public).hexdigest().upper()
+        return f"snownet; session={session}"
+
+    def reset(self, now: float) -> list[uuid.UUID]:
+        """Rotate the static key and forget every connection, allocation and candidate.
+
+        Returns the ids of the closed connections. The caller must rebind its sockets (relays
+        identify allocations by 5-tuple) and reconnect the portal with the new key (§9).
+        """
+        closed = list(self._connections)
+        self._connections.clear()
+        self._by_index.clear()
+        self._allocations.clear()
+        self._server_to_relay.clear()
+        self._host_candidates.clear()
+        self._srflx_candidates.clear()
+        self._transmits.clear()
+        self._events.clear()
+        self._pending_added.clear()
+        self._pending_invalidated.clear()
+        self.static = StaticKeyPair.generate(self._rng)
+        self.rate_limiter = HandshakeRateLimiter(self.static.public, self._rng)
+        self.counters["resets"] += 1
+        log.info("node reset: key rotated, %d connection(s) closed", len(closed))
+        return closed
+
+    # ------------------------------------------------------------------ relays
+
+    def relay_servers(self) -> frozenset[Address]:
+        return frozenset(self._server_to_relay)
+
+    def update_relays(
+        self, removed: Iterable[str], added: Iterable[TurnServer], now: float
+    ) -> None:
+        """Apply ``init``/``relays_presence`` (snownet.md §6.1)."""
+        for relay_id in removed:
+            if relay_id in self._allocations:
+                log.info("relay %s removed", relay_id)
+                self._remove_allocation(relay_id, "relay disconnected", now)
+        seen: set[str] = set()
+        for relay in added:
+            seen.add(relay.relay_id)
+            current = self._allocations.get(relay.relay_id)
+            if current is not None and current.same_config(
+                relay.addresses, relay.username, relay.password
+            ):
+                log.debug("skipping known TURN server %s", relay.relay_id)
+                continue
+            if current is not None:
+                self._remove_allocation(relay.relay_id, "relay credentials changed", now)
+            log.info("allocating on relay %s at %s", relay.relay_id, relay.addresses)
+            allocation = Allocation(
+                relay_id=relay.relay_id,
+                servers=relay.addresses,
+                username=relay.username,
+                password=relay.password,
+                software=self.software,
+                rng=self._rng,
+                now=now,
+            )
+            self._allocations[relay.relay_id] = allocation
+            for server in allocation.server_addresses():
+                self._server_to_relay[server] = relay.relay_id
+            self._drain_allocation(allocation, now)
+        for relay_id, allocation in list(self._allocations.items()):
+            if relay_id not in seen:
+                allocation.refresh(now)
+                self._drain_allocation(allocation, now)
+
+    def _remove_allocation(self, relay_id: str, reason: str, now: float) -> None:
+        allocation = self._allocations.pop(relay_id, None)
+        if allocation is None:
+            return
+        for server in allocation.server_addresses():
+            self._server_to_relay.pop(server, None)
+        relayed = set(allocation.relay_addresses())
+        for conn in list(self._connections.values()):
+            for address in relayed:
+                conn.agent.invalidate_local_candidate(address)
+                self._queue_invalidated(conn.client_id, Candidate.relay(address, relay_id))
+            if isinstance(conn.path, RelayedPath) and conn.path.relay_id == relay_id:
+                self._fail(conn, f"relay {relay_id} gone: {reason}")
+            else:
+                self._drain_agent(conn, now)
+
+    def relays(self) -> list[dict[str, object]]:
+        """Observability for ``status``."""
+        return [
+            {
+                "id": relay_id,
+                "server": str(allocation.active_server()),
+                "relay_addresses": [f"{ip}:{port}" for ip, port in allocation.relay_addresses()],
+                "state": "freed" if allocation.is_freed else (
+                    "allocated" if allocation.relay_addresses() else "allocating"
+                ),
+            }
+            for relay_id, allocation in self._allocations.items()
+        ]
+
+    # ------------------------------------------------------------------ connections
+
+    def upsert_connection(
+        self,
+        client_id: uuid.UUID,
+        *,
+        client_public_key: bytes,
+        preshared_key: bytes,
+        local: IceCredentials,
+        remote: IceCredentials,
+        now: float,
+    ) -> UpsertResult:
+        """``authorize_flow``: reuse iff the local ICE credentials match, else replace (§5.1)."""
+        existing = self._connections.get(client_id)
+        if existing is not None and existing.failed is None and existing.local_credentials == local:
+            log.debug("already got a connection for %s", client_id)
+            return ConnectionReused(client_id)
+        return self._create(client_id, client_public_key, preshared_key, local, remote, now)
+
+    def accept_connection(
+        self,
+        client_id: uuid.UUID,
+        *,
+        client_public_key: bytes,
+        preshared_key: bytes,
+        remote: IceCredentials,
+        now: float,
+    ) -> UpsertResult:
+        """Legacy ``request_connection``: always a new connection with random local creds."""
+        local = IceCredentials.random(self._rng)
+        return self._create(client_id, client_public_key, preshared_key, local, remote, now)
+
+    def _create(
+        self,
+        client_id: uuid.UUID,
+        client_public_key: bytes,
+        preshared_key: bytes,
+        local: IceCredentials,
+        remote: IceCredentials,
+        now: float,
+    ) -> UpsertResult:
+        usable = [rid for rid, a in self._allocations.items() if not a.is_freed]
+        if not usable:
+            self.counters["no_turn_servers"] += 1
+            log.warning("no TURN servers connected; cannot create connection for %s", client_id)
+            return NoTurnServers()
+        relay_id = self._rng.choice(sorted(usable))
+        replaced = self._connections.pop(client_id, None)
+        if replaced is not None:
+            self._by_index.pop(replaced.local_index >> INDEX_SHIFT, None)
+        agent = IceAgent(controlling=False, local=local, remote=remote, rng=self._rng, now=now)
+        conn = Connection(
+            client_id=client_id,
+            local_credentials=local,
+            peer_public=client_public_key,
+            agent=agent,
+            relay_id=relay_id,
+            local_index=self._new_index(client_id),
+            created_at=now,
+        )
+        self._connections[client_id] = conn
+        for host in self._host_candidates.values():
+            self._add_local(conn, host)
+        for srflx in self._srflx_candidates.values():
+            self._queue_added(client_id, srflx)  # signalled only; we send from the base
+        allocation = self._allocations[relay_id]
+        for address in allocation.relay_addresses():
+            self._add_local(conn, Candidate.relay(address, relay_id))
+        self._drain_agent(conn, now)
+        self._flush_candidate_events()
+        self.counters["connections_created"] += 1
+        return ConnectionCreated(
+            client_id=client_id,
+            local_index=conn.local_index,
+            peer_public=client_public_key,
+            preshared_key=preshared_key,
+            local_credentials=local,
+            replaced=replaced is not None,
+        )
+
+    def _new_index(self, client_id: uuid.UUID) -> int:
+        while True:
+            idx = self._rng.getrandbits(24)
+            if idx and idx not in self._by_index:
+                self._by_index[idx] = client_id
+                return idx << INDEX_SHIFT
+
+    def remove_connection(self, client_id: uuid.UUID, reason: str) -> bool:
+        """Forget a connection (its peer failed or was stopped). No event is emitted."""
+        conn = self._connections.pop(client_id, None)
+        if conn is None:
+            return False
+        self._by_index.pop(conn.local_index >> INDEX_SHIFT, None)
+        log.info("connection to %s removed: %s", client_id, reason)
+        return True
+
+    def connection(self, client_id: uuid.UUID) -> Connection | None:
+        return self._connections.get(client_id)
+
+    def connections(self) -> list[Connection]:
+        return list(self._connections.values())
+
+    def client_for_index(self, index: int) -> uuid.UUID | None:
+        return self._by_index.get(index >> INDEX_SHIFT)
+
+    def add_remote_candidates(
+        self, client_id: uuid.UUID, candidates: Iterable[str], now: float
+    ) -> None:
+        """``ice_candidates``: only while the connection is still connecting (§4.4)."""
+        conn = self._connections.get(client_id)
+        if conn is None:
+            self.counters["candidates_for_unknown_client"] += 1
+            return
+        if conn.path is not None:
+            self.counters["candidates_after_nomination"] += 1
+            return
+        for line in candidates:
+            try:
+                candidate = Candidate.parse(line)
+            except ValueError as exc:
+                self.counters["bad_remote_candidate"] += 1
+                log.warning("ignoring unparseable candidate from %s: %s", client_id, exc)
+                continue
+            conn.got_remote_candidate = True
+            conn.agent.add_remote_candidate(candidate)
+            if candidate.kind != "host":
+                allocation = self._allocations.get(conn.relay_id)
+                if allocation is not None:
+                    allocation.bind_channel(candidate.address, now)
+                    self._drain_allocation(allocation, now)
+        self._drain_agent(conn, now)
+
+    def remove_remote_candidates(
+        self, client_id: uuid.UUID, candidates: Iterable[str], now: float
+    ) -> None:
+        """``invalidate_ice_candidates``: in any state; may disconnect the agent (§4.4)."""
+        conn = self._connections.get(client_id)
+        if conn is None:
+            return
+        for line in candidates:
+            try:
+                conn.agent.invalidate_remote_candidate(Candidate.parse(line))
+            except ValueError:
+                self.counters["bad_remote_candidate"] += 1
+        self._drain_agent(conn, now)
+
+    # ------------------------------------------------------------------ datagrams
+
+    def handle_datagram(
+        self, local: Address, src: Address, data: bytes, now: float
+    ) -> WireGuardDatagram | None:
+        """Demultiplex one received datagram (§7). Never raises on bad input."""
+        self._now = now
+        if len(data) > MAX_DATAGRAM_PAYLOAD:
+            self.counters["oversized_datagram"] += 1
+            return None
+        if not self._learn_host_candidate(local, now):
+            return None
+        kind = classify(data, src, self._server_to_relay)
+        if kind is DatagramKind.STUN_FROM_RELAY:
+            self._handle_relay_stun(data, src, local, now)
+            return None
+        if kind is DatagramKind.CHANNEL_DATA_FROM_RELAY:
+            relay_id = self._server_to_relay[src]
+            allocation = self._allocations[relay_id]
+            unwrapped = allocation.decapsulate(data, src, now)
+            self._drain_allocation(allocation, now)
+            if unwrapped is None:
+                self.counters["channel_data_dropped"] += 1
+                return None
+            peer, payload, relayed = unwrapped
+            return self._handle_peer_datagram(relayed, peer, payload, now, relayed=True)
+        return self._handle_peer_datagram(local, src, data, now, kind=kind)
+
+    def _handle_peer_datagram(
+        self,
+        local: Address,
+        src: Address,
+        data: bytes,
+        now: float,
+        *,
+        relayed: bool = False,
+        kind: DatagramKind | None = None,
+    ) -> WireGuardDatagram | None:
+        if kind is None:
+            kind = classify(data, src, ())
+        if kind is DatagramKind.STUN:
+            self._handle_ice_stun(data, src, local, now)
+            return None
+        if kind is DatagramKind.WIREGUARD:
+            client_id = self._route_wireguard(data, src)
+            if client_id is None:
+                self.counters["wireguard_no_connection"] += 1
+                return None
+            return WireGuardDatagram(client_id, data, src)
+        self.counters["garbage_datagram"] += 1
+        return None
+
+    def _route_wireguard(self, data: bytes, src: Address) -> uuid.UUID | None:
+        mtype = message_type(data)
+        if mtype in (2, 3, 4):
+            index = receiver_index(data)
+            if index is not None:
+                client_id = self._by_index.get(index >> INDEX_SHIFT)
+                if client_id is not None:
+                    return client_id
+        for conn in self._connections.values():
+            if conn.failed is None and (
+                src in conn.remote_addresses or conn.agent.accepts_from(src)
+            ):
+                return conn.client_id
+        return None
+
+    def _handle_relay_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
+        allocation = self._allocations[self._server_to_relay[src]]
+        try:
+            message = parse_stun(data)
+        except MalformedPacket:
+            self.counters["malformed_stun_from_relay"] += 1
+            return
+        allocation.handle_stun(message, data, src, local, now)
+        self._drain_allocation(allocation, now)
+
+    def _handle_ice_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
+        try:
+            message = parse_stun(data)
+        except MalformedPacket:
+            self.counters["malformed_stun"] += 1
+            return
+        for conn in self._connections.values():
+            if conn.failed is None and conn.agent.accepts(message, data):
+                conn.remote_addresses.add(src)
+                conn.agent.handle_stun(message, data, src, local, now)
+                self._drain_agent(conn, now)
+                self._flush_candidate_events()
+                return
+        self.counters["stun_no_agent"] += 1
+
+    def _learn_host_candidate(self, local: Address, now: float) -> bool:
+        if local in self._host_candidates or self._is_relayed_address(local):
+            return True
+        try:
+            ip = ipaddress.ip_address(local[0])
+        except ValueError:
+            self.counters["bad_local_address"] += 1
+            return False
+        if ip.is_unspecified or ip.is_multicast or ip.is_link_local or (
+            isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255")
+        ):
+            self.counters["invalid_host_candidate"] += 1
+            return False
+        candidate = Candidate.host(local)
+        self._host_candidates[local] = candidate
+        log.info("new host candidate %s", candidate.to_sdp())
+        for conn in self._connections.values():
+            self._add_local(conn, candidate)
+            self._drain_agent(conn, now)
+        self._flush_candidate_events()
+        return True
+
+    def _is_relayed_address(self, address: Address) -> bool:
+        return any(address in a.relay_addresses() for a in self._allocations.values())
+
+    # ------------------------------------------------------------------ timers
+
+    def handle_timeout(self, now: float) -> None:
+        self._now = now
+        self.rate_limiter.handle_timeout(now)
+        for allocation in list(self._allocations.values()):
+            allocation.handle_timeout(now)
+            self._drain_allocation(allocation, now)
+        for conn in list(self._connections.values()):
+            if conn.failed is None:
+                if not conn.got_remote_candidate and now - conn.created_at >= CANDIDATE_TIMEOUT:
+                    self._fail(conn, "no remote candidates received")
+                    continue
+                conn.agent.handle_timeout(now)
+                self._drain_agent(conn, now)
+        self._flush_candidate_events()
+
+    def poll_timeout(self) -> float | None:
+        deadlines = [self.rate_limiter.poll_timeout()]
+        deadlines += [a.poll_timeout() for a in self._allocations.values()]
+        for conn in self._connections.values():
+            if conn.failed is None:
+                deadlines.append(conn.agent.poll_timeout())
+                if not conn.got_remote_candidate:
+                    deadlines.append(conn.created_at + CANDIDATE_TIMEOUT)
+        present = [d for d in deadlines if d is not None]
+        return min(present) if present else None
+
+    def poll_transmit(self) -> Transmit | None:
+        return self._transmits.popleft() if self._transmits else None
+
+    def poll_event(self) -> NodeEvent | None:
+        return self._events.popleft() if self._events else None
+
+    # ------------------------------------------------------------------ internals
+
+    def _fail(self, conn: Connection, reason: str) -> None:
+        if conn.failed is not None:
+            return
+        conn.failed = reason
+        self._connections.pop(conn.client_id, None)
+        self._by_index.pop(conn.local_index >> INDEX_SHIFT, None)
+        self.counters["connections_failed"] += 1
+        log.info("connection to %s failed: %s", conn.client_id, reason)
+        self._events.append(ConnectionFailed(conn.client_id, reason))
+
+    def _add_local(self, conn: Connection, candidate: Candidate) -> None:
+        if conn.agent.add_local_candidate(candidate):
+            self._queue_added(conn.client_id, candidate)
+
+    def _queue_added(self, client_id: uuid.UUID, candidate: Candidate) -> None:
+        self._pending_added.setdefault(client_id, []).append(candidate.to_sdp())
+
+    def _queue_invalidated(self, client_id: uuid.UUID, candidate: Candidate) -> None:
+        self._pending_invalidated.setdefault(client_id, []).append(candidate.to_sdp())
+
+    def _flush_candidate_events(self) -> None:
+        """One event per client per processing step, sorted and de-duplicated (§2.3)."""
+        for client_id, lines in self._pending_added.items():
+            if client_id in self._connections:
+                self._events.append(CandidatesAdded(client_id, tuple(sorted(set(lines)))))
+        for client_id, lines in self._pending_invalidated.items():
+            if client_id in self._connections:
+                self._events.append(CandidatesInvalidated(client_id, tuple(sorted(set(lines)))))
+        self._pending_added.clear()
+        self._pending_invalidated.clear()
+
+    def _drain_agent(self, conn: Connection, now: float) -> None:
+        agent = conn.agent
+        while (tx := agent.poll_transmit()) is not None:
+            self._send_from(tx, now)
+        while (event := agent.poll_event()) is not None:
+            if isinstance(event, Nominated):
+                conn.nominated = (event.local, event.remote)
+                self._update_path(conn, now)
+            elif isinstance(event, Disconnected):
+                self._fail(conn, f"ICE disconnected: {event.reason}")
+                return
+
+    def _update_path(self, conn: Connection, now: float) -> None:
+        if conn.nominated is None:
+            return
+        local, remote = conn.nominated
+        path: Path | None
+        if local.kind == "relay" and local.relay_id is not None:
+            allocation = self._allocations.get(local.relay_id)
+            if allocation is None:
+                self._fail(conn, f"nominated relay {local.relay_id} is gone")
+                return
+            channel = allocation.channel_for(remote)
+            server = allocation.active_server()
+            if channel is None or server is None:
+                allocation.bind_channel(remote, now)
+                self._drain_allocation(allocation, now)
+                return  # PathChanged follows once the channel is confirmed
+            path = RelayedPath(local.relay_id, server, channel, remote)
+        else:
+            path = DirectPath(local.base or local.address, remote)
+        if path != conn.path:
+            conn.path = path
+            log.info("connection to %s uses %s path to %s", conn.client_id, path.describe(), remote)
+            self._events.append(PathChanged(conn.client_id, path))
+
+    def _send_from(self, tx: Transmit, now: float) -> None:
+        """Route an ICE transmit: from a relayed address it is wrapped in ChannelData."""
+        if tx.src is not None:
+            for allocation in self._allocations.values():
+                if tx.src in allocation.relay_addresses():
+                    wrapped = allocation.encapsulate(tx.dst, tx.payload, now)
+                    if wrapped is None:
+                        allocation.bind_channel(tx.dst, now)
+                        self._drain_allocation(allocation, now)
+                        self.counters["no_channel"] += 1
+                    else:
+                        self._transmits.append(wrapped)
+                    return
+        self._transmits.append(tx)
+
+    def _drain_allocation(self, allocation: Allocation, now: float) -> None:
+        while (tx := allocation.poll_transmit()) is not None:
+            self._transmits.append(tx)
+        while (event := allocation.poll_event()) is not None:
+            self._on_allocation_event(allocation, event, now)
+        if allocation.is_freed and self._allocations.get(allocation.relay_id) is allocation:
+            self._remove_allocation(allocation.relay_id, "allocation freed", now)
+        for conn in list(self._connections.values()):
+            if (
+                conn.nominated is not None
+                and conn.nominated[0].relay_id == allocation.relay_id
+                and conn.path is None
+            ):
+                self._update_path(conn, now)
+        self._flush_candidate_events()
+
+    def _on_allocation_event(self, allocation: Allocation, event: object, now: float) -> None:
+        relay_id = allocation.relay_id
+        if isinstance(event, CandidateAdded):
+            if event.kind == "srflx":
+                base = event.base or event.address
+                candidate = Candidate.srflx(event.address, base)
+                self._srflx_candidates[event.address] = candidate
+                log.info("server-reflexive candidate %s via relay %s", event.address, relay_id)
+            else:
+                candidate = Candidate.relay(event.address, relay_id)
+                log.info("relayed candidate %s on relay %s", event.address, relay_id)
+                for conn in self._connections.values():
+                    if conn.relay_id == relay_id and conn.path is None:
+                        self._add_local(conn, candidate)
+                        self._drain_agent(conn, now)
+        elif isinstance(event, CandidateRemoved):
+            if event.kind == "srflx":
+                self._srflx_candidates.pop(event.address, None)
+                return
+            candidate = Candidate.relay(event.address, relay_id)
+            for conn in list(self._connections.values()):
+                conn.agent.invalidate_local_candidate(event.address)
+                self._queue_invalidated(conn.client_id, candidate)
+                if isinstance(conn.path, RelayedPath) and conn.path.relay_id == relay_id:
+                    self._fail(conn, f"relay candidate {event.address} invalidated")
+        elif isinstance(event, AllocationFailed):
+            log.warning("allocation on relay %s failed: %s", relay_id, event.reason)

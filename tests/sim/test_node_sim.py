@@ -1,0 +1,337 @@
+"""Deterministic simulation of the gateway's Node core against a client built from the same
+cores (controlling ICE agent + WireGuard initiator) and an in-memory TURN relay.
+
+Covers the upsert rule, candidate signalling, direct and relayed paths, WireGuard through
+the chosen path, connection failure on missing candidates, and key rotation on reset.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import deque
+from collections.abc import Callable
+
+from gateway.ice.agent import IceAgent, Nominated
+from gateway.ice.candidate import Candidate, IceCredentials
+from gateway.node import (
+    CandidatesAdded,
+    ConnectionCreated,
+    ConnectionFailed,
+    ConnectionReused,
+    DirectPath,
+    Node,
+    NoTurnServers,
+    PathChanged,
+    RelayedPath,
+    TurnServer,
+)
+from gateway.packet.ip import build_udp
+from gateway.turn.channel_data import encode_channel_data
+from gateway.types import Address
+from gateway.wg.keys import StaticKeyPair
+from gateway.wg.ratelimit import HandshakeRateLimiter
+from gateway.wg.tunnel import Tunnel, WriteToNetwork, WriteToTunnel
+from tests.support.clock import ManualClock
+from tests.support.sim_turn import SimTurnServer
+
+GATEWAY: Address = ("10.0.0.3", 40000)
+CLIENT: Address = ("10.0.0.2", 50000)
+RELAY: Address = ("10.0.0.4", 3478)
+CLIENT_ID = uuid.UUID("3abd725a-733b-4801-ac16-72f26cd98a24")
+GW_CREDS = IceCredentials("ejqt", "zfjrrjdkbci42t2axyd45a")
+CLIENT_CREDS = IceCredentials("hgwh", "j2fqufatn7xlrrvv6fsvea")
+
+
+class Sim:
+    """Gateway Node + gateway-side Tunnel (what the PeerActor does) + client + relay."""
+
+    def __init__(self, *, block_direct: bool = False) -> None:
+        self.clock = ManualClock()
+        self.rng = random.Random(7)
+        self.block_direct = block_direct
+        self.wire: deque[tuple[Address, Address, bytes]] = deque()
+        self.relay = SimTurnServer(RELAY, "1700000000:user", "secret-password", self._send)
+        self.node = Node(rng=self.rng, now=self.now)
+        self.gw_tunnel: Tunnel | None = None
+        self.gw_path: DirectPath | RelayedPath | None = None
+        self.gw_received: list[bytes] = []
+        self.events: list[object] = []
+        self.client_static = StaticKeyPair.generate(self.rng)
+        self.client_agent: IceAgent | None = None
+        self.client_tunnel: Tunnel | None = None
+        self.client_received: list[bytes] = []
+        self.client_nominated: tuple[Candidate, Address] | None = None
+
+    @property
+    def now(self) -> float:
+        return self.clock.monotonic()
+
+    def _send(self, src: Address, dst: Address, payload: bytes) -> None:
+        self.wire.append((src, dst, payload))
+
+    # -------------------------------------------------------------- wiring
+
+    def add_relay(self) -> None:
+        server = TurnServer("relay-1", (RELAY,), "1700000000:user", "secret-password")
+        self.node.update_relays([], [server], self.now)
+        self.pump()
+
+    def authorize(self, gw_creds: IceCredentials = GW_CREDS) -> object:
+        psk = bytes(range(32))
+        result = self.node.upsert_connection(
+            CLIENT_ID,
+            client_public_key=self.client_static.public,
+            preshared_key=psk,
+            local=gw_creds,
+            remote=CLIENT_CREDS,
+            now=self.now,
+        )
+        if isinstance(result, ConnectionCreated):
+            self.gw_tunnel = Tunnel(
+                static=self.node.static, peer_public=result.peer_public, preshared_key=psk,
+                local_index=result.local_index, rate_limiter=self.node.rate_limiter,
+                rng=self.rng, now=self.now,
+            )
+            self.gw_path = None
+            self.client_agent = IceAgent(
+                controlling=True, local=CLIENT_CREDS, remote=gw_creds, rng=self.rng, now=self.now
+            )
+            self.client_agent.add_local_candidate(Candidate.host(CLIENT))
+            limiter = HandshakeRateLimiter(self.client_static.public, self.rng)
+            self.client_tunnel = Tunnel(
+                static=self.client_static, peer_public=self.node.public_key, preshared_key=psk,
+                local_index=0x1234500, rate_limiter=limiter, rng=self.rng, now=self.now,
+            )
+            self.node.add_remote_candidates(
+                CLIENT_ID, [Candidate.host(CLIENT).to_sdp()], self.now
+            )
+        self.pump()
+        return result
+
+    # -------------------------------------------------------------- the loop
+
+    def pump(self) -> None:
+        """Deliver everything queued until the network is quiet."""
+        for _ in range(10_000):
+            self._drain_node()
+            self._drain_client()
+            if not self.wire:
+                return
+            src, dst, payload = self.wire.popleft()
+            self._deliver(src, dst, payload)
+        raise AssertionError("simulation did not settle")
+
+    def run_until(self, condition: Callable[[], bool], limit: float = 30.0) -> None:
+        end = self.now + limit
+        while not condition():
+            assert self.now < end, "condition not reached in simulated time"
+            self.clock.tick(0.05)
+            self.node.handle_timeout(self.now)
+            if self.client_agent is not None:
+                self.client_agent.handle_timeout(self.now)
+            for tunnel in (self.gw_tunnel, self.client_tunnel):
+                if tunnel is not None:
+                    tunnel.handle_timeout(self.now, self.clock.unix())
+            self.pump()
+
+    def _blocked(self, src: Address, dst: Address) -> bool:
+        ips = {src[0], dst[0]}
+        return self.block_direct and ips == {GATEWAY[0], CLIENT[0]}
+
+    def _deliver(self, src: Address, dst: Address, payload: bytes) -> None:
+        if self._blocked(src, dst):
+            return
+        if dst == RELAY or dst in self.relay.relayed_addresses():
+            self.relay.receive(src, dst, payload)
+        elif dst == GATEWAY:
+            wg = self.node.handle_datagram(GATEWAY, src, payload, self.now)
+            if wg is not None and self.gw_tunnel is not None:
+                self._gateway_wireguard(wg.datagram, wg.src)
+        elif dst == CLIENT:
+            self._client_receive(src, payload)
+
+    def _gateway_wireguard(self, datagram: bytes, src: Address) -> None:
+        assert self.gw_tunnel is not None
+        result = self.gw_tunnel.decapsulate(datagram, src, self.now, self.clock.unix())
+        if isinstance(result, WriteToTunnel):
+            self.gw_received.append(result.packet)
+        elif isinstance(result, WriteToNetwork):
+            self.gateway_send(result.datagram)
+            while (extra := self.gw_tunnel.poll_transmit()) is not None:
+                self.gateway_send(extra)
+
+    def gateway_send(self, datagram: bytes) -> None:
+        path = self.gw_path
+        assert path is not None, "gateway has no path to the client yet"
+        if isinstance(path, DirectPath):
+            self._send(GATEWAY, path.remote, datagram)
+        else:
+            self._send(GATEWAY, path.server, encode_channel_data(path.channel, datagram))
+
+    def _client_receive(self, src: Address, payload: bytes) -> None:
+        assert self.client_agent is not None and self.client_tunnel is not None
+        from gateway.demux import DatagramKind, classify
+        from gateway.stun.message import parse
+
+        if classify(payload, src, ()) is DatagramKind.STUN:
+            msg = parse(payload)
+            if self.client_agent.accepts(msg, payload):
+                self.client_agent.handle_stun(msg, payload, src, CLIENT, self.now)
+            return
+        result = self.client_tunnel.decapsulate(payload, src, self.now, self.clock.unix())
+        if isinstance(result, WriteToTunnel):
+            self.client_received.append(result.packet)
+        elif isinstance(result, WriteToNetwork):
+            self.client_send(result.datagram)
+        while (extra := self.client_tunnel.poll_transmit()) is not None:
+            self.client_send(extra)
+
+    def client_send(self, datagram: bytes) -> None:
+        assert self.client_nominated is not None
+        self._send(CLIENT, self.client_nominated[1], datagram)
+
+    def _drain_node(self) -> None:
+        while (tx := self.node.poll_transmit()) is not None:
+            self._send(tx.src or GATEWAY, tx.dst, tx.payload)
+        while (event := self.node.poll_event()) is not None:
+            self.events.append(event)
+            if isinstance(event, CandidatesAdded) and self.client_agent is not None:
+                for line in event.candidates:
+                    self.client_agent.add_remote_candidate(Candidate.parse(line))
+            elif isinstance(event, PathChanged):
+                self.gw_path = event.path
+
+    def _drain_client(self) -> None:
+        agent = self.client_agent
+        if agent is None:
+            return
+        while (tx := agent.poll_transmit()) is not None:
+            self._send(tx.src or CLIENT, tx.dst, tx.payload)
+        while (event := agent.poll_event()) is not None:
+            if isinstance(event, Nominated):
+                self.client_nominated = (event.local, event.remote)
+
+
+def _packet(payload: bytes, *, reverse: bool = False) -> bytes:
+    src, dst = "100.64.0.2", "10.1.0.5"
+    if reverse:
+        src, dst = dst, src
+    return build_udp(src, dst, 5000, 6000, payload)
+
+
+def _exchange(sim: Sim) -> None:
+    """WireGuard handshake and one packet each way over whatever path ICE chose."""
+    assert sim.client_tunnel is not None and sim.gw_tunnel is not None
+    first = sim.client_tunnel.encapsulate(_packet(b"hello"), sim.now, sim.clock.unix())
+    assert isinstance(first, WriteToNetwork)
+    sim.client_send(first.datagram)
+    sim.pump()
+    assert sim.gw_received == [_packet(b"hello")]
+    reply = sim.gw_tunnel.encapsulate(_packet(b"world", reverse=True), sim.now, sim.clock.unix())
+    assert isinstance(reply, WriteToNetwork)
+    sim.gateway_send(reply.datagram)
+    sim.pump()
+    assert sim.client_received == [_packet(b"world", reverse=True)]
+
+
+def test_no_relay_means_no_connection() -> None:
+    sim = Sim()
+    assert isinstance(sim.authorize(), NoTurnServers)
+    assert sim.node.connections() == []
+
+
+def test_direct_path_carries_wireguard() -> None:
+    sim = Sim()
+    sim.add_relay()
+    assert isinstance(sim.authorize(), ConnectionCreated)
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    assert isinstance(sim.gw_path, DirectPath)
+    assert sim.gw_path.remote == CLIENT
+    signalled = [e for e in sim.events if isinstance(e, CandidatesAdded)]
+    lines = [line for event in signalled for line in event.candidates]
+    assert any(" typ host" in line for line in lines), lines
+    assert any(" typ relay" in line for line in lines), lines
+    assert any(" typ srflx" in line for line in lines), lines
+    _exchange(sim)
+
+
+def test_relayed_path_when_direct_is_blocked() -> None:
+    sim = Sim(block_direct=True)
+    sim.add_relay()
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    assert isinstance(sim.gw_path, RelayedPath)
+    assert sim.gw_path.server == RELAY and sim.gw_path.remote == CLIENT
+    _exchange(sim)
+
+
+def test_upsert_reuses_on_equal_credentials_and_replaces_otherwise() -> None:
+    sim = Sim()
+    sim.add_relay()
+    created = sim.authorize()
+    assert isinstance(created, ConnectionCreated) and not created.replaced
+    again = sim.node.upsert_connection(
+        CLIENT_ID, client_public_key=bytes(32), preshared_key=bytes(32), local=GW_CREDS,
+        remote=CLIENT_CREDS, now=sim.now,
+    )
+    assert isinstance(again, ConnectionReused)
+    replaced = sim.node.upsert_connection(
+        CLIENT_ID, client_public_key=sim.client_static.public, preshared_key=bytes(32),
+        local=IceCredentials("zzzz", "zfjrrjdkbci42t2axyd45b"), remote=CLIENT_CREDS, now=sim.now,
+    )
+    assert isinstance(replaced, ConnectionCreated) and replaced.replaced
+    assert replaced.local_index != created.local_index
+    assert sim.node.client_for_index(created.local_index) is None
+    assert sim.node.client_for_index(replaced.local_index) == CLIENT_ID
+
+
+def test_connection_fails_without_remote_candidates() -> None:
+    sim = Sim()
+    sim.add_relay()
+    sim.node.upsert_connection(
+        CLIENT_ID, client_public_key=sim.client_static.public, preshared_key=bytes(32),
+        local=GW_CREDS, remote=CLIENT_CREDS, now=sim.now,
+    )
+    sim.clock.tick(9.9)
+    sim.node.handle_timeout(sim.now)
+    assert not any(isinstance(e, ConnectionFailed) for e in _drain(sim.node))
+    sim.clock.tick(0.2)
+    sim.node.handle_timeout(sim.now)
+    failed = [e for e in _drain(sim.node) if isinstance(e, ConnectionFailed)]
+    assert failed and failed[0].client_id == CLIENT_ID
+    assert sim.node.connections() == []
+
+
+def test_reset_rotates_key_and_forgets_everything() -> None:
+    sim = Sim()
+    sim.add_relay()
+    sim.authorize()
+    old_key = sim.node.public_key
+    old_software = sim.node.software
+    closed = sim.node.reset(sim.now)
+    assert closed == [CLIENT_ID]
+    assert sim.node.public_key != old_key and sim.node.software != old_software
+    assert sim.node.connections() == [] and sim.node.relays() == []
+    assert sim.node.rate_limiter.public_key == sim.node.public_key
+    # Without the fresh init there is no relay: a new flow cannot be served yet.
+    assert isinstance(sim.authorize(), NoTurnServers)
+    sim.add_relay()
+    assert isinstance(sim.authorize(), ConnectionCreated)
+
+
+def test_oversized_and_garbage_datagrams_are_counted_not_raised() -> None:
+    sim = Sim()
+    sim.add_relay()
+    assert sim.node.handle_datagram(GATEWAY, CLIENT, b"\xff" * 1400, sim.now) is None
+    assert sim.node.handle_datagram(GATEWAY, CLIENT, b"\x17garbage", sim.now) is None
+    assert sim.node.handle_datagram(GATEWAY, RELAY, b"\x00\x01\x00", sim.now) is None
+    assert sim.node.counters["oversized_datagram"] == 1
+    assert sim.node.counters["garbage_datagram"] >= 1
+
+
+def _drain(node: Node) -> list[object]:
+    out = []
+    while (event := node.poll_event()) is not None:
+        out.append(event)
+    return out
