@@ -30,8 +30,8 @@ CLIENT_IDLE_TIMEOUT = 10.0
 Handlers = Mapping[str, Callable[[], dict[str, Any]]]
 
 
-class ControlError(RuntimeError):
-    """The control socket cannot be served or reached."""
+class ControlError(OSError):
+    """The control socket cannot be served or reached (an OSError: it is an IO failure)."""
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

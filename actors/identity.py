@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 ID_FILE = "gateway_id"
 
 
-class IdentityError(RuntimeError):
+class IdentityError(OSError):
     """The id could neither be read nor persisted; the gateway cannot start."""
 
 

@@ -10,7 +10,7 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 log = logging.getLogger(__name__)
 
@@ -27,18 +27,22 @@ GATEWAY_METRICS: dict[str, tuple[str, str]] = {
     "firezone_dropped_packets_total": (COUNTER, "Packets dropped, by reason."),
     "firezone_portal_reconnects_total": (COUNTER, "Reconnections to the portal."),
     "firezone_portal_joined": (GAUGE, "1 while joined to the portal's gateway channel."),
+    "firezone_resets_total": (COUNTER, "Resets (new WireGuard key, all connections dropped)."),
 }
 
 LabelKey = tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One value of a metric, as collectors return them."""
+class Sample(NamedTuple):
+    """One value of a metric, as collectors return them (plain 3-tuples work too)."""
 
     name: str
+    labels: Mapping[str, str]
     value: float
-    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+#: What a collector yields: ``Sample``s or plain ``(name, labels, value)`` tuples.
+Collector = Callable[[], Iterable[tuple[str, Mapping[str, str], float]]]
 
 
 def _label_key(labels: Mapping[str, object]) -> LabelKey:
@@ -66,7 +70,7 @@ class Metrics:
         self._lock = threading.Lock()
         self._kinds: dict[str, tuple[str, str]] = {}
         self._values: dict[str, dict[LabelKey, float]] = {}
-        self._collectors: list[Callable[[], Iterable[Sample]]] = []
+        self._collectors: list[Collector] = []
 
     def describe(self, name: str, kind: str, help: str) -> None:
         """Declare a metric's type and help text (shown even before the first value)."""
@@ -103,12 +107,12 @@ class Metrics:
         with self._lock:
             return self._values.get(name, {}).get(_label_key(labels), 0)
 
-    def add_collector(self, collector: Callable[[], Iterable[Sample]]) -> None:
+    def add_collector(self, collector: Collector) -> None:
         """Call ``collector`` at every scrape; its samples are rendered with the rest."""
         with self._lock:
             self._collectors.append(collector)
 
-    def remove_collector(self, collector: Callable[[], Iterable[Sample]]) -> None:
+    def remove_collector(self, collector: Collector) -> None:
         with self._lock:
             if collector in self._collectors:
                 self._collectors.remove(collector)
@@ -125,10 +129,10 @@ class Metrics:
             except Exception:
                 log.exception("metrics collector %r failed; its samples are skipped", collector)
                 continue
-            for sample in samples:
-                values = series.setdefault(sample.name, {})
-                key = _label_key(sample.labels)
-                values[key] = values.get(key, 0) + sample.value
+            for name, labels, value in samples:
+                values = series.setdefault(name, {})
+                key = _label_key(labels)
+                values[key] = values.get(key, 0) + value
         lines: list[str] = []
         for name in sorted(set(kinds) | set(series)):
             kind, help_text = kinds.get(name, ("untyped", ""))

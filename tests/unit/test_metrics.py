@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import pytest
 
@@ -56,10 +56,10 @@ def test_collectors_are_read_at_scrape_time() -> None:
     metrics = new_gateway_metrics()
     rx = {"bytes": 0}
 
-    def collect() -> Iterable[Sample]:
+    def collect() -> Iterable[tuple[str, Mapping[str, str], float]]:
         return [
-            Sample("firezone_rx_bytes_total", rx["bytes"]),
-            Sample("firezone_connections", 2, {"path": "direct"}),
+            Sample("firezone_rx_bytes_total", {}, rx["bytes"]),
+            ("firezone_connections", {"path": "direct"}, 2),
         ]
 
     metrics.add_collector(collect)
