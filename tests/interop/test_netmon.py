@@ -1,0 +1,99 @@
+"""The network monitor on a real rtnetlink socket inside a namespace."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from actors.io.tun_linux import TUN_NAME, open_tun
+from actors.netconfig import configure_interface
+from actors.netmon import NetworkMonitor, open_monitor_socket
+from tests.support import netns
+from tests.support.interop import require_netns
+
+pytestmark = [pytest.mark.interop, pytest.mark.netns]
+
+DEBOUNCE = 0.3
+QUIET = 2 * DEBOUNCE  # long enough for a second (wrong) callback to show up
+TIMEOUT = 5.0
+
+
+class Calls:
+    """Counts callbacks; lets a test wait for the n-th."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._changed = threading.Condition()
+
+    def __call__(self) -> None:
+        with self._changed:
+            self.count += 1
+            self._changed.notify_all()
+
+    def wait(self, count: int, timeout: float) -> bool:
+        with self._changed:
+            return self._changed.wait_for(lambda: self.count >= count, timeout)
+
+
+@pytest.fixture
+def ns() -> Iterator[str]:
+    require_netns()
+    with netns.namespaces("fztmon") as (name,):
+        # A veth pair kept down: no carrier, so no IPv6 DAD events trickling in later.
+        netns.run("ip", "link", "add", "fztva", "type", "veth", "peer", "name", "fztvb", ns=name)
+        yield name
+
+
+@pytest.fixture
+def calls() -> Calls:
+    return Calls()
+
+
+@pytest.fixture
+def monitor(ns: str, calls: Calls) -> Iterator[NetworkMonitor]:
+    mon = NetworkMonitor(
+        calls,
+        debounce=DEBOUNCE,
+        ignore_ifname=TUN_NAME,
+        socket_factory=lambda: netns.in_netns(ns, open_monitor_socket),
+    )
+    mon.start()
+    yield mon
+    mon.stop()
+    assert not [t for t in threading.enumerate() if t.name == "NetMonitor"]
+
+
+def test_a_burst_of_changes_gives_one_callback(
+    ns: str, monitor: NetworkMonitor, calls: Calls
+) -> None:
+    for host in (1, 2, 3):
+        netns.run("ip", "addr", "add", f"10.203.9.{host}/24", "dev", "fztva", ns=ns)
+    netns.run("ip", "addr", "add", "fd00:203:9::1/64", "dev", "fztva", "nodad", ns=ns)
+    netns.run("ip", "link", "set", "fztvb", "mtu", "1400", ns=ns)
+
+    assert calls.wait(1, TIMEOUT)
+    assert not calls.wait(2, QUIET)
+    assert monitor.changes_seen >= 5
+
+    netns.run("ip", "addr", "del", "10.203.9.3/24", "dev", "fztva", ns=ns)
+    assert calls.wait(2, TIMEOUT)  # a later burst is reported again
+
+
+def test_changes_on_the_tun_device_are_ignored(
+    ns: str, monitor: NetworkMonitor, calls: Calls
+) -> None:
+    device = netns.in_netns(ns, open_tun)
+    try:
+        netns.in_netns(ns, lambda: configure_interface("100.64.0.1", "fd00:2021:1111::1"))
+        netns.run("ip", "addr", "add", "100.64.0.9/32", "dev", "tun-firezone", ns=ns)
+        netns.run("ip", "link", "set", "tun-firezone", "mtu", "1300", ns=ns)
+    finally:
+        device.close()  # the device, its addresses and routes go away: still ours
+
+    assert not calls.wait(1, QUIET)
+    assert monitor.changes_seen == 0
+
+    netns.run("ip", "addr", "add", "10.203.9.1/24", "dev", "fztva", ns=ns)  # the control
+    assert calls.wait(1, TIMEOUT)
