@@ -109,10 +109,10 @@ class WgPair:
         return result
 
     def send(self, sender: str, result: TunnResult) -> TunnResult | None:
-        """Deliver ``result`` if it is a datagram (the output of encapsulate/initiate)."""
-        self.settle()
+        """Deliver ``result`` if it is a datagram, then whatever the tunnels queued after it."""
         if isinstance(result, WriteToNetwork):
             return self.deliver(sender, result.datagram)
+        self.settle()
         return None
 
     def encapsulate(self, sender: str, packet: bytes) -> TunnResult:
