@@ -1,0 +1,477 @@
+"""NodeActor: owns the node's key, the UDP sockets, the relays, the ICE agents and the
+connection table (through :class:`gateway.node.Node`), and one PeerActor per client.
+
+It turns portal messages into core calls, core events into portal messages and PeerActor
+commands, and carries out the reset sequence (the heart of this project):
+
+1. ``Node.reset`` rotates the static key and forgets connections, allocations and
+   candidates;
+2. every PeerActor is stopped (their per-client state goes with them) and the fast-path
+   routes are cleared;
+3. the UDP sockets are closed and rebound on new ports (relays key allocations by 5-tuple);
+4. ``KeyRotated(public_key)`` goes to the PortalActor, which reconnects with the new key in
+   its login URL; the portal then pushes a fresh ``init`` (relays are allocated again) and
+   derives new ICE credentials for every later flow, so ``authorize_flow`` builds fresh
+   connections.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.backpressure import InFlight
+from actors.clock import Clock
+from actors.io.udp import Datagrams, FromNetwork, PeerRoute, UdpReader, UdpSockets
+from actors.messages import (
+    Connect,
+    KeyRotated,
+    PortalDisconnected,
+    PortalFatal,
+    PortalIngress,
+    PortalJoined,
+    SendToPortal,
+)
+from actors.peer import (
+    Authorize,
+    NewSession,
+    PeerActor,
+    PeerFailed,
+    RemoveResource,
+    SetPath,
+    SetupDnsResource,
+    UpdateResource,
+)
+from actors.resolver import Resolver
+from actors.timer import ActorTimer, Timer, Wake
+from actors.tun import ConfigureInterface, TunWriter
+from gateway.ice.candidate import IceCredentials
+from gateway.node import (
+    INDEX_SHIFT,
+    CandidatesAdded,
+    CandidatesInvalidated,
+    ConnectionCreated,
+    ConnectionFailed,
+    Node,
+    NoTurnServers,
+    PathChanged,
+    TurnServer,
+)
+from gateway.portal.messages import (
+    AllowAccess,
+    AuthorizeFlow,
+    BroadcastIceCandidates,
+    BroadcastInvalidatedIceCandidates,
+    ConnectionReady,
+    FlowAuthorized,
+    IceCandidates,
+    Init,
+    InvalidateIceCandidates,
+    PortalIceCredentials,
+    RejectAccess,
+    RelaysPresence,
+    RequestConnection,
+    ResourceUpdated,
+    merge_relays,
+)
+from gateway.types import Rng
+from gateway.wg.keys import decode_key, encode_key
+
+log = logging.getLogger(__name__)
+
+#: Batches handed from the UDP reader to the NodeActor and not yet processed.
+NODE_INFLIGHT = 16
+#: Batches of WireGuard datagrams in flight towards one PeerActor.
+PEER_INFLIGHT = 8
+
+
+@dataclass(frozen=True, slots=True)
+class AttachPortal:
+    """Completes the wiring (portal and node refer to each other) and starts the login."""
+
+    portal: pykka.ActorRef[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class GetNodeStatus:
+    pass
+
+
+@dataclass(slots=True)
+class _Peer:
+    ref: pykka.ActorRef[Any]
+    inflight: InFlight
+    route_key: int | None = None
+
+
+class NodeActor(pykka.ThreadingActor):
+    def __init__(
+        self,
+        *,
+        clock: Clock,
+        rng: Rng,
+        timer: Timer,
+        tun: pykka.ActorRef[Any],
+        tun_writer: TunWriter,
+        sockets_factory: Callable[[], UdpSockets],
+        resolver: Resolver,
+        icmp_prohibited: bool = False,
+        on_fatal: Callable[[str, int], None] | None = None,
+        on_portal_state: Callable[[str], None] | None = None,
+        peer_factory: Callable[..., pykka.ActorRef[Any]] = PeerActor.start,
+    ) -> None:
+        super().__init__()
+        self._clock = clock
+        self._rng = rng
+        self._timer = timer
+        self._tun = tun
+        self._tun_writer = tun_writer
+        self._sockets_factory = sockets_factory
+        self._resolver = resolver
+        self._icmp_prohibited = icmp_prohibited
+        self._on_fatal = on_fatal
+        self._on_portal_state = on_portal_state
+        self._peer_factory = peer_factory
+        self.node = Node(rng=rng, now=clock.monotonic())
+        self._portal: pykka.ActorRef[Any] | None = None
+        self._peers: dict[uuid.UUID, _Peer] = {}
+        self._routes: dict[int, PeerRoute] = {}
+        self._node_inflight = InFlight(NODE_INFLIGHT)
+        self._sockets: UdpSockets | None = None
+        self._reader: UdpReader | None = None
+        self._wake: ActorTimer | None = None
+        self.portal_state = "disconnected"
+        self.resets = 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def on_start(self) -> None:
+        self._wake = ActorTimer(self._timer, self.actor_ref)
+        self._bind()
+
+    def on_stop(self) -> None:
+        self._shutdown()
+
+    def on_failure(self, *args: object) -> None:
+        log.error("NodeActor crashed; closing sockets")
+        self._shutdown()
+        if self._on_fatal is not None:
+            self._on_fatal("node actor crashed", 1)
+
+    def _shutdown(self) -> None:
+        if self._wake is not None:
+            self._wake.arm(None)
+        self._stop_all_peers()
+        self._unbind()
+
+    def _bind(self) -> None:
+        self._sockets = self._sockets_factory()
+        self._reader = UdpReader(
+            self._sockets,
+            to_node=self.actor_ref.tell,
+            node_inflight=self._node_inflight,
+            peer_routes=self._routes,
+            index_shift=INDEX_SHIFT,
+        )
+        self._reader.start()
+        log.info("UDP sockets bound: %s", self._sockets.ports())
+
+    def _unbind(self) -> None:
+        if self._reader is not None:
+            self._reader.stop()
+            self._reader.join(timeout=2)
+            self._reader = None
+        if self._sockets is not None:
+            self._sockets.close()
+            self._sockets = None
+
+    @property
+    def public_key_b64(self) -> str:
+        return encode_key(self.node.public_key)
+
+    # ------------------------------------------------------------------ dispatch
+
+    def on_receive(self, message: Any) -> Any:
+        now = self._clock.monotonic()
+        result = None
+        if isinstance(message, Datagrams):
+            try:
+                self._handle_datagrams(message, now)
+            finally:
+                self._node_inflight.release()
+        elif isinstance(message, Wake):
+            self.node.handle_timeout(now)
+        elif isinstance(message, PortalIngress):
+            self._handle_portal(message.message, now)
+        elif isinstance(message, PeerFailed):
+            self.node.remove_connection(message.client_id, message.reason)
+            self._stop_peer(message.client_id)
+        elif isinstance(message, AttachPortal):
+            self._portal = message.portal
+            message.portal.tell(Connect(self.public_key_b64))
+        elif isinstance(message, Reset):
+            self._reset(message.reason, now)
+        elif isinstance(message, PortalJoined):
+            self._set_portal_state("joined")
+        elif isinstance(message, PortalDisconnected):
+            self._set_portal_state("disconnected")
+        elif isinstance(message, PortalFatal):
+            self._set_portal_state("failed")
+            log.error("portal connection failed for good: %s", message.reason)
+            if self._on_fatal is not None:
+                self._on_fatal(message.reason, message.exit_code)
+        elif isinstance(message, GetNodeStatus):
+            result = self._status()
+        else:
+            log.warning("NodeActor: unexpected message %s", type(message).__name__)
+        self._drain(now)
+        return result
+
+    def _set_portal_state(self, state: str) -> None:
+        self.portal_state = state
+        if self._on_portal_state is not None:
+            self._on_portal_state(state)
+
+    # ------------------------------------------------------------------ datagrams
+
+    def _handle_datagrams(self, message: Datagrams, now: float) -> None:
+        per_client: dict[uuid.UUID, list[tuple[bytes, tuple[str, int]]]] = {}
+        for local, src, data in message.batch:
+            wg = self.node.handle_datagram(local, src, data, now)
+            if wg is not None:
+                per_client.setdefault(wg.client_id, []).append((wg.datagram, wg.src))
+        for client_id, datagrams in per_client.items():
+            peer = self._peers.get(client_id)
+            if peer is not None and peer.inflight.try_acquire():
+                peer.ref.tell(FromNetwork(datagrams))
+
+    # ------------------------------------------------------------------ portal
+
+    def _send_portal(self, message: Any) -> None:
+        if self._portal is not None:
+            self._portal.tell(SendToPortal(message))
+
+    def _handle_portal(self, message: Any, now: float) -> None:
+        if isinstance(message, Init):
+            self._on_init(message, now)
+        elif isinstance(message, AuthorizeFlow):
+            self._on_authorize_flow(message, now)
+        elif isinstance(message, RequestConnection):
+            self._on_request_connection(message, now)
+        elif isinstance(message, AllowAccess):
+            self._on_allow_access(message)
+        elif isinstance(message, RejectAccess):
+            peer = self._peers.get(message.client_id)
+            if peer is not None:
+                peer.ref.tell(RemoveResource(message.resource_id))
+        elif isinstance(message, IceCandidates):
+            self.node.add_remote_candidates(message.client_id, message.candidates, now)
+        elif isinstance(message, InvalidateIceCandidates):
+            self.node.remove_remote_candidates(message.client_id, message.candidates, now)
+        elif isinstance(message, RelaysPresence):
+            removed = [str(rid) for rid in message.disconnected_ids]
+            self.node.update_relays(removed, _turn_servers(message.connected), now)
+        elif isinstance(message, ResourceUpdated):
+            for peer in self._peers.values():
+                peer.ref.tell(UpdateResource(message.resource))
+        else:
+            log.warning("ignoring portal message %s", type(message).__name__)
+
+    def _on_init(self, init: Init, now: float) -> None:
+        log.info("init: interface %s / %s, %d relay entries", init.interface.ipv4,
+                 init.interface.ipv6, len(init.relays))
+        self.node.update_relays([], _turn_servers(init.relays), now)
+        self._tun.tell(ConfigureInterface(str(init.interface.ipv4), str(init.interface.ipv6)))
+
+    def _on_authorize_flow(self, msg: AuthorizeFlow, now: float) -> None:
+        client = msg.client
+        result = self.node.upsert_connection(
+            client.id,
+            client_public_key=client.public_key_bytes,
+            preshared_key=client.preshared_key_bytes,
+            local=_ice(msg.gateway_ice_credentials),
+            remote=_ice(msg.client_ice_credentials),
+            now=now,
+        )
+        if isinstance(result, NoTurnServers):
+            self._refetch_relays()
+            return
+        if isinstance(result, ConnectionCreated):
+            self._start_session(result)
+        peer = self._peers.get(client.id)
+        if peer is None:
+            log.error("authorize_flow for %s: no peer after upsert", client.id)
+            return
+        peer.ref.tell(Authorize(msg.resource, msg.expires_at, str(client.ipv4), str(client.ipv6)))
+        self._send_portal(FlowAuthorized(msg.ref))
+
+    def _on_request_connection(self, msg: RequestConnection, now: float) -> None:
+        client = msg.client
+        result = self.node.accept_connection(
+            client.id,
+            client_public_key=decode_key(client.peer.public_key),
+            preshared_key=decode_key(client.peer.preshared_key),
+            remote=_ice(client.ice_parameters),
+            now=now,
+        )
+        if isinstance(result, NoTurnServers):
+            self._refetch_relays()
+            return
+        assert isinstance(result, ConnectionCreated)
+        self._start_session(result)
+        peer = self._peers[client.id]
+        peer.ref.tell(
+            Authorize(msg.resource, msg.expires_at, str(client.peer.ipv4), str(client.peer.ipv6))
+        )
+        if client.domain is not None:
+            peer.ref.tell(
+                SetupDnsResource(msg.resource.id, client.domain.name, client.domain.proxy_ips)
+            )
+        creds = result.local_credentials
+        self._send_portal(ConnectionReady(msg.ref, PortalIceCredentials(creds.ufrag, creds.pwd)))
+
+    def _on_allow_access(self, msg: AllowAccess) -> None:
+        peer = self._peers.get(msg.client_id)
+        if peer is None:
+            log.warning("allow_access for %s without a connection; ignored", msg.client_id)
+            return
+        peer.ref.tell(
+            Authorize(msg.resource, msg.expires_at, str(msg.client_ipv4), str(msg.client_ipv6))
+        )
+        if msg.payload is not None:
+            request = msg.payload
+            peer.ref.tell(SetupDnsResource(msg.resource.id, request.name, request.proxy_ips))
+
+    def _refetch_relays(self) -> None:
+        """No relay known: reconnect the portal with the same key to get a fresh ``init``."""
+        log.warning("no TURN servers; reconnecting to the portal for fresh relays")
+        if self._portal is not None:
+            self._portal.tell(Connect(self.public_key_b64))
+
+    # ------------------------------------------------------------------ peers
+
+    def _start_session(self, created: ConnectionCreated) -> None:
+        peer = self._peers.get(created.client_id)
+        if peer is None:
+            assert self._sockets is not None
+            inflight = InFlight(PEER_INFLIGHT)
+            ref = self._peer_factory(
+                client_id=created.client_id,
+                node=self.actor_ref,
+                tun=self._tun,
+                tun_writer=self._tun_writer,
+                sockets=self._sockets,
+                clock=self._clock,
+                rng=self._rng,
+                timer=self._timer,
+                resolver=self._resolver,
+                net_inflight=inflight,
+                icmp_prohibited=self._icmp_prohibited,
+            )
+            peer = _Peer(ref, inflight)
+            self._peers[created.client_id] = peer
+        if peer.route_key is not None:
+            self._routes.pop(peer.route_key, None)
+        peer.ref.tell(
+            NewSession(
+                created.local_index,
+                created.peer_public,
+                created.preshared_key,
+                self.node.static,
+                self.node.rate_limiter,
+            )
+        )
+        peer.route_key = created.local_index >> INDEX_SHIFT
+        self._routes[peer.route_key] = PeerRoute(peer.ref.tell, peer.inflight)
+
+    def _stop_peer(self, client_id: uuid.UUID) -> None:
+        peer = self._peers.pop(client_id, None)
+        if peer is None:
+            return
+        if peer.route_key is not None:
+            self._routes.pop(peer.route_key, None)
+        peer.ref.stop(block=False)
+
+    def _stop_all_peers(self) -> None:
+        for client_id in list(self._peers):
+            self._stop_peer(client_id)
+
+    # ------------------------------------------------------------------ reset
+
+    def _reset(self, reason: str, now: float) -> None:
+        log.info("reset (%s): rotating the WireGuard key and dropping every connection", reason)
+        self.node.reset(now)
+        self._stop_all_peers()
+        self._unbind()
+        self._bind()
+        self.resets += 1
+        if self._portal is not None:
+            self._portal.tell(KeyRotated(self.public_key_b64))
+
+    # ------------------------------------------------------------------ drain
+
+    def _drain(self, now: float) -> None:
+        node = self.node
+        sockets = self._sockets
+        while (tx := node.poll_transmit()) is not None:
+            if sockets is not None:
+                sockets.send(tx.dst, tx.payload)
+        while (event := node.poll_event()) is not None:
+            if isinstance(event, CandidatesAdded):
+                self._send_portal(BroadcastIceCandidates((event.client_id,), event.candidates))
+            elif isinstance(event, CandidatesInvalidated):
+                self._send_portal(
+                    BroadcastInvalidatedIceCandidates((event.client_id,), event.candidates)
+                )
+            elif isinstance(event, PathChanged):
+                peer = self._peers.get(event.client_id)
+                if peer is not None:
+                    peer.ref.tell(SetPath(event.path))
+            elif isinstance(event, ConnectionFailed):
+                self._stop_peer(event.client_id)
+        if self._wake is not None:
+            self._wake.arm(node.poll_timeout())
+
+    # ------------------------------------------------------------------ status
+
+    def _status(self) -> dict[str, Any]:
+        connections = {
+            str(conn.client_id): {
+                "state": conn.state,
+                "path": conn.path.describe() if conn.path is not None else "connecting",
+                "relay": conn.relay_id,
+            }
+            for conn in self.node.connections()
+        }
+        return {
+            "public_key": self.public_key_b64,
+            "portal": {"state": self.portal_state},
+            "resets": self.resets,
+            "ports": self._sockets.ports() if self._sockets is not None else {},
+            "relays": self.node.relays(),
+            "connections": connections,
+            "peers": {str(cid): peer.ref for cid, peer in self._peers.items()},
+            "counters": dict(self.node.counters),
+        }
+
+
+def _ice(creds: PortalIceCredentials) -> IceCredentials:
+    return IceCredentials(creds.username, creds.password)
+
+
+def _turn_servers(entries: Any) -> list[TurnServer]:
+    servers = []
+    for relay in merge_relays(entries):
+        addresses = tuple(a for a in (relay.addr_v4, relay.addr_v6) if a is not None)
+        servers.append(TurnServer(str(relay.id), addresses, relay.username, relay.password))
+    return servers

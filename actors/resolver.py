@@ -1,0 +1,89 @@
+"""DNS resolution for DNS resources, off the actor threads, with the spec's 10 s timeout.
+
+``getaddrinfo`` cannot be cancelled, so a worker pool runs it and a watchdog answers with an
+empty list when the deadline passes first (dataplane.md §7.2: error or timeout = empty).
+At most ``max_in_flight`` resolutions run; excess requests are answered empty at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+log = logging.getLogger(__name__)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+ResolveCallback = Callable[[list[IPAddress]], None]
+
+RESOLVE_TIMEOUT = 10.0
+
+
+def system_resolve(domain: str) -> list[IPAddress]:
+    """IPv6 results followed by IPv4 results, as the reference gateway orders them."""
+    out: list[IPAddress] = []
+    for family in (socket.AF_INET6, socket.AF_INET):
+        try:
+            infos = socket.getaddrinfo(domain, None, family, socket.SOCK_STREAM)
+        except OSError:
+            continue
+        for info in infos:
+            ip = ipaddress.ip_address(info[4][0])
+            if ip not in out:
+                out.append(ip)
+    return out
+
+
+class Resolver:
+    """Runs ``resolve_fn`` on a small pool; every request's callback fires exactly once."""
+
+    def __init__(
+        self,
+        resolve_fn: Callable[[str], list[IPAddress]] = system_resolve,
+        *,
+        timeout: float = RESOLVE_TIMEOUT,
+        workers: int = 8,
+        max_in_flight: int = 1000,
+    ) -> None:
+        self._resolve_fn = resolve_fn
+        self._timeout = timeout
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="Resolver")
+        self._max_in_flight = max_in_flight
+        self._in_flight = 0
+        self._lock = threading.Lock()
+
+    def resolve(self, domain: str, callback: ResolveCallback) -> None:
+        with self._lock:
+            if self._in_flight >= self._max_in_flight:
+                log.warning("too many DNS resolutions in flight; dropping %s", domain)
+                callback([])
+                return
+            self._in_flight += 1
+        done = threading.Event()
+
+        def finish(result: list[IPAddress]) -> None:
+            with self._lock:
+                if done.is_set():
+                    return
+                done.set()
+                self._in_flight -= 1
+            callback(result)
+
+        def work() -> None:
+            try:
+                finish(self._resolve_fn(domain))
+            except Exception as exc:
+                log.info("resolving %s failed: %s", domain, exc)
+                finish([])
+
+        watchdog = threading.Timer(self._timeout, lambda: finish([]))
+        watchdog.daemon = True
+        watchdog.name = "ResolverWatchdog"
+        watchdog.start()
+        self._pool.submit(work).add_done_callback(lambda _f: watchdog.cancel())
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

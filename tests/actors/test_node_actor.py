@@ -1,0 +1,224 @@
+"""NodeActor with mocked collaborators: portal, TUN, timer and PeerActors are recorders."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pykka
+import pytest
+
+from actors.io.udp import UdpSockets
+from actors.messages import Connect, KeyRotated, PortalIngress, SendToPortal
+from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
+from actors.peer import Authorize, NewSession, PeerFailed, RemoveResource, UpdateResource
+from actors.resolver import Resolver
+from actors.tun import ConfigureInterface
+from gateway.portal.messages import (
+    BroadcastIceCandidates,
+    FlowAuthorized,
+    parse_ingress,
+)
+from gateway.stun.message import Attr, MessageClass, encode, new_response, parse
+from tests.support.clock import ManualClock
+
+CLIENT_ID = uuid.UUID("3abd725a-733b-4801-ac16-72f26cd98a24")
+
+
+class Recorder(pykka.ThreadingActor):
+    """A PeerActor stand-in that records every message it is told."""
+
+    def __init__(self, seen: list[object], **_kwargs: object) -> None:
+        super().__init__()
+        self.seen = seen
+
+    def on_receive(self, message: Any) -> None:
+        self.seen.append(message)
+
+
+class FakeRelay:
+    """A UDP socket on 127.0.0.1 that answers STUN Binding so the node learns candidates."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.address = self.sock.getsockname()
+
+    def answer_binding(self) -> None:
+        data, src = self.sock.recvfrom(2048)
+        request = parse(data)
+        reply = new_response(request, MessageClass.SUCCESS)
+        reply.add_xor_address(Attr.XOR_MAPPED_ADDRESS, src)
+        self.sock.sendto(encode(reply), src)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def relay() -> Iterator[FakeRelay]:
+    fake = FakeRelay()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def harness(clock: ManualClock) -> Iterator[dict[str, Any]]:
+    portal, tun, timer = mock.Mock(), mock.Mock(), mock.Mock()
+    peers: dict[uuid.UUID, list[object]] = {}
+
+    def peer_factory(*, client_id: uuid.UUID, **kwargs: object) -> pykka.ActorRef[Any]:
+        peers[client_id] = []
+        return Recorder.start(peers[client_id])
+
+    resolver = Resolver()
+    ref = NodeActor.start(
+        clock=clock, rng=__import__("random").Random(1), timer=timer, tun=tun,
+        tun_writer=mock.Mock(), sockets_factory=lambda: UdpSockets(mark=False, ipv6=False),
+        resolver=resolver, peer_factory=peer_factory,
+    )
+    ref.tell(AttachPortal(portal))
+    yield {"ref": ref, "portal": portal, "tun": tun, "peers": peers}
+    ref.stop()
+    resolver.shutdown()
+
+
+def _ingress(fixtures: Path, name: str, **changes: Any) -> PortalIngress:
+    frame = json.loads((fixtures / name).read_text())
+    frame["payload"].update(changes)
+    return PortalIngress(parse_ingress(frame["event"], frame["payload"]))
+
+
+def _sent(portal: mock.Mock, kind: type) -> list[Any]:
+    return [
+        c.args[0].message for c in portal.tell.call_args_list
+        if isinstance(c.args[0], SendToPortal) and isinstance(c.args[0].message, kind)
+    ]
+
+
+def _status(ref: pykka.ActorRef[Any]) -> dict[str, Any]:
+    return ref.ask(GetNodeStatus(), timeout=5)  # type: ignore[no-any-return]
+
+
+def test_attach_portal_connects_with_the_node_public_key(harness: dict[str, Any]) -> None:
+    status = _status(harness["ref"])
+    harness["portal"].tell.assert_any_call(Connect(status["public_key"]))
+
+
+def test_init_configures_the_tun_and_allocates_on_relays(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    relays = [{"id": "0a133356-7a9e-4b9a-b413-0d95a5720fd8", "type": "turn",
+               "addr": f"{relay.address[0]}:{relay.address[1]}", "username": "1:u",
+               "password": "p", "expires_at": 1}]
+    harness["ref"].tell(_ingress(portal_fixtures, "init.json", relays=relays))
+    _status(harness["ref"])
+    expected = ConfigureInterface("100.115.164.78", "fd00:2021:1111::2c:f6ab")
+    harness["tun"].tell.assert_any_call(expected)
+    relay.answer_binding()  # the allocation starts with a STUN Binding to the relay
+    status = _status(harness["ref"])
+    assert [r["id"] for r in status["relays"]] == ["0a133356-7a9e-4b9a-b413-0d95a5720fd8"]
+
+
+def test_authorize_flow_without_relays_refetches_init_and_does_not_reply(
+    harness: dict[str, Any], portal_fixtures: Path
+) -> None:
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    status = _status(harness["ref"])
+    connects = harness["portal"].tell.call_args_list.count(mock.call(Connect(status["public_key"])))
+    assert connects == 2, "the login plus one reconnect for a fresh init"
+    assert _sent(harness["portal"], FlowAuthorized) == []
+    assert harness["peers"] == {}
+
+
+def _with_relay(harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay) -> None:
+    relays = [{"id": "0a133356-7a9e-4b9a-b413-0d95a5720fd8", "type": "turn",
+               "addr": f"{relay.address[0]}:{relay.address[1]}", "username": "1:u",
+               "password": "p", "expires_at": 1}]
+    harness["ref"].tell(_ingress(portal_fixtures, "init.json", relays=relays))
+    relay.answer_binding()
+    _status(harness["ref"])
+
+
+def test_authorize_flow_starts_a_peer_and_replies(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    _status(harness["ref"])
+    assert [m.ref for m in _sent(harness["portal"], FlowAuthorized)] == [
+        json.loads((portal_fixtures / "authorize_flow.json").read_text())["payload"]["ref"]
+    ]
+    seen = harness["peers"][CLIENT_ID]
+    _wait_for(lambda: len(seen) >= 2)
+    assert isinstance(seen[0], NewSession) and isinstance(seen[1], Authorize)
+    assert seen[1].ipv4 == "100.93.74.51"
+    # The host candidate learned from the relay's answer is signalled to the client.
+    broadcast = _sent(harness["portal"], BroadcastIceCandidates)
+    assert broadcast and broadcast[0].client_ids == (CLIENT_ID,)
+    assert any(" typ host" in c for c in broadcast[0].candidates)
+    # The same flow again (same ICE credentials) reuses the connection: no new session.
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    _status(harness["ref"])
+    _wait_for(lambda: len(seen) >= 3)
+    assert [type(m) for m in seen] == [NewSession, Authorize, Authorize]
+
+
+def test_reject_access_and_resource_updated_reach_the_peer(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    resource_id = "c7793628-8579-465b-83e3-1a5d4af4db3b"
+    harness["ref"].tell(PortalIngress(parse_ingress("reject_access", {
+        "client_id": str(CLIENT_ID), "resource_id": resource_id, "flow_id": str(uuid.uuid4())})))
+    harness["ref"].tell(_ingress(portal_fixtures, "resource_updated.json"))
+    _status(harness["ref"])
+    seen = harness["peers"][CLIENT_ID]
+    _wait_for(lambda: len(seen) >= 4)
+    assert isinstance(seen[2], RemoveResource) and str(seen[2].resource_id) == resource_id
+    assert isinstance(seen[3], UpdateResource)
+
+
+def test_reset_rotates_the_key_stops_peers_and_rebinds(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    before = _status(harness["ref"])
+    peer_ref = before["peers"][str(CLIENT_ID)]
+    harness["ref"].tell(Reset("test"))
+    after = _status(harness["ref"])
+    assert after["public_key"] != before["public_key"]
+    assert after["ports"] != before["ports"]
+    assert after["relays"] == [] and after["connections"] == {} and after["peers"] == {}
+    harness["portal"].tell.assert_any_call(KeyRotated(after["public_key"]))
+    _wait_for(lambda: not peer_ref.is_alive())
+
+
+def test_peer_failure_stops_the_peer_and_forgets_the_connection(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    peer_ref = _status(harness["ref"])["peers"][str(CLIENT_ID)]
+    harness["ref"].tell(PeerFailed(CLIENT_ID, "WireGuard connection expired"))
+    status = _status(harness["ref"])
+    assert status["connections"] == {} and status["peers"] == {}
+    _wait_for(lambda: not peer_ref.is_alive())
+
+
+def _wait_for(condition: Any, timeout: float = 5.0) -> None:
+    done = threading.Event()
+    for _ in range(int(timeout / 0.01)):
+        if condition():
+            return
+        done.wait(0.01)
+    raise AssertionError("condition not met")

@@ -1,0 +1,198 @@
+"""PeerActor with mocked collaborators; the client is a real initiator Tunnel."""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+import uuid
+from collections.abc import Iterator
+from typing import Any
+from unittest import mock
+
+import pytest
+
+from actors.backpressure import InFlight
+from actors.io.udp import FromNetwork
+from actors.peer import (
+    Authorize,
+    GetPeerStatus,
+    NewSession,
+    PeerActor,
+    PeerFailed,
+    RemoveResource,
+    SetPath,
+)
+from actors.resolver import Resolver
+from actors.timer import Wake
+from actors.tun import FromTun, RegisterClient, UnregisterClient
+from gateway.node import DirectPath, RelayedPath
+from gateway.packet.ip import build_udp
+from gateway.resources import CidrResource, PortRangeFilter
+from gateway.turn.channel_data import decode_channel_data
+from gateway.wg.keys import StaticKeyPair
+from gateway.wg.ratelimit import HandshakeRateLimiter
+from gateway.wg.tunnel import Tunnel, WriteToNetwork, WriteToTunnel
+from tests.support.clock import ManualClock
+
+CLIENT_ID = uuid.UUID("3abd725a-733b-4801-ac16-72f26cd98a24")
+CLIENT_V4, CLIENT_V6 = "100.64.0.7", "fd00:2021:1111::7"
+CLIENT_ADDR = ("10.203.0.2", 50000)
+RESOURCE = CidrResource(
+    uuid.UUID("c7793628-8579-465b-83e3-1a5d4af4db3b"),
+    ipaddress.ip_network("10.204.0.0/24"),
+    "lan",
+    (PortRangeFilter("udp", 5000, 5000),),
+)
+PSK = bytes(range(32))
+
+
+@pytest.fixture
+def world(clock: ManualClock) -> Iterator[dict[str, Any]]:
+    rng = random.Random(3)
+    gateway = StaticKeyPair.generate(rng)
+    client = StaticKeyPair.generate(rng)
+    sockets, tun, node, writer = mock.Mock(), mock.Mock(), mock.Mock(), mock.Mock()
+    resolver = Resolver()
+    inflight = InFlight(8)
+    ref = PeerActor.start(
+        client_id=CLIENT_ID, node=node, tun=tun, tun_writer=writer, sockets=sockets,
+        clock=clock, rng=rng, timer=mock.Mock(), resolver=resolver, net_inflight=inflight,
+    )
+    ref.tell(NewSession(0x1234500, client.public, PSK, gateway,
+                        HandshakeRateLimiter(gateway.public, rng)))
+    client_tunnel = Tunnel(
+        static=client, peer_public=gateway.public, preshared_key=PSK, local_index=0x777700,
+        rate_limiter=HandshakeRateLimiter(client.public, rng), rng=rng, now=clock.monotonic(),
+    )
+    yield {"ref": ref, "sockets": sockets, "tun": tun, "node": node, "writer": writer,
+           "client": client_tunnel, "clock": clock, "inflight": inflight}
+    ref.stop()
+    resolver.shutdown()
+
+
+def _tell_datagrams(world: dict[str, Any], datagrams: list[bytes]) -> None:
+    assert world["inflight"].try_acquire()
+    world["ref"].tell(FromNetwork([(d, CLIENT_ADDR) for d in datagrams]))
+
+
+def _sync(world: dict[str, Any]) -> dict[str, Any]:
+    return world["ref"].ask(GetPeerStatus(), timeout=5)  # type: ignore[no-any-return]
+
+
+def _sent_datagrams(sockets: mock.Mock) -> list[tuple[tuple[str, int], bytes]]:
+    return [(c.args[0], c.args[1]) for c in sockets.send.call_args_list]
+
+
+def _handshake(world: dict[str, Any]) -> None:
+    clock, client = world["clock"], world["client"]
+    packet = build_udp(CLIENT_V4, "10.204.0.2", 4000, 5000, b"first")
+    initiation = client.encapsulate(packet, clock.monotonic(), clock.unix())
+    assert isinstance(initiation, WriteToNetwork)
+    _tell_datagrams(world, [initiation.datagram])
+    _sync(world)
+    assert world["sockets"].send.call_count == 0, "no path yet: the response must be buffered"
+    world["ref"].tell(SetPath(DirectPath(("10.203.0.3", 40000), CLIENT_ADDR)))
+    _sync(world)
+    ((dst, response),) = _sent_datagrams(world["sockets"])
+    assert dst == CLIENT_ADDR
+    result = client.decapsulate(response, ("10.203.0.3", 40000), clock.monotonic(), clock.unix())
+    assert isinstance(result, WriteToNetwork)  # the queued first packet
+    world["first_transport"] = result.datagram
+
+
+def test_authorize_registers_the_client_with_the_tun(world: dict[str, Any]) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    status = _sync(world)
+    (register,) = [c.args[0] for c in world["tun"].tell.call_args_list]
+    assert isinstance(register, RegisterClient)
+    assert (register.ipv4, register.ipv6) == (CLIENT_V4, CLIENT_V6)
+    assert [r["id"] for r in status["resources"]] == [str(RESOURCE.id)]
+
+
+def test_handshake_then_allowed_packets_reach_the_tun_and_others_are_dropped(
+    world: dict[str, Any],
+) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    _handshake(world)
+    clock, client = world["clock"], world["client"]
+    spoofed = build_udp("100.64.0.99", "10.204.0.2", 4000, 5000, b"spoof")
+    wrong_port = build_udp(CLIENT_V4, "10.204.0.2", 4000, 5001, b"port")
+    allowed = build_udp(CLIENT_V4, "10.204.0.2", 4000, 5000, b"ok")
+    datagrams = [world["first_transport"]]
+    for packet in (spoofed, wrong_port, allowed):
+        out = client.encapsulate(packet, clock.monotonic(), clock.unix())
+        assert isinstance(out, WriteToNetwork)
+        datagrams.append(out.datagram)
+    _tell_datagrams(world, datagrams)
+    status = _sync(world)
+    written = [p for c in world["writer"].write_batch.call_args_list for p in c.args[0]]
+    assert written == [build_udp(CLIENT_V4, "10.204.0.2", 4000, 5000, b"first"), allowed]
+    assert world["writer"].write_batch.call_count == 1, "one TUN write per network batch"
+    assert status["drops"].get("spoofed_source", 0) >= 1
+    assert world["inflight"].in_flight == 0, "every batch releases its slot"
+
+
+def test_tun_packets_are_encrypted_to_the_nominated_path(world: dict[str, Any]) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    _handshake(world)
+    clock, client = world["clock"], world["client"]
+    # The responder's session becomes usable after the initiator's first transport message.
+    _tell_datagrams(world, [world["first_transport"]])
+    _sync(world)
+    reply = build_udp("10.204.0.2", CLIENT_V4, 5000, 4000, b"reply")
+    world["ref"].tell(SetPath(RelayedPath("relay-1", ("10.203.0.4", 3478), 0x4001, CLIENT_ADDR)))
+    status_before = _sync(world)
+    assert status_before["path"] == "relay:relay-1"
+    world["sockets"].send.reset_mock()
+    peer = world["ref"].proxy().tun_inflight.get(timeout=5)
+    assert peer.try_acquire()
+    world["ref"].tell(FromTun([reply]))
+    _sync(world)
+    ((dst, wrapped),) = _sent_datagrams(world["sockets"])
+    assert dst == ("10.203.0.4", 3478)
+    decoded = decode_channel_data(wrapped)
+    assert decoded is not None and decoded[0] == 0x4001
+    result = client.decapsulate(decoded[1], dst, clock.monotonic(), clock.unix())
+    assert isinstance(result, WriteToTunnel) and result.packet == reply
+
+
+def test_removing_the_last_resource_unregisters_the_client(world: dict[str, Any]) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    world["ref"].tell(RemoveResource(RESOURCE.id))
+    status = _sync(world)
+    told = [c.args[0] for c in world["tun"].tell.call_args_list]
+    assert isinstance(told[-1], UnregisterClient) and told[-1].client_id == CLIENT_ID
+    assert status["resources"] == []
+
+
+def test_expiry_takes_effect_on_the_next_tick(world: dict[str, Any]) -> None:
+    clock = world["clock"]
+    world["ref"].tell(Authorize(RESOURCE, clock.unix() + 5, CLIENT_V4, CLIENT_V6))
+    _sync(world)
+    clock.tick(6)
+    world["ref"].tell(Wake())
+    status = _sync(world)
+    assert status["resources"] == []
+    assert isinstance(world["tun"].tell.call_args_list[-1].args[0], UnregisterClient)
+
+
+def test_session_expiry_reports_the_peer_failed(world: dict[str, Any]) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    _handshake(world)
+    _tell_datagrams(world, [world["first_transport"]])
+    _sync(world)
+    world["clock"].tick(541)
+    world["ref"].tell(Wake())
+    _sync(world)
+    failures = [c.args[0] for c in world["node"].tell.call_args_list]
+    assert failures and isinstance(failures[0], PeerFailed)
+    assert failures[0].client_id == CLIENT_ID
+
+
+def test_a_crash_in_a_batch_does_not_leak_inflight(world: dict[str, Any]) -> None:
+    """Garbage datagrams are dropped and counted; the slot is released."""
+    _tell_datagrams(world, [b"\x04\x00\x00\x00" + bytes(40), b"\x01"])
+    status = _sync(world)
+    assert world["inflight"].in_flight == 0
+    assert world["ref"].is_alive()
+    assert sum(status["drops"].values()) >= 1
