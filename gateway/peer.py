@@ -168,6 +168,8 @@ class ClientOnGateway:
         self._icmp_prohibited = icmp_prohibited
         self._resources: dict[uuid.UUID, _Authorization] = {}
         self._translations: dict[bytes, _Translation] = {}
+        #: the translations whose resource is still authorized (rebuilt with the filters)
+        self._active_translations: dict[bytes, _Translation] = {}
         self._filters: PrefixTable[FilterEngine] = PrefixTable()
         self._has_internet = False
         self._nat = NatTable()
@@ -361,8 +363,8 @@ class ClientOnGateway:
                 if not engine.allows(kind, port):
                     return self._deny(packet)
 
-        if self._translations:
-            translation = self._translations.get(dst)
+        if self._active_translations:
+            translation = self._active_translations.get(dst)
             if translation is not None:
                 return self._translate_forward(packet, dst, translation, protocol, l4, now)
         return packet
@@ -403,7 +405,12 @@ class ClientOnGateway:
         if not self._nat:
             return packet
         protocol = packet[9] if version == 4 else packet[6]
-        key = self._nat_key(packet, version, protocol, l4, end, reply=True)
+        if protocol == PROTO_TCP:
+            key = (PROTO_TCP, 2) if end - l4 >= 20 else None
+        elif protocol == PROTO_UDP:
+            key = (PROTO_UDP, 2) if end - l4 >= 8 else None
+        else:
+            key = self._nat_key(packet, version, protocol, l4, end, reply=True)
         if key is None:
             return packet
         kind, port_offset = key
@@ -516,13 +523,16 @@ class ClientOnGateway:
         self, packet: bytes, dst: bytes, translation: _Translation, protocol: int, l4: int,
         now: float,
     ) -> bytes | Drop:
-        if translation.resource_id not in self._resources:
-            self.counters["not_allowed"] += 1
-            return DROP_NOT_ALLOWED
-        version = packet[0] >> 4
-        key = None if l4 < 0 else self._nat_key(
-            packet, version, protocol, l4, len(packet), reply=False
-        )
+        # Inlined _nat_key(reply=False): this runs for every packet to a proxy IP.
+        end = len(packet)
+        if l4 < 0:
+            key = None
+        elif protocol == PROTO_TCP:
+            key = (PROTO_TCP, 0) if end - l4 >= 20 else None
+        elif protocol == PROTO_UDP:
+            key = (PROTO_UDP, 0) if end - l4 >= 8 else None
+        else:
+            key = self._nat_key(packet, packet[0] >> 4, protocol, l4, end, reply=False)
         if key is None:
             self.counters["unknown_protocol"] += 1
             return DROP_UNKNOWN_PROTOCOL
@@ -533,10 +543,11 @@ class ClientOnGateway:
         if new_port is None:
             self.counters["nat_exhausted"] += 1
             return DROP_NAT_EXHAUSTED
-        if translation.grace_started is None and translation.no_incoming_for_window(
-            now + NO_INCOMING_LOOKAHEAD
-        ):
-            translation.grace_started = now
+        if translation.grace_started is None:
+            last = translation.last_incoming
+            since = translation.created_at if last is None else last
+            if now + NO_INCOMING_LOOKAHEAD - since >= NO_INCOMING_WINDOW:
+                translation.grace_started = now
         if self._next_tick is None:
             self._next_tick = now + EXPIRE_RESOURCES_INTERVAL
         if len(real) == len(dst):
@@ -591,9 +602,11 @@ class ClientOnGateway:
             resolved = [ip for ips in auth.resolved.values() for ip in ips]
             authorized.append((resource, resource_networks(resource, resolved)))
         proxies: list[tuple[bytes, tuple[Filter, ...]]] = []
+        self._active_translations = {}
         for proxy, tr in self._translations.items():
             owner = self._resources.get(tr.resource_id)
             if owner is not None:
                 proxies.append((proxy, owner.resource.filters))
+                self._active_translations[proxy] = tr
         self._filters = build_filter_table(authorized, proxies)
         self._has_internet = has_internet

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Callable
 from typing import TypeAlias
 
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -48,6 +49,10 @@ _V4_PEERS_KEY = int(PEERS_V4.network_address) >> 21
 _V6_PEERS_KEY = int(PEERS_V6.network_address) >> 21
 _V4_RESOURCES_KEY = int(RESOURCES_V4.network_address) >> 21
 _V6_RESOURCES_KEY = int(RESOURCES_V6.network_address) >> 21
+
+
+_U16 = struct.Struct("!H")
+_U32 = struct.Struct("!I")
 
 
 # --- views -------------------------------------------------------------------------------
@@ -211,42 +216,50 @@ def rewrite(
     Works on a valid TCP/UDP/ICMP packet of either family whose transport header starts at
     ``l4`` and is at least ``MIN_TRANSPORT_LEN`` long. ``port_offset`` is relative to
     ``l4`` (0: source port, 2: destination port, 4: ICMP echo identifier). Incremental
-    updates keep a wrong checksum wrong instead of silently "fixing" it, and also work
-    for the first fragment of a fragmented datagram.
+    updates (RFC 1624) cost the same for any packet size, keep a wrong checksum wrong
+    instead of silently "fixing" it, and also work for the first fragment of a datagram.
+    This runs per NAT'd packet, so the checksum folding is inlined:
+    ``0xFFFF - ((sum - 1) % 0xFFFF + 1)`` is ``fold(sum)``.
     """
     buf = bytearray(packet)
+    unpack_address: Callable[[bytes, int], tuple[int, ...]]
     if packet[0] >> 4 == 4:
-        src_at, dst_at, width = 12, 16, 4
+        src_at, dst_at, width, unpack_address = 12, 16, 4, _U32.unpack_from
     else:
-        src_at, dst_at, width = 8, 24, 16
-    removed = added = 0
+        src_at, dst_at, width, unpack_address = 8, 24, 16, _u128
+    delta = 0
     if src is not None:
-        removed += int.from_bytes(packet[src_at : src_at + width], "big")
-        added += int.from_bytes(src, "big")
+        delta = int.from_bytes(src, "big") - unpack_address(packet, src_at)[0]
         buf[src_at : src_at + width] = src
     if dst is not None:
-        removed += int.from_bytes(packet[dst_at : dst_at + width], "big")
-        added += int.from_bytes(dst, "big")
+        delta += int.from_bytes(dst, "big") - unpack_address(packet, dst_at)[0]
         buf[dst_at : dst_at + width] = dst
-    if width == 4 and (src is not None or dst is not None):
-        header_checksum = (packet[10] << 8) | packet[11]
-        buf[10:12] = adjust_checksum(header_checksum, removed, added).to_bytes(2, "big")
+    if width == 4 and delta:
+        checksum = _U16.unpack_from(packet, 10)[0]
+        _U16.pack_into(buf, 10, 0xFFFF - ((0xFFFF - checksum + delta - 1) % 0xFFFF + 1))
     if protocol == PROTO_ICMP:
-        removed = added = 0  # ICMPv4 has no pseudo header
+        delta = 0  # ICMPv4 has no pseudo header
     if port_offset >= 0:
         at = l4 + port_offset
-        removed += (packet[at] << 8) | packet[at + 1]
-        added += port
-        buf[at : at + 2] = port.to_bytes(2, "big")
-    at = l4 + CHECKSUM_OFFSET[protocol]
-    checksum = (packet[at] << 8) | packet[at + 1]
+        old_port = _U16.unpack_from(packet, at)[0]
+        if old_port != port:
+            delta += port - old_port
+            _U16.pack_into(buf, at, port)
+    if not delta:
+        return bytes(buf)
+    at = l4 + (16 if protocol == PROTO_TCP else 6 if protocol == PROTO_UDP else 2)
+    checksum = _U16.unpack_from(packet, at)[0]
     if protocol == PROTO_UDP and checksum == 0 and width == 4:
         return bytes(buf)  # IPv4 UDP without checksum stays without
-    checksum = adjust_checksum(checksum, removed, added)
+    checksum = 0xFFFF - ((0xFFFF - checksum + delta - 1) % 0xFFFF + 1)
     if checksum == 0 and protocol == PROTO_UDP:
         checksum = 0xFFFF
-    buf[at : at + 2] = checksum.to_bytes(2, "big")
+    _U16.pack_into(buf, at, checksum)
     return bytes(buf)
+
+
+def _u128(packet: bytes, offset: int) -> tuple[int]:
+    return (int.from_bytes(packet[offset : offset + 16], "big"),)
 
 
 # --- builders ----------------------------------------------------------------------------
