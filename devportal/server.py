@@ -36,6 +36,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.sync.server import Server, ServerConnection, serve
 
+from actors.io.websocket import install_log_redaction
 from devportal.config import ClientConfig, DevPortalConfig
 from gateway.portal.derive import (
     coturn_rest_credentials,
@@ -47,6 +48,7 @@ from gateway.resources import Resource, resource_to_json
 from gateway.types import format_address
 
 log = logging.getLogger(__name__)
+install_log_redaction("websockets.server")  # it logs request paths, i.e. tokens, at DEBUG
 
 #: Namespace for stable ids: a gateway's id is uuid5(NAMESPACE, external_id).
 NAMESPACE = uuid.UUID("5b0f2b1e-8f6a-4c55-9a8e-2f1d0c3b7a64")

@@ -53,9 +53,9 @@ class _RedactTokens(logging.Filter):
         return True
 
 
-def install_log_redaction() -> None:
-    """Make sure websocket-client's logger cannot leak the token (idempotent)."""
-    logger = logging.getLogger("websocket")
+def install_log_redaction(logger_name: str = "websocket") -> None:
+    """Make sure a library logger (websocket-client's by default) cannot leak the token."""
+    logger = logging.getLogger(logger_name)
     if not any(isinstance(f, _RedactTokens) for f in logger.filters):
         logger.addFilter(_RedactTokens())
 
@@ -143,6 +143,7 @@ class WebSocketClientConn:
                 timeout=self._connect_timeout,
                 sslopt=self._sslopt,
                 enable_multithread=True,
+                suppress_origin=True,  # the gateway sends no Origin (§2)
             )
         except websocket.WebSocketBadStatusException as exc:
             body = exc.resp_body.decode("utf-8", "replace") if exc.resp_body else ""

@@ -226,3 +226,29 @@ def test_timer_wakes_the_actor_for_real(rig: Rig) -> None:
     rig.clock.tick(2)
     rig.portal.tell(SendToPortal(FlowAuthorized("poke")))  # re-arms with a due deadline
     assert rig.factory.wait_for_sockets(2, timeout=3)  # no Wake told by the test
+
+
+def test_wire_log_redaction() -> None:
+    from actors.io.websocket import redact, redact_frame
+
+    frame = (
+        '{"topic":"gateway","event":"authorize_flow","payload":{"client":{"preshared_key":'
+        '"BzPiNE9qszKczZcZzGsyieLYeJ2EQfkfdibls/l3beM=","public_key":"pk"},'
+        '"client_ice_credentials":{"username":"u","password":"se\\"cret"}},"ref":null}'
+    )
+    cleaned = redact_frame(frame)
+    assert "BzPiNE9q" not in cleaned and 'se\\"cret' not in cleaned
+    assert '"public_key":"pk"' in cleaned and '"username":"u"' in cleaned
+    assert redact("GET /gateway/websocket?token=abc.def&name=x") == (
+        "GET /gateway/websocket?token=<redacted>&name=x"
+    )
+
+
+def test_websocket_library_logger_cannot_leak_the_token(caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    import actors.io.websocket  # noqa: F401  (installs the filter)
+
+    caplog.set_level("DEBUG", logger="websocket")
+    logging.getLogger("websocket").debug("connect %s", "wss://h/gateway/websocket?token=SECRET&x=1")
+    assert "SECRET" not in caplog.text and "token=<redacted>" in caplog.text
