@@ -230,5 +230,11 @@ def test_flow_between_dev_client_and_gateway(rig: Rig) -> None:
         assert rig.portal.reject_access("alice", uuid.UUID(RESOURCE)) == 1
         rejected = next_of(rig.inbox, PortalIngress, timeout=5).message
         assert rejected.client_id == client_id
+        assert rig.portal.reject_access("alice", uuid.UUID(RESOURCE)) == 0  # already revoked
+        relays = {"disconnected_ids": [RELAY], "connected": []}
+        assert rig.portal.push_to_gateway("relays_presence", relays) == 1
+        presence = next_of(rig.inbox, PortalIngress, timeout=5).message
+        assert presence.disconnected_ids == (uuid.UUID(RELAY),)
+        assert rig.portal.wait_for_event("in", "flow_authorized") is not None
     finally:
         client.close()
