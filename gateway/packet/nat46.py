@@ -24,8 +24,10 @@ from gateway.packet.ip import (
     PROTO_ICMPV6,
     PROTO_TCP,
     PROTO_UDP,
+    adjust_checksum,
     ipv4_header,
     ipv6_header,
+    pseudo_header_sum,
     transport_checksum,
 )
 
@@ -35,18 +37,41 @@ _V6_TO_V4_ICMP = {ICMPV6_ECHO_REQUEST: ICMP_ECHO_REQUEST, ICMPV6_ECHO_REPLY: ICM
 
 def _translate_segment(
     segment: bytes, protocol: int, icmp_types: dict[int, int], new_protocol: int,
-    src: bytes, dst: bytes,
+    old_src: bytes, old_dst: bytes, src: bytes, dst: bytes,
 ) -> bytes | None:
+    """The transport segment for the other family, its checksum updated incrementally.
+
+    Only the pseudo header (addresses; for ICMP its presence) and the ICMP type change,
+    so RFC 1624 arithmetic on those words replaces a pass over the whole payload.
+    """
     if len(segment) < MIN_TRANSPORT_LEN[protocol]:
         return None
+    at = CHECKSUM_OFFSET[protocol]
+    checksum = (segment[at] << 8) | segment[at + 1]
+    head = segment[:at]
     if protocol in (PROTO_ICMP, PROTO_ICMPV6):
         icmp_type = icmp_types.get(segment[0])
         if icmp_type is None or segment[1] != 0:
             return None
-        segment = bytes((icmp_type,)) + segment[1:]
-    checksum = transport_checksum(src, dst, new_protocol, segment)
-    at = CHECKSUM_OFFSET[new_protocol]
-    return segment[:at] + checksum.to_bytes(2, "big") + segment[at + 2 :]
+        delta = (icmp_type - segment[0]) << 8
+        if protocol == PROTO_ICMP:
+            delta += pseudo_header_sum(src, dst, PROTO_ICMPV6, len(segment))
+        else:
+            delta -= pseudo_header_sum(old_src, old_dst, PROTO_ICMPV6, len(segment))
+        head = bytes((icmp_type,)) + segment[1:at]
+    elif protocol == PROTO_UDP and checksum == 0:
+        # IPv4 UDP without checksum: IPv6 requires one, so compute it in full.
+        checksum = transport_checksum(src, dst, new_protocol, segment)
+        return head + checksum.to_bytes(2, "big") + segment[at + 2 :]
+    else:
+        delta = (
+            int.from_bytes(src, "big") + int.from_bytes(dst, "big")
+            - int.from_bytes(old_src, "big") - int.from_bytes(old_dst, "big")
+        )
+    checksum = adjust_checksum(checksum, 0, delta)
+    if checksum == 0 and new_protocol == PROTO_UDP:
+        checksum = 0xFFFF
+    return head + checksum.to_bytes(2, "big") + segment[at + 2 :]
 
 
 def ipv4_to_ipv6(packet: bytes, src: bytes, dst: bytes) -> bytes | None:
@@ -63,7 +88,8 @@ def ipv4_to_ipv6(packet: bytes, src: bytes, dst: bytes) -> bytes | None:
     ihl = (packet[0] & 0x0F) * 4
     total = (packet[2] << 8) | packet[3]
     segment = _translate_segment(
-        packet[ihl:total], protocol, _V4_TO_V6_ICMP, new_protocol, src, dst
+        packet[ihl:total], protocol, _V4_TO_V6_ICMP, new_protocol, packet[12:16],
+        packet[16:20], src, dst,
     )
     if segment is None:
         return None
@@ -91,7 +117,8 @@ def ipv6_to_ipv4(packet: bytes, src: bytes, dst: bytes) -> bytes | None:
     if payload_length + 20 > 0xFFFF:
         return None
     segment = _translate_segment(
-        packet[40 : 40 + payload_length], next_header, _V6_TO_V4_ICMP, new_protocol, src, dst
+        packet[40 : 40 + payload_length], next_header, _V6_TO_V4_ICMP, new_protocol,
+        packet[8:24], packet[24:40], src, dst,
     )
     if segment is None:
         return None

@@ -5,6 +5,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.packet import ip
 from gateway.packet.nat46 import ipv4_to_ipv6, ipv6_to_ipv4
@@ -108,3 +110,37 @@ def test_untranslatable_packets() -> None:
     assert ipv6_to_ipv4(bytes(high), A4, B4) is None
     # truncated transport
     assert ipv4_to_ipv6(ip.build_ip(A4, B4, 6, b"\x00" * 10), A6, B6) is None
+
+
+def test_ipv4_udp_without_checksum_gets_one_in_ipv6() -> None:
+    packet = bytearray(ip.build_udp(A4, B4, 1, 2, b"abc"))
+    packet[26:28] = b"\x00\x00"
+    out = ipv4_to_ipv6(bytes(packet), A6, B6)
+    assert out is not None
+    assert out[46:48] != b"\x00\x00"
+    assert_checksums_valid(out)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    kind=st.sampled_from(["tcp", "udp", "icmp"]),
+    payload=st.binary(max_size=80),
+    port=st.integers(0, 65535),
+    addresses=st.binary(min_size=40, max_size=40),
+)
+def test_translated_checksums_always_verify(
+    kind: str, payload: bytes, port: int, addresses: bytes
+) -> None:
+    src4, dst4, src6, dst6 = addresses[:4], addresses[4:8], addresses[8:24], addresses[24:40]
+    if kind == "tcp":
+        original = ip.build_tcp(src4, dst4, port, 80, payload=payload)
+    elif kind == "udp":
+        original = ip.build_udp(src4, dst4, port, 80, payload)
+    else:
+        original = ip.build_icmp_echo(src4, dst4, port, 1, payload)
+    v6 = ipv4_to_ipv6(original, src6, dst6)
+    assert v6 is not None
+    assert_checksums_valid(v6)
+    v4 = ipv6_to_ipv4(v6, dst4, src4)
+    assert v4 is not None
+    assert_checksums_valid(v4)
