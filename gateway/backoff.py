@@ -2,9 +2,10 @@
 
 Mirrors the defaults of the Rust ``backoff`` crate that the 1.4 gateway uses: the
 *interval* starts at 0.5 s and grows by 1.5 per attempt up to 60 s; each *delay* is drawn
-uniformly from ``interval ± 50 %``. The cap applies to the interval (as in the crate), so
-once capped a delay lies in [30 s, 90 s]. There is no maximum elapsed time: the gateway
-retries forever. Randomness is injected so tests are deterministic.
+uniformly from ``interval ± 50 %``. The crate caps only the interval, which lets a jittered
+delay reach 90 s; we also cap the delay itself at 60 s, so "capped at 60 s" holds for every
+wait (once capped a delay lies in [30 s, 60 s]). There is no maximum elapsed time: the
+gateway retries forever. Randomness is injected so tests are deterministic.
 """
 
 from __future__ import annotations
@@ -49,4 +50,4 @@ class ExponentialBackoff:
         delta = self.randomization_factor * self._current
         delay = self._current - delta + rng.random() * 2 * delta
         self._current = min(self._current * self.multiplier, self.max_interval)
-        return delay
+        return min(delay, self.max_interval)
