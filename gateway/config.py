@@ -46,6 +46,7 @@ from urllib.parse import urlsplit
 MAX_UNIX_SOCKET_PATH = 107
 #: Linux interface names: IFNAMSIZ - 1.
 MAX_IFNAME = 15
+DEFAULT_CONTROL_SOCKET = "/run/firezone-gateway/control.sock"
 LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
 
 
@@ -69,7 +70,7 @@ class GatewayConfig:
     log_filter: str = "info"
     log_format: str = "human"
     health_check_addr: tuple[str, int] = ("0.0.0.0", 8080)
-    control_socket: str = "/run/firezone-gateway/control.sock"
+    control_socket: str = DEFAULT_CONTROL_SOCKET
     state_dir: str = "/var/lib/firezone"
     tun_name: str = "tun-firezone"
     icmp_prohibited: bool = False
