@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import stat
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pykka
 import pytest
 
 from actors.backpressure import InFlight
-from actors.io.tun_linux import TUN_NAME, LinuxTun, open_tun
+from actors.io.tun_linux import READ_SIZE, TUN_NAME, LinuxTun, ensure_device_node, open_tun
 from actors.netconfig import configure_interface
 from actors.tun import (
     ConfigureInterface,
@@ -92,6 +95,9 @@ EXPECTED_STATE = {
 def test_netconfig_sets_up_addresses_mtu_rule_and_routes_idempotently(ns: str) -> None:
     device: LinuxTun = netns.in_netns(ns, open_tun)
     try:
+        assert not os.get_blocking(device.fileno())
+        assert not os.get_inheritable(device.fileno())  # O_CLOEXEC
+        assert device.read(READ_SIZE) is None  # EAGAIN, not a block
         configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
         assert interface_state(ns) == EXPECTED_STATE
 
@@ -109,6 +115,19 @@ def test_netconfig_without_the_device_only_warns(ns: str, caplog: pytest.LogCapt
     configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
     assert "no such interface" in caplog.text
     assert [r for r in ip_json(ns, "rule") if r.get("table") == TABLE] == []
+
+
+def test_a_missing_device_node_is_created(tmp_path: Path) -> None:
+    require_netns()  # root, for mknod
+    path = tmp_path / "dev" / "net" / "tun"
+
+    ensure_device_node(str(path))
+    ensure_device_node(str(path))  # present now: nothing to do
+
+    info = path.stat()
+    assert stat.S_ISCHR(info.st_mode)
+    assert (os.major(info.st_rdev), os.minor(info.st_rdev)) == (10, 200)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o751
 
 
 class Collected:
@@ -166,6 +185,12 @@ def tun(ns: str) -> Iterator[pykka.ActorRef[Any]]:
     assert [link["ifname"] for link in ip_json(ns, "link")] == ["lo"]
 
 
+def stats(tun: pykka.ActorRef[Any]) -> dict[str, Any]:
+    result = tun.ask(GetTunStats(), timeout=TIMEOUT)
+    assert isinstance(result, dict)
+    return result
+
+
 def udp_socket(ns: str, family: int, bind: tuple[str, int]) -> socket.socket:
     def make() -> socket.socket:
         sock = socket.socket(family, socket.SOCK_DGRAM)
@@ -201,14 +226,14 @@ def test_datagrams_to_a_client_come_out_of_the_tun_to_its_peer(
         socket.inet_pton(socket.AF_INET6, CLIENT_V6),
     )
     assert inflight.in_flight == 0
-    stats = tun.ask(GetTunStats(), timeout=TIMEOUT)
-    assert stats["rx_packets"] >= 2
+    assert stats(tun)["rx_packets"] >= 2
 
 
 def test_packets_written_through_the_tun_writer_reach_namespace_sockets(
     ns: str, tun: pykka.ActorRef[Any]
 ) -> None:
-    writer: TunWriter = tun.ask(GetTunWriter(), timeout=TIMEOUT)
+    writer = tun.ask(GetTunWriter(), timeout=TIMEOUT)
+    assert isinstance(writer, TunWriter)
     with (
         udp_socket(ns, socket.AF_INET, (GATEWAY_V4, 0)) as sock4,
         udp_socket(ns, socket.AF_INET6, (GATEWAY_V6, 0)) as sock6,
@@ -224,4 +249,4 @@ def test_packets_written_through_the_tun_writer_reach_namespace_sockets(
         assert sock4.recvfrom(2048) == (b"from the client v4", (CLIENT_V4, 41000))
         data, source = sock6.recvfrom(2048)
         assert (data, source[:2]) == (b"from the client v6", (CLIENT_V6, 41001))
-    assert tun.ask(GetTunStats(), timeout=TIMEOUT)["tx_packets"] == 2
+    assert stats(tun)["tx_packets"] == 2

@@ -65,6 +65,7 @@ class FakeTun:
                 self.closed = True
                 self._signal_rx.close()
                 self._signal_tx.close()
+            self._lock.notify_all()
 
     # test side
 
@@ -95,6 +96,11 @@ class FakeTun:
         """Injected packets not read yet."""
         with self._lock:
             return len(self._inbound)
+
+    def wait_closed(self, timeout: float = 2.0) -> bool:
+        """Wait until the owner closed the device."""
+        with self._lock:
+            return self._lock.wait_for(lambda: self.closed, timeout)
 
     def wait_written(self, count: int, timeout: float = 2.0) -> list[bytes]:
         """Wait until at least ``count`` packets were written; returns all of them."""
