@@ -248,3 +248,22 @@ def consume_response(
     _open(key, message[44:60], h, "decrypt_failed")
     initiator_send, responder_send = _kdf2(chain, b"")
     return peer_index, TransportKeys(send=initiator_send, receive=responder_send)
+
+
+def initiator_public_key(static: StaticKeyPair, message: bytes) -> bytes | None:
+    """The static public key inside an initiation addressed to ``static``, or None.
+
+    Lets a node pick the tunnel for an initiation by key when the source address does
+    not identify it. Costs one DH; verify mac1 first so garbage never gets this far.
+    """
+    if len(message) != INITIATION_LEN:
+        return None
+    ephemeral_public = message[8:40]
+    initial = _hash(_hash(_INITIAL_HASH + static.public) + ephemeral_public)
+    try:
+        _, key = _kdf2(
+            _kdf1(_INITIAL_CHAIN, ephemeral_public), _dh(static.private, ephemeral_public)
+        )
+        return _open(key, message[40:88], initial, "not_for_us")
+    except HandshakeRejected:
+        return None

@@ -146,7 +146,6 @@ TunnelEvent: TypeAlias = HandshakeCompleted | ConnectionExpired
 
 _HEADER = struct.Struct("<IIQ")  # (type | reserved << 8), receiver index, counter
 _NONCE = struct.Struct("<4xQ")
-_ZERO4 = bytes(4)
 _PADDING = tuple(bytes(n) for n in range(16))
 _INDEX_HIGH = 0xFFFFFF00
 
@@ -327,7 +326,7 @@ class Tunnel:
                 if now >= session.reject_at:
                     return self._drop("expired_session")
                 try:
-                    plaintext = session.open(_ZERO4 + datagram[8:16], datagram[16:], None)
+                    plaintext = session.open(_NONCE.pack(counter), datagram[16:], None)
                 except InvalidTag:
                     return self._drop("decrypt_failed")
                 if not session.replay.accept(counter):

@@ -17,6 +17,7 @@ from gateway.wg.noise import (
     consume_response,
     create_initiation,
     create_response,
+    initiator_public_key,
     tai64n,
 )
 
@@ -102,3 +103,13 @@ def test_tai64n_is_ordered_and_whitened() -> None:
     assert tai64n(t) < tai64n(t + 0.02) < tai64n(t + 1)
     assert tai64n(t + 0.001) == tai64n(t)  # below the ~16.8 ms granularity
     assert int.from_bytes(tai64n(0)[:8], "big") == (1 << 62) + 10
+
+
+def test_initiator_public_key_peeks_at_the_sender() -> None:
+    i, r, rng = _keys()
+    body, _ = create_initiation(HandshakeContext(i, r.public, None), 1, rng.randbytes(32), 1e9)
+    assert initiator_public_key(r, body + MACS) == i.public
+    assert initiator_public_key(i, body + MACS) is None  # not addressed to i
+    assert initiator_public_key(r, (body + MACS)[:100]) is None
+    forged = body[:8] + bytes(32) + body[40:]
+    assert initiator_public_key(r, forged + MACS) is None
