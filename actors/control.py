@@ -199,6 +199,8 @@ def control_request(path: str, command: str, timeout: float = 5.0) -> dict[str, 
         sock.sendall(json.dumps({"command": command}).encode() + b"\n")
         with sock.makefile("rb") as stream:
             line = stream.readline(16 * 1024 * 1024)
+    except ControlError:
+        raise
     except TimeoutError:
         raise ControlError(f"the gateway did not answer on {path} within {timeout}s") from None
     except OSError as exc:
