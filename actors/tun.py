@@ -227,8 +227,15 @@ class TunReader(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
+        except Exception as exc:  # a bug: stop the actor rather than read nothing silently
+            logger.exception("TUN reader crashed")
+            self._report(f"reader crashed: {exc!r}")
         finally:
             self.release()
+
+    def _report(self, failure: str) -> None:
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._owner.tell(_ReaderStopped(failure))
 
     def _run(self) -> None:
         poller = select.poll()
@@ -251,8 +258,7 @@ class TunReader(threading.Thread):
             if failure is not None:
                 if not self._stopping.is_set():
                     logger.error("TUN reader stopped: %s", failure)
-                    with contextlib.suppress(pykka.ActorDeadError):
-                        self._owner.tell(_ReaderStopped(failure))
+                    self._report(failure)
                 return
 
     def _drain(self) -> str | None:

@@ -368,14 +368,16 @@ def test_a_device_that_cannot_be_opened_stops_the_actor() -> None:
     assert reader_threads() == []
 
 
-@pytest.mark.parametrize("failure", ["eof", "read_error"])
+@pytest.mark.parametrize("failure", ["eof", "read_error", "reader_bug"])
 def test_a_failing_device_stops_the_actor_and_closes_it(device: FakeTun, failure: str) -> None:
     tun = TunActor.start(device_factory=lambda: device)
     tun.ask(GetTunStats(), timeout=TIMEOUT)
     if failure == "eof":
         device.inject_eof()
-    else:
+    elif failure == "read_error":
         device.inject_read_error(OSError(errno.EBADFD, "File descriptor in bad state"))
+    else:
+        device.inject_read_error(RuntimeError("a bug in the read path"))
 
     assert tun.actor_stopped.wait(TIMEOUT)
     # Pykka flags the actor stopped before on_failure has cleaned up.

@@ -26,7 +26,7 @@ class FakeTun:
         self._lock = threading.Condition()
         self._inbound: collections.deque[bytes] = collections.deque()
         self._eof = False
-        self._read_error: OSError | None = None
+        self._read_error: Exception | None = None
         self._write_errors: collections.deque[OSError] = collections.deque()
         self.written: list[bytes] = []
         self.closed = False
@@ -81,7 +81,7 @@ class FakeTun:
             self._eof = True
             self._signal()
 
-    def inject_read_error(self, error: OSError) -> None:
+    def inject_read_error(self, error: Exception) -> None:
         """Every further read raises ``error``."""
         with self._lock:
             self._read_error = error
