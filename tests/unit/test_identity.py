@@ -46,4 +46,3 @@ def test_unwritable_directory_is_a_clear_error(tmp_path: Path) -> None:
     message = str(info.value)
     assert f"{blocker / 'state'}/" in message
     assert "FIREZONE_ID" in message
-
