@@ -28,6 +28,7 @@ and configure), and wakes up at ``poll_timeout``.
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import logging
 import uuid
@@ -218,6 +219,7 @@ class GatewayConnection:
     gateway_id: str
     public_key: bytes
     local_credentials: IceCredentials
+    psk: bytes = field(repr=False)
     agent: IceAgent
     tunnel: Tunnel
     created_at: float
@@ -298,6 +300,8 @@ class ClientCore:
         self._wanted: list[str] = []  # as the user named them (id or name)
         self._requested_at: dict[str, float] = {}
         self._early_candidates: dict[str, list[str]] = {}
+        # gateway id -> (public key, our ICE credentials, PSK) of connections dropped by a roam
+        self._roamed: dict[str, tuple[bytes, IceCredentials, bytes]] = {}
         self._proxy_pool = ProxyIpPool()
         self._dns: dict[str, DnsAssignment] = {}  # resource id -> assignment
         self._proxy_to_resource: dict[bytes, str] = {}
@@ -329,6 +333,9 @@ class ClientCore:
         self._now = now
         self._local = local
         for conn in list(self._connections.values()):
+            # The gateway keeps its side (same ICE credentials: the portal's upsert reuses
+            # it and ignores the new flow's PSK), so our next tunnel must use the old PSK.
+            self._roamed[conn.gateway_id] = (conn.public_key, conn.local_credentials, conn.psk)
             self._drop_connection(conn, None)
         self._allocations.clear()
         self._server_to_relay.clear()
@@ -482,6 +489,10 @@ class ClientCore:
 
     def _on_flow_created(self, flow: FlowCreated, now: float) -> None:
         self._requested_at.pop(flow.resource_id, None)
+        roamed = self._roamed.pop(flow.gateway_id, None)
+        if roamed is not None and roamed[:2] == (flow.gateway_public_key,
+                                                 flow.client_credentials):
+            flow = dataclasses.replace(flow, preshared_key=roamed[2])
         conn = self._connections.get(flow.gateway_id)
         if conn is not None and (conn.public_key != flow.gateway_public_key
                                  or conn.local_credentials != flow.client_credentials):
@@ -515,7 +526,7 @@ class ClientCore:
                         rate_limiter=self._limiter, rng=self._rng, now=now,
                         persistent_keepalive=25.0)
         conn = GatewayConnection(flow.gateway_id, flow.gateway_public_key,
-                                 flow.client_credentials, agent, tunnel, now)
+                                 flow.client_credentials, flow.preshared_key, agent, tunnel, now)
         self._connections[flow.gateway_id] = conn
         log.info("connecting to gateway %s", flow.gateway_id)
         local: list[Candidate] = []
