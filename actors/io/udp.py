@@ -83,7 +83,7 @@ class UdpSockets:
         try:
             if mark:
                 try:
-                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, FIREZONE_MARK)
+                    sock.setsockopt(socket.SOL_SOCKET, SO_MARK, struct.pack("I", FIREZONE_MARK))
                 except OSError as exc:
                     log.warning("cannot set SO_MARK (needs CAP_NET_ADMIN): %s", exc)
             if family == socket.AF_INET6:

@@ -1,0 +1,328 @@
+"""Composition root: configuration in, running actors out, an exit code at the end.
+
+Start order: Timer, TunActor (the device must exist before anything can be routed),
+NodeActor (keys, sockets), PortalActor (wired to the node, which then connects it with the
+node's public key), health/metrics, control socket, network monitor. Stop order is the
+reverse; ``ActorRegistry.stop_all`` runs in a ``finally`` so no non-daemon actor thread can
+keep the process alive, and leftover threads are logged as a bug.
+
+Signals: SIGTERM/SIGINT stop gracefully (exit 0); SIGUSR1 logs every thread's stack
+(``pykka.debug.log_thread_tracebacks``) so a development run is debuggable by thread; SIGHUP
+reloads the log filter from the configuration file.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pykka
+import pykka.debug
+
+from actors.clock import SystemClock
+from actors.io.udp import UdpSockets
+from actors.messages import GetPortalStatus
+from actors.node import GetNodeStatus, NodeActor, Reset
+from actors.peer import GetPeerStatus
+from actors.portal import PortalActor
+from actors.resolver import Resolver
+from actors.timer import Timer
+from actors.tun import GetTunStats, GetTunWriter, TunActor
+from gateway.config import GatewayConfig
+from gateway.exit_codes import ExitCode
+from gateway.portal.login_url import LoginUrlPrototype
+
+log = logging.getLogger(__name__)
+
+ASK_TIMEOUT = 5.0
+
+
+@dataclass
+class Runtime:
+    """The running gateway: its actors and servers (also what tests and ``status`` inspect)."""
+
+    config: GatewayConfig
+    timer: Timer
+    tun: pykka.ActorRef[Any]
+    node: pykka.ActorRef[Any]
+    portal: pykka.ActorRef[Any]
+    stopping: threading.Event = field(default_factory=threading.Event)
+    exit_code: int = int(ExitCode.OK)
+    portal_state: str = "disconnected"
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def fail(self, reason: str, code: int) -> None:
+        if not self.stopping.is_set():
+            log.error("fatal: %s", reason)
+            self.exit_code = code
+            self.stopping.set()
+
+    def is_ready(self) -> bool:
+        return self.portal_state == "joined"
+
+    def status(self) -> dict[str, Any]:
+        node = self.node.ask(GetNodeStatus(), timeout=ASK_TIMEOUT)
+        portal = self.portal.ask(GetPortalStatus(), timeout=ASK_TIMEOUT)
+        clients = []
+        for client_id, ref in node.pop("peers").items():
+            try:
+                peer = ref.ask(GetPeerStatus(), timeout=ASK_TIMEOUT)
+            except (pykka.ActorDeadError, pykka.Timeout):
+                continue
+            peer.update({"connection": node["connections"].get(client_id)})
+            clients.append(peer)
+        return {
+            "public_key": node["public_key"],
+            "portal": {
+                "state": portal.state,
+                "joined_since": portal.joined_since,
+                "reconnects": portal.reconnects,
+            },
+            "resets": node["resets"],
+            "ports": node["ports"],
+            "relays": node["relays"],
+            "clients": clients,
+            "tun": self.tun.ask(GetTunStats(), timeout=ASK_TIMEOUT),
+            "counters": node["counters"],
+        }
+
+    def reset(self) -> dict[str, Any]:
+        self.node.tell(Reset("operator command"))
+        return {"ok": True}
+
+
+def _gateway_name(config: GatewayConfig) -> str:
+    if config.name:
+        return config.name
+    try:
+        return socket.gethostname() or str(uuid.uuid4())
+    except (OSError, UnicodeError):
+        return str(uuid.uuid4())
+
+
+def start(config: GatewayConfig, *, firezone_id: str) -> Runtime:
+    """Start every actor; raises on a fatal start-up error (the caller maps exit codes)."""
+    from actors.io.tun_linux import open_tun
+    from actors.netconfig import configure_interface
+    from actors.useragent import user_agent
+
+    prototype = LoginUrlPrototype.build(
+        config.api_url, config.token, firezone_id, _gateway_name(config)
+    )
+    clock = SystemClock()
+    rng = random.SystemRandom()
+    timer = Timer(clock)
+    timer.start()
+    try:
+        tun = TunActor.start(
+            device_factory=functools.partial(open_tun, config.tun_name),
+            configure=functools.partial(configure_interface, ifname=config.tun_name),
+        )
+    except Exception:
+        timer.stop()
+        raise
+    tun_writer = tun.ask(GetTunWriter(), timeout=ASK_TIMEOUT)
+    resolver = Resolver()
+    runtime_box: list[Runtime] = []
+
+    def on_fatal(reason: str, code: int) -> None:
+        if runtime_box:
+            runtime_box[0].fail(reason, code)
+
+    def on_portal_state(state: str) -> None:
+        if runtime_box:
+            runtime_box[0].portal_state = state
+
+    node = NodeActor.start(
+        clock=clock,
+        rng=rng,
+        timer=timer,
+        tun=tun,
+        tun_writer=tun_writer,
+        sockets_factory=UdpSockets,
+        resolver=resolver,
+        icmp_prohibited=config.icmp_prohibited,
+        on_fatal=on_fatal,
+        on_portal_state=on_portal_state,
+    )
+    portal = PortalActor.start(
+        prototype=prototype,
+        listener=node,
+        clock=clock,
+        rng=rng,
+        timer=timer,
+        user_agent=user_agent(),
+    )
+    runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal)
+    runtime_box.append(runtime)
+    runtime.closers.append(resolver.shutdown)
+    from actors.node import AttachPortal
+
+    node.tell(AttachPortal(portal))
+    return runtime
+
+
+def stop(runtime: Runtime) -> None:
+    """Reverse start order: servers first, then portal (clean close), node, TUN, timer."""
+    for close in reversed(runtime.closers):
+        try:
+            close()
+        except Exception:
+            log.exception("error while stopping")
+    for ref in (runtime.portal, runtime.node, runtime.tun):
+        try:
+            ref.stop(timeout=ASK_TIMEOUT)
+        except pykka.Timeout:
+            log.error("%s did not stop in time", ref)
+    pykka.ActorRegistry.stop_all(timeout=ASK_TIMEOUT)
+    runtime.timer.stop()
+
+
+def run(config: GatewayConfig) -> int:
+    """The gateway's main job; returns the process exit code."""
+    from actors.checks import apply_host_setup, check_privileges, check_tun
+    from actors.identity import resolve_firezone_id
+    from actors.logsetup import configure_logging, register_secret
+
+    configure_logging(config.log_filter, config.log_format)
+    register_secret(config.token)
+    if not config.no_check:
+        for problem in (check_privileges(), check_tun()):
+            if problem:
+                log.error("%s", problem)
+                return int(ExitCode.MISSING_PRIVILEGES)
+    if config.setup_host:
+        for line in apply_host_setup(config.tun_name):
+            log.info("host set-up: %s", line)
+    try:
+        firezone_id = resolve_firezone_id(config.firezone_id, Path(config.state_dir))
+    except OSError as exc:
+        log.error("%s", exc)
+        return int(ExitCode.FATAL)
+    try:
+        runtime = start(config, firezone_id=firezone_id)
+    except Exception as exc:
+        log.error("start-up failed: %s", exc)
+        pykka.ActorRegistry.stop_all(timeout=ASK_TIMEOUT)
+        return int(ExitCode.FATAL)
+    try:
+        _start_servers(runtime)
+        _install_signals(runtime)
+        log.info("gateway running; public key %s", "published to the portal")
+        while not runtime.stopping.wait(0.5):
+            pass
+    finally:
+        stop(runtime)
+        leftovers = [
+            t.name for t in threading.enumerate()
+            if t is not threading.main_thread() and not t.daemon and t.is_alive()
+        ]
+        if leftovers:
+            log.error("threads left after shutdown (a bug): %s", ", ".join(leftovers))
+    log.info("gateway stopped (exit code %d)", runtime.exit_code)
+    return runtime.exit_code
+
+
+def _start_servers(runtime: Runtime) -> None:
+    from actors.control import ControlServer
+    from actors.health import HealthServer
+    from actors.metrics import Metrics
+
+    config = runtime.config
+    metrics = Metrics()
+    _register_collectors(metrics, runtime)
+    health = HealthServer(config.health_check_addr, runtime.is_ready, metrics.render)
+    health.start()
+    runtime.closers.append(health.stop)
+    control = ControlServer(
+        config.control_socket, {"status": runtime.status, "reset": runtime.reset}
+    )
+    try:
+        control.start()
+        runtime.closers.append(control.stop)
+    except OSError as exc:
+        log.warning("control socket unavailable: %s", exc)
+    if config.network_change_reset:
+        from actors.netmon import NetworkMonitor
+
+        monitor = NetworkMonitor(
+            lambda: runtime.node.tell(Reset("host network changed")),
+            ignore_ifname=config.tun_name,
+            debounce=config.network_change_debounce,
+        )
+        try:
+            monitor.start()
+            runtime.closers.append(monitor.stop)
+        except OSError as exc:
+            log.warning("network change monitor unavailable: %s", exc)
+
+
+def _register_collectors(metrics: Any, runtime: Runtime) -> None:
+    """Expose the actors' own counters at scrape time (no per-packet locking)."""
+    for name, kind, text in (
+        ("firezone_connections", "gauge", "Connected clients by path (direct, relay)."),
+        ("firezone_handshakes_total", "counter", "Completed WireGuard handshakes."),
+        ("firezone_rx_bytes_total", "counter", "Bytes received from clients."),
+        ("firezone_tx_bytes_total", "counter", "Bytes sent to clients."),
+        ("firezone_dropped_packets_total", "counter", "Packets dropped, by reason."),
+        ("firezone_portal_reconnects_total", "counter", "Portal reconnection attempts."),
+        ("firezone_portal_joined", "gauge", "1 while joined to the portal."),
+        ("firezone_resets_total", "counter", "Key rotations (node resets)."),
+    ):
+        metrics.describe(name, kind, text)
+
+    def collect() -> list[tuple[str, dict[str, str], float]]:
+        try:
+            status = runtime.status()
+        except Exception:
+            return []
+        paths: dict[str, float] = {}
+        drops: dict[str, float] = {}
+        rx = tx = handshakes = 0.0
+        for client in status["clients"]:
+            path = client["path"].split(":")[0]
+            paths[path] = paths.get(path, 0) + 1
+            rx += client["rx_bytes"]
+            tx += client["tx_bytes"]
+            for reason, count in client.get("drops", {}).items():
+                if reason == "handshakes":
+                    handshakes += count
+                else:
+                    drops[reason] = drops.get(reason, 0) + count
+        for reason, count in status["tun"].get("dropped", {}).items():
+            drops[f"tun_{reason}"] = drops.get(f"tun_{reason}", 0) + count
+        samples: list[tuple[str, dict[str, str], float]] = [
+            ("firezone_connections", {"path": path}, count) for path, count in paths.items()
+        ]
+        samples += [("firezone_dropped_packets_total", {"reason": r}, c) for r, c in drops.items()]
+        samples += [
+            ("firezone_rx_bytes_total", {}, rx),
+            ("firezone_tx_bytes_total", {}, tx),
+            ("firezone_handshakes_total", {}, handshakes),
+            ("firezone_portal_reconnects_total", {}, status["portal"]["reconnects"]),
+            ("firezone_portal_joined", {}, 1.0 if status["portal"]["state"] == "joined" else 0.0),
+            ("firezone_resets_total", {}, status["resets"]),
+        ]
+        return samples
+
+    metrics.add_collector(collect)
+
+
+def _install_signals(runtime: Runtime) -> None:
+    def graceful(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        runtime.stopping.set()
+
+    signal.signal(signal.SIGTERM, graceful)
+    signal.signal(signal.SIGINT, graceful)
+    signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
