@@ -11,7 +11,10 @@ Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.
 * ``handle_outbound`` takes a TUN packet addressed to the client and reverses the NAT
   (§8.3). Unlike 1.4.0, which drops every packet that is not TCP/UDP/ICMP echo here, it
   passes such packets (ICMP errors, GRE, ESP, ...) through unchanged, as 1.4.13 does:
-  without a NAT session there is nothing to reverse.
+  without a NAT session there is nothing to reverse. ICMP errors quoting a packet of a
+  same-family NAT session are reversed too (quoted destination and port, and the outer
+  source if the resource itself sent the error), so port-unreachable and traceroute work
+  for DNS resources.
 * ``handle_timeout`` runs the 1 s tick: authorization expiry by wall clock (§6), NAT
   session TTL (§8.4) and translation health, which emits ``NeedsResolution`` events for
   domains whose proxy IPs saw no reply for 120 s. The shell resolves off-thread and calls
@@ -42,7 +45,7 @@ from gateway.packet.filter import (
     build_filter_table,
     resource_networks,
 )
-from gateway.packet.icmp import build_prohibited
+from gateway.packet.icmp import build_prohibited, quoted_flow, reverse_icmp_error
 from gateway.packet.ip import (
     ICMP_ECHO_REPLY,
     ICMP_ECHO_REQUEST,
@@ -412,6 +415,8 @@ class ClientOnGateway:
         else:
             key = self._nat_key(packet, version, protocol, l4, end, reply=True)
         if key is None:
+            if protocol == (PROTO_ICMP if version == 4 else PROTO_ICMPV6):
+                return self._reverse_icmp_error(packet, l4, end, src)
             return packet
         kind, port_offset = key
         port = (packet[l4 + port_offset] << 8) | packet[l4 + port_offset + 1]
@@ -475,6 +480,26 @@ class ClientOnGateway:
             or any(auth.expires_at is not None for auth in self._resources.values())
         ):
             self._next_tick = now + EXPIRE_RESOURCES_INTERVAL
+
+    def _reverse_icmp_error(self, packet: bytes, l4: int, end: int, src: bytes) -> bytes:
+        """Point an ICMP error about a NAT'd packet back at the proxy IP (1.4.13 behaviour).
+
+        Errors about NAT46/64 flows and errors without a session pass unchanged.
+        """
+        flow = quoted_flow(packet, l4, end)
+        if flow is None:
+            return packet
+        inside = self._nat.translate_incoming(flow.kind, flow.port, flow.destination)
+        if inside is None:
+            return packet
+        _, original_port, proxy = inside
+        if len(proxy) != len(flow.destination):
+            self.counters["icmp_error_nat46_untranslated"] += 1
+            return packet
+        return reverse_icmp_error(
+            packet, l4, end, flow, inner_destination=proxy, port=original_port,
+            outer_source=proxy if src == flow.destination else None,
+        )
 
     def _deny(self, packet: bytes) -> Drop | Reply:
         self.counters["not_allowed"] += 1

@@ -609,3 +609,103 @@ def test_mutated_packets_never_raise(seed: bytes, flips: list[tuple[int, int]], 
     _BUSY.handle_inbound(data, 5.0)
     _BUSY.handle_outbound(data, 5.0)
     _BUSY.handle_timeout(5.0 + cut, 10.0)
+
+
+# --- ICMP errors about NAT'd flows ------------------------------------------------------
+
+
+def _icmp_error(src: object, dst: object, quoted: bytes, *, icmp_type: int, code: int) -> bytes:
+    message = struct.pack("!BBHI", icmp_type, code, 0, 0) + quoted
+    packet = ip.build_ip(src, dst, 1, message)  # type: ignore[arg-type]
+    l4 = 20 if ip.ip_version(packet) == 4 else 40
+    proto = 1 if l4 == 20 else 58
+    checksum = ip.transport_checksum(ip.source(packet), ip.destination(packet), proto, message)
+    return packet[: l4 + 2] + checksum.to_bytes(2, "big") + packet[l4 + 4 :]
+
+
+@pytest.mark.parametrize(
+    ("client", "proxies", "real", "error"),
+    [(CLIENT4, PROXY4, REAL4, (3, 3)), (CLIENT6, PROXY6, REAL6, (1, 4))],
+)
+def test_icmp_error_about_nat_flow_is_reversed(
+    clock: ManualClock, client: object, proxies: list, real: object, error: tuple  # type: ignore[type-arg]
+) -> None:
+    peer = make(clock)
+    setup_dns(peer, [real])
+    forwarded(peer.handle_inbound(_request("udp", client, proxies[0]), 0.0))
+    out = forwarded(peer.handle_inbound(_request("udp", client, proxies[1]), 0.0))
+    l4 = 20 if ip.ip_version(out) == 4 else 40
+    assert struct.unpack("!H", out[l4 : l4 + 2])[0] == 40001  # collision moved the port
+    unreachable = _icmp_error(real, client, out, icmp_type=error[0], code=error[1])
+    back = peer.handle_outbound(unreachable, 0.0)
+    assert back is not None and back != unreachable
+    assert_checksums_valid(back)
+    assert ip.source(back) == proxies[1].packed
+    assert ip.destination(back) == ip.address_bytes(client)  # type: ignore[arg-type]
+    inner = back[l4 + 8 :]
+    assert_checksums_valid(inner)  # inner IP header and UDP checksum still verify
+    assert ip.source(inner) == ip.address_bytes(client)  # type: ignore[arg-type]
+    assert ip.destination(inner) == proxies[1].packed
+    assert struct.unpack("!H", inner[l4 : l4 + 2])[0] == 40000
+
+
+def test_icmp_error_from_a_router_keeps_its_source(clock: ManualClock) -> None:
+    peer = make(clock)
+    setup_dns(peer, [REAL4])
+    out = forwarded(peer.handle_inbound(_request("tcp", CLIENT4, PROXY4[0]), 0.0))
+    router = "198.51.100.1"
+    exceeded = _icmp_error(router, CLIENT4, out[:28], icmp_type=11, code=0)  # 8-byte quote
+    back = peer.handle_outbound(exceeded, 0.0)
+    assert back is not None
+    assert_checksums_valid(back)
+    assert ip.source(back) == ip.address_bytes(router)
+    assert back[28 + 16 : 28 + 20] == PROXY4[0].packed
+
+
+def test_icmp_errors_without_session_or_across_families_pass_unchanged(
+    clock: ManualClock,
+) -> None:
+    peer = make(clock)
+    setup_dns(peer, [REAL6])  # IPv4 proxies -> NAT46
+    out = forwarded(peer.handle_inbound(_request("udp", CLIENT4, PROXY4[0]), 0.0))
+    error = _icmp_error(REAL6, CLIENT6, out, icmp_type=1, code=4)
+    assert peer.handle_outbound(error, 0.0) == error
+    unrelated = _icmp_error("10.0.0.1", CLIENT4, ip.build_udp(CLIENT4, "10.0.0.1", 5, 6),
+                            icmp_type=3, code=3)
+    assert peer.handle_outbound(unrelated, 0.0) == unrelated
+
+
+_ERROR_SEEDS = [
+    _icmp_error(REAL4, CLIENT4, _request("tcp", CLIENT4, REAL4), icmp_type=3, code=3),
+    _icmp_error("198.51.100.1", CLIENT4, _request("tcp", CLIENT4, REAL4)[:28], icmp_type=11,
+                code=0),
+    _icmp_error(REAL6, CLIENT6, _request("udp", CLIENT6, REAL6), icmp_type=1, code=4),
+    _icmp_error(REAL4, CLIENT4, _request("icmp", CLIENT4, REAL4), icmp_type=3, code=1),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(_ERROR_SEEDS), st.lists(st.tuples(st.integers(0, 120),
+                                                         st.integers(0, 255)), max_size=4),
+       st.integers(0, 100))
+def test_mutated_icmp_errors_never_raise(
+    seed: bytes, flips: list[tuple[int, int]], cut: int
+) -> None:
+    for request in (_request("tcp", CLIENT4, PROXY4[0]), _request("udp", CLIENT6, PROXY6[0]),
+                    _request("icmp", CLIENT4, PROXY4[0])):
+        _BUSY.handle_inbound(request, 5.0)
+    packet = bytearray(seed)
+    for at, value in flips:
+        if at < len(packet):
+            packet[at] = value
+    out = _BUSY.handle_outbound(bytes(packet[: len(packet) - cut % (len(packet) + 1)]), 5.0)
+    assert out is None or isinstance(out, bytes)
+
+
+def test_error_seeds_hit_the_reverse_path() -> None:
+    """The fuzz seeds above must exercise the translation, not just pass through."""
+    peer = _busy_peer()
+    peer.handle_inbound(_request("tcp", CLIENT4, PROXY4[0]), 0.0)
+    back = peer.handle_outbound(_ERROR_SEEDS[0], 0.0)
+    assert back is not None and back != _ERROR_SEEDS[0]
+    assert_checksums_valid(back)
