@@ -31,7 +31,7 @@ import pykka.debug
 
 from actors.clock import SystemClock
 from actors.io.udp import UdpSockets
-from actors.messages import GetPortalStatus
+from actors.messages import GetPortalStatus, PortalStatus
 from actors.node import GetNodeStatus, NodeActor, Reset
 from actors.peer import GetPeerStatus
 from actors.portal import PortalActor
@@ -71,12 +71,12 @@ class Runtime:
         return self.portal_state == "joined"
 
     def status(self) -> dict[str, Any]:
-        node = self.node.ask(GetNodeStatus(), timeout=ASK_TIMEOUT)
-        portal = self.portal.ask(GetPortalStatus(), timeout=ASK_TIMEOUT)
+        node: dict[str, Any] = self.node.ask(GetNodeStatus(), block=True, timeout=ASK_TIMEOUT)
+        portal: PortalStatus = self.portal.ask(GetPortalStatus(), block=True, timeout=ASK_TIMEOUT)
         clients = []
         for client_id, ref in node.pop("peers").items():
             try:
-                peer = ref.ask(GetPeerStatus(), timeout=ASK_TIMEOUT)
+                peer: dict[str, Any] = ref.ask(GetPeerStatus(), timeout=ASK_TIMEOUT)
             except (pykka.ActorDeadError, pykka.Timeout):
                 continue
             peer.update({"connection": node["connections"].get(client_id)})
@@ -124,13 +124,28 @@ def start(config: GatewayConfig, *, firezone_id: str) -> Runtime:
     timer = Timer(clock)
     timer.start()
     try:
-        tun = TunActor.start(
-            device_factory=functools.partial(open_tun, config.tun_name),
-            configure=functools.partial(configure_interface, ifname=config.tun_name),
-        )
-    except Exception:
+        return _start_actors(config, prototype, clock, rng, timer, open_tun, configure_interface,
+                             user_agent())
+    except BaseException:
         timer.stop()
         raise
+
+
+def _start_actors(
+    config: GatewayConfig,
+    prototype: LoginUrlPrototype,
+    clock: SystemClock,
+    rng: random.Random,
+    timer: Timer,
+    open_tun: Callable[..., Any],
+    configure_interface: Callable[..., None],
+    agent: str,
+) -> Runtime:
+    tun = TunActor.start(
+        device_factory=functools.partial(open_tun, config.tun_name),
+        configure=functools.partial(configure_interface, ifname=config.tun_name),
+    )
+    # A device that cannot be opened stops the actor in on_start: the ask fails here.
     tun_writer = tun.ask(GetTunWriter(), timeout=ASK_TIMEOUT)
     resolver = Resolver()
     runtime_box: list[Runtime] = []
@@ -161,7 +176,7 @@ def start(config: GatewayConfig, *, firezone_id: str) -> Runtime:
         clock=clock,
         rng=rng,
         timer=timer,
-        user_agent=user_agent(),
+        user_agent=agent,
     )
     runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal)
     runtime_box.append(runtime)
@@ -294,11 +309,9 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
             paths[path] = paths.get(path, 0) + 1
             rx += client["rx_bytes"]
             tx += client["tx_bytes"]
+            handshakes += client.get("handshakes", 0)
             for reason, count in client.get("drops", {}).items():
-                if reason == "handshakes":
-                    handshakes += count
-                else:
-                    drops[reason] = drops.get(reason, 0) + count
+                drops[reason] = drops.get(reason, 0) + count
         for reason, count in status["tun"].get("dropped", {}).items():
             drops[f"tun_{reason}"] = drops.get(f"tun_{reason}", 0) + count
         samples: list[tuple[str, dict[str, str], float]] = [

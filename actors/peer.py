@@ -162,7 +162,8 @@ class PeerActor(pykka.ThreadingActor):
         self._path: Path | None = None
         self._pending: deque[bytes] = deque(maxlen=PENDING_DATAGRAMS)
         self._wake: ActorTimer | None = None
-        self.counters: Counter[str] = Counter()
+        self.counters: Counter[str] = Counter()  # drops by reason
+        self.handshakes = 0
         self._log = logging.LoggerAdapter(log, {"client_id": str(client_id), "actor": "PeerActor"})
 
     # --------------------------------------------------------------- lifecycle
@@ -358,7 +359,7 @@ class PeerActor(pykka.ThreadingActor):
             return
         while (event := self._tunnel.poll_event()) is not None:
             if isinstance(event, HandshakeCompleted):
-                self.counters["handshakes"] += 1
+                self.handshakes += 1
                 self._log.info("WireGuard handshake completed")
             elif isinstance(event, ConnectionExpired):
                 self._log.info("WireGuard session expired")
@@ -423,6 +424,7 @@ class PeerActor(pykka.ThreadingActor):
                 f"{self._path.remote[0]}:{self._path.remote[1]}" if self._path is not None else None
             ),
             "last_handshake": tunnel.last_handshake_unix if tunnel is not None else None,
+            "handshakes": self.handshakes,
             "rx_bytes": tunnel.rx_bytes if tunnel is not None else 0,
             "tx_bytes": tunnel.tx_bytes if tunnel is not None else 0,
             "resources": resources,
