@@ -157,7 +157,8 @@ class WebSocketPortal:
                 except websocket.WebSocketTimeoutException:
                     continue
                 except (OSError, websocket.WebSocketException) as exc:
-                    log.warning("portal connection lost: %s", exc)
+                    if not self._stop.is_set():  # close() from our owner ends it quietly
+                        log.warning("portal connection lost: %s", exc)
                     return
                 if opcode == websocket.ABNF.OPCODE_CLOSE:
                     log.warning("portal closed the connection")
