@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import select
@@ -50,6 +51,25 @@ _JOIN_TIMEOUT = 5.0
 _LINK_EVENTS = frozenset({"RTM_NEWLINK", "RTM_DELLINK"})
 _ADDR_EVENTS = frozenset({"RTM_NEWADDR", "RTM_DELADDR"})
 _ROUTE_EVENTS = frozenset({"RTM_NEWROUTE", "RTM_DELROUTE"})
+
+
+#: The kernel's per-address "local" routes mirror address changes we already see.
+_RT_TABLE_LOCAL = 255
+
+
+def _is_link_scoped(address: object) -> bool:
+    """Link-local and multicast addresses never make ICE candidates: not a network change.
+
+    Without this, IPv6 link-local addresses finishing duplicate address detection right
+    after an interface comes up would look like a change and reset every connection.
+    """
+    if not isinstance(address, str):
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return ip.is_link_local or ip.is_multicast
 
 
 def open_monitor_socket() -> socket.socket:
@@ -209,8 +229,13 @@ class NetworkMonitor:
             return name != self._ignore_ifname
         if event in _ADDR_EVENTS:
             index = message["index"]
+            if _is_link_scoped(message.get_attr("IFA_ADDRESS")):
+                return False
         elif event in _ROUTE_EVENTS:
             index = message.get_attr("RTA_OIF")
+            table = message.get_attr("RTA_TABLE") or message.get("table")
+            if table == _RT_TABLE_LOCAL or _is_link_scoped(message.get_attr("RTA_DST")):
+                return False
         else:
             return False  # NLMSG_DONE of our dump, errors
         return index is None or self._names.get(index) != self._ignore_ifname

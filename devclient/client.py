@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
 from actors.io.ports import TunDevice
-from devclient.control import Command, CommandFifo, Quit, Request, Roam, parse_command
+from devclient.control import Command, CommandFifo, Inject, Quit, Request, Roam, parse_command
 from devclient.core import ClientCore, InterfaceConfig
 from devclient.portal import PORTAL_ERROR, Deliver
 from gateway.types import Address, format_address
@@ -205,6 +205,9 @@ class DevClient:
             self._stopping = True
         elif isinstance(command, Request):
             self.core.request(command.resource, now)
+        elif isinstance(command, Inject):
+            if not self.core.inject(command.resource, command.packet, now, self._wall()):
+                self.emit(f"ERROR inject: no connection serves {command.resource}")
         elif isinstance(command, Roam):
             old = self._local
             self._bind()

@@ -27,7 +27,17 @@ class Quit:
     pass
 
 
-Command = Roam | Request | Quit
+@dataclass(frozen=True, slots=True)
+class Inject:
+    """Encrypt this raw IP packet to the gateway serving ``resource``, bypassing our own
+    routing: tests use it to send what a well-behaved client never would (a forged source,
+    a destination the gateway has not authorized) and watch the gateway drop it."""
+
+    resource: str
+    packet: bytes
+
+
+Command = Roam | Request | Quit | Inject
 
 
 def parse_command(line: str) -> Command:
@@ -42,7 +52,15 @@ def parse_command(line: str) -> Command:
         return Quit()
     if verb == "request" and len(args) == 1:
         return Request(args[0])
-    raise ValueError(f"unknown command {line.strip()!r} (roam | request <resource> | quit)")
+    if verb == "inject" and len(args) == 2:
+        try:
+            return Inject(args[0], bytes.fromhex(args[1]))
+        except ValueError:
+            raise ValueError("inject: expected <resource> <packet as hex>") from None
+    raise ValueError(
+        f"unknown command {line.strip()!r} "
+        "(roam | request <resource> | inject <resource> <hex> | quit)"
+    )
 
 
 class CommandFifo:

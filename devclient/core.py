@@ -729,6 +729,20 @@ class ClientCore:
             self._send_wireguard(conn, result.datagram, now)
         self._drain_tunnel(conn, now, unix_now)
 
+    def inject(self, resource: str, packet: bytes, now: float, unix_now: float) -> bool:
+        """Encrypt ``packet`` as is over the connection serving ``resource`` (tests only)."""
+        self._clock(now, unix_now)
+        rid = self._resolve(resource)
+        gateway_id = self._resource_gateway.get(rid) if rid is not None else None
+        conn = self._connections.get(gateway_id) if gateway_id is not None else None
+        if conn is None:
+            return False
+        result = conn.tunnel.encapsulate(packet, now, unix_now)
+        if isinstance(result, WriteToNetwork):
+            self._send_wireguard(conn, result.datagram, now)
+        self._drain_tunnel(conn, now, unix_now)
+        return True
+
     def _resource_for(self, dst: bytes) -> str | None:
         if not dst:
             return None

@@ -185,6 +185,8 @@ class Connection:
     nominated: tuple[Candidate, Address] | None = None
     failed: str | None = None
     remote_addresses: set[Address] = field(default_factory=set)
+    #: After a reuse, remote candidates are accepted again until then (roaming clients).
+    accept_candidates_until: float = 0.0
 
     @property
     def state(self) -> str:
@@ -337,6 +339,7 @@ class Node:
         existing = self._connections.get(client_id)
         if existing is not None and existing.failed is None and existing.local_credentials == local:
             log.debug("already got a connection for %s", client_id)
+            self._resignal(existing, now)
             return ConnectionReused(client_id)
         return self._create(client_id, client_public_key, preshared_key, local, remote, now)
 
@@ -401,6 +404,16 @@ class Node:
             replaced=replaced is not None,
         )
 
+    def _resignal(self, conn: Connection, now: float) -> None:
+        """A client asking again with the same credentials may have roamed (same key, new
+        socket): it needs our candidates again, and we take its new ones for a while."""
+        for candidate in conn.agent.local_candidates:
+            self._queue_added(conn.client_id, candidate)
+        for srflx in self._srflx_candidates.values():
+            self._queue_added(conn.client_id, srflx)
+        conn.accept_candidates_until = now + CANDIDATE_TIMEOUT
+        self._flush_candidate_events()
+
     def _new_index(self, client_id: uuid.UUID) -> int:
         while True:
             idx = self._rng.getrandbits(24)
@@ -434,7 +447,7 @@ class Node:
         if conn is None:
             self.counters["candidates_for_unknown_client"] += 1
             return
-        if conn.path is not None:
+        if conn.path is not None and now >= conn.accept_candidates_until:
             self.counters["candidates_after_nomination"] += 1
             return
         for line in candidates:

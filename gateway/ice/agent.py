@@ -69,6 +69,11 @@ _TRANSACTIONS_PER_PAIR = 10
 _MAX_SEEN_FROM = 64
 
 
+#: A selected pair with this many consecutive unanswered checks gives way to another
+#: nominated pair that still answers (see ``IceAgent._reselect``).
+SILENT_AFTER_CHECKS = 2
+
+
 @dataclass(frozen=True, slots=True)
 class StunTimings:
     """Check timing (snownet.md §8.2): RTO doubling from ``initial_rto`` up to ``max_rto``."""
@@ -392,6 +397,7 @@ class IceAgent:
             pair.due = now
         if msg.use_candidate() and not self.controlling:
             pair.remote_nominated = True
+            self._probe_selected(pair, now)
             if pair.state is PairState.SUCCEEDED and not pair.nominated:
                 pair.nominated = True
                 self._reselect(now)
@@ -492,6 +498,9 @@ class IceAgent:
                     continue
                 self._next_paced_check = now + self._pacing
             self._send_check(pair, now)
+        selected = self._selected
+        if selected is not None and selected.unanswered >= SILENT_AFTER_CHECKS:
+            self._reselect(now)
 
     def poll_timeout(self) -> float | None:
         """The next absolute deadline, or None when nothing is scheduled."""
@@ -685,13 +694,38 @@ class IceAgent:
         best.use_candidate = True
         best.due = now
 
+    def _probe_selected(self, nominated: _Pair, now: float) -> None:
+        """The peer nominates another pair: check at once that the selected one still works.
+
+        A roaming peer (new address, same credentials) nominates a new pair while our
+        selected pair still looks alive for up to ~10 s. A triggered check on the selected
+        pair finds out in two RTOs instead; ``_reselect`` then prefers the healthy pair.
+        """
+        selected = self._selected
+        if (
+            selected is None
+            or selected is nominated
+            or selected.unanswered > 0
+            or (
+                selected.last_sent is not None
+                and now - selected.last_sent < self._timings.initial_rto
+            )
+        ):
+            return
+        selected.due = now
+
     def _reselect(self, now: float, *, removed: bool = False) -> None:
-        """Pick the pair data should use; emit Nominated / Disconnected on changes."""
+        """Pick the pair data should use; emit Nominated / Disconnected on changes.
+
+        Among nominated pairs the highest priority wins, but a pair whose last two checks
+        went unanswered yields to a nominated pair that still answers (fast fail-over).
+        """
         live = [p for p in self._pairs.values() if p.state is PairState.SUCCEEDED]
         nominated = [p for p in live if p.nominated]
         best: _Pair | None = None
         if nominated:
-            best = max(nominated, key=lambda p: p.priority)
+            healthy = [p for p in nominated if p.unanswered < SILENT_AFTER_CHECKS]
+            best = max(healthy or nominated, key=lambda p: p.priority)
         elif self.state == "connected" and live:
             # The selected path died: fall back to a path that still answers; the
             # controlling side nominates it, the controlled side waits for that.

@@ -97,3 +97,16 @@ def test_changes_on_the_tun_device_are_ignored(
 
     netns.run("ip", "addr", "add", "10.203.9.1/24", "dev", "fztva", ns=ns)  # the control
     assert calls.wait(1, TIMEOUT)
+
+
+def test_link_local_and_multicast_changes_are_ignored(
+    ns: str, monitor: NetworkMonitor, calls: Calls
+) -> None:
+    """IPv6 link-local addresses settling after link-up (DAD) are not a network change."""
+    netns.run("ip", "addr", "add", "fe80::1234/64", "dev", "fztva", "nodad", ns=ns)
+    netns.run("ip", "addr", "add", "169.254.7.7/16", "dev", "fztva", ns=ns)
+    assert not calls.wait(1, QUIET)
+    assert monitor.changes_seen == 0
+
+    netns.run("ip", "addr", "add", "10.203.9.1/24", "dev", "fztva", ns=ns)  # the control
+    assert calls.wait(1, TIMEOUT)

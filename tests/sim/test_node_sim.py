@@ -335,3 +335,26 @@ def _drain(node: Node) -> list[object]:
     while (event := node.poll_event()) is not None:
         out.append(event)
     return out
+
+
+def test_reuse_resignals_candidates_and_accepts_new_ones_for_a_while() -> None:
+    """A roaming client (same key, so same credentials) gets our candidates again."""
+    sim = Sim()
+    sim.add_relay()
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None)
+    before = len([e for e in sim.events if isinstance(e, CandidatesAdded)])
+    again = sim.node.upsert_connection(
+        CLIENT_ID, client_public_key=sim.client_static.public, preshared_key=bytes(32),
+        local=GW_CREDS, remote=CLIENT_CREDS, now=sim.now,
+    )
+    assert isinstance(again, ConnectionReused)
+    sim.pump()
+    resignalled = [e for e in sim.events if isinstance(e, CandidatesAdded)][before:]
+    assert resignalled and any(" typ host" in c for c in resignalled[0].candidates)
+    roamed = Candidate.host((CLIENT[0], CLIENT[1] + 1)).to_sdp()
+    sim.node.add_remote_candidates(CLIENT_ID, [roamed], sim.now)
+    assert sim.node.counters["candidates_after_nomination"] == 0
+    sim.clock.tick(11)
+    sim.node.add_remote_candidates(CLIENT_ID, [roamed], sim.now)
+    assert sim.node.counters["candidates_after_nomination"] == 1

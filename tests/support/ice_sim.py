@@ -68,6 +68,14 @@ class SimNet:
         self._owners[host] = name
         return node
 
+    def detach(self, name: str) -> None:
+        """Remove a node (a roaming peer's old socket): datagrams to it are lost."""
+        node = self.nodes.pop(name)
+        for address, owner in list(self._owners.items()):
+            if owner == name:
+                del self._owners[address]
+        del node
+
     def allocate(self, name: str, server_ip: str, relayed: Address) -> None:
         """Give ``name`` a relayed address on the relay at ``server_ip``."""
         self._owners[relayed] = name

@@ -63,6 +63,15 @@ class Topology:
         (directory / "hosts").write_text("\n".join(lines) + "\n")
         self.hosts_files.append(directory)
 
+    def block_udp_port(self, role: str, peer_ip: str, port: int) -> None:
+        """Drop UDP from ``role`` to ``peer_ip:port`` only (e.g. a relay's TURN port)."""
+        ns = self.names[role]
+        netns.run("nft", "add", "table", "inet", "fzport", ns=ns)
+        netns.run("nft", "add", "chain", "inet", "fzport", "out",
+                  "{ type filter hook output priority 0 ; }", ns=ns)
+        netns.run("nft", "add", "rule", "inet", "fzport", "out", "ip", "daddr", peer_ip,
+                  "udp", "dport", str(port), "drop", ns=ns)
+
     def block(self, role: str, peer_ip: str) -> None:
         """Drop every packet between ``role`` and ``peer_ip`` (forces the relayed path)."""
         ns = self.names[role]
