@@ -205,7 +205,7 @@ def stop(runtime: Runtime) -> None:
 
 def run(config: GatewayConfig) -> int:
     """The gateway's main job; returns the process exit code."""
-    from actors.checks import apply_host_setup, check_privileges, check_tun
+    from actors.checks import apply_host_setup, check_forwarding, check_privileges, check_tun
     from actors.identity import resolve_firezone_id
     from actors.logsetup import configure_logging, register_secret
 
@@ -217,8 +217,14 @@ def run(config: GatewayConfig) -> int:
                 log.error("%s", problem)
                 return int(ExitCode.MISSING_PRIVILEGES)
     if config.setup_host:
-        for line in apply_host_setup(config.tun_name):
-            log.info("host set-up: %s", line)
+        try:
+            for line in apply_host_setup(config.tun_name):
+                log.info("host set-up: %s", line)
+        except OSError as exc:
+            log.error("host set-up failed: %s", exc)
+            return int(ExitCode.FATAL)
+    for warning in check_forwarding():
+        log.warning("%s", warning)
     try:
         firezone_id = resolve_firezone_id(config.firezone_id, Path(config.state_dir))
     except OSError as exc:
@@ -230,12 +236,17 @@ def run(config: GatewayConfig) -> int:
         log.error("start-up failed: %s", exc)
         pykka.ActorRegistry.stop_all(timeout=ASK_TIMEOUT)
         return int(ExitCode.FATAL)
+    started = False
     try:
-        _start_servers(runtime)
+        _start_servers(runtime)  # raises when another gateway owns the control socket
         _install_signals(runtime)
-        log.info("gateway running; public key %s", "published to the portal")
+        started = True
+        log.info("gateway running")
         while not runtime.stopping.wait(0.5):
             pass
+    except Exception as exc:
+        log.error("start-up failed: %s", exc)
+        runtime.exit_code = int(ExitCode.FATAL)
     finally:
         stop(runtime)
         leftovers = [
@@ -244,17 +255,18 @@ def run(config: GatewayConfig) -> int:
         ]
         if leftovers:
             log.error("threads left after shutdown (a bug): %s", ", ".join(leftovers))
-    log.info("gateway stopped (exit code %d)", runtime.exit_code)
+    log.info("gateway stopped (exit code %d)%s", runtime.exit_code, "" if started else
+             " before it was running")
     return runtime.exit_code
 
 
 def _start_servers(runtime: Runtime) -> None:
     from actors.control import ControlServer
     from actors.health import HealthServer
-    from actors.metrics import Metrics
+    from actors.metrics import new_gateway_metrics
 
     config = runtime.config
-    metrics = Metrics()
+    metrics = new_gateway_metrics()
     _register_collectors(metrics, runtime)
     health = HealthServer(config.health_check_addr, runtime.is_ready, metrics.render)
     health.start()
@@ -262,11 +274,8 @@ def _start_servers(runtime: Runtime) -> None:
     control = ControlServer(
         config.control_socket, {"status": runtime.status, "reset": runtime.reset}
     )
-    try:
-        control.start()
-        runtime.closers.append(control.stop)
-    except OSError as exc:
-        log.warning("control socket unavailable: %s", exc)
+    control.start()  # another live gateway on this socket is fatal: two would fight
+    runtime.closers.append(control.stop)
     if config.network_change_reset:
         from actors.netmon import NetworkMonitor
 
@@ -284,17 +293,6 @@ def _start_servers(runtime: Runtime) -> None:
 
 def _register_collectors(metrics: Any, runtime: Runtime) -> None:
     """Expose the actors' own counters at scrape time (no per-packet locking)."""
-    for name, kind, text in (
-        ("firezone_connections", "gauge", "Connected clients by path (direct, relay)."),
-        ("firezone_handshakes_total", "counter", "Completed WireGuard handshakes."),
-        ("firezone_rx_bytes_total", "counter", "Bytes received from clients."),
-        ("firezone_tx_bytes_total", "counter", "Bytes sent to clients."),
-        ("firezone_dropped_packets_total", "counter", "Packets dropped, by reason."),
-        ("firezone_portal_reconnects_total", "counter", "Portal reconnection attempts."),
-        ("firezone_portal_joined", "gauge", "1 while joined to the portal."),
-        ("firezone_resets_total", "counter", "Key rotations (node resets)."),
-    ):
-        metrics.describe(name, kind, text)
 
     def collect() -> list[tuple[str, dict[str, str], float]]:
         try:

@@ -28,6 +28,7 @@ import pykka
 from actors.backpressure import InFlight
 from actors.clock import Clock
 from actors.io.udp import Datagrams, FromNetwork, PeerRoute, UdpReader, UdpSockets
+from actors.logsetup import register_secret
 from actors.messages import (
     Connect,
     KeyRotated,
@@ -157,7 +158,12 @@ class NodeActor(pykka.ThreadingActor):
 
     def on_start(self) -> None:
         self._wake = ActorTimer(self._timer, self.actor_ref)
+        self._register_key()
         self._bind()
+
+    def _register_key(self) -> None:
+        """The private key must never reach a log, whatever formats it."""
+        register_secret(encode_key(self.node.static.private))
 
     def on_stop(self) -> None:
         self._shutdown()
@@ -411,6 +417,7 @@ class NodeActor(pykka.ThreadingActor):
     def _reset(self, reason: str, now: float) -> None:
         log.info("reset (%s): rotating the WireGuard key and dropping every connection", reason)
         self.node.reset(now)
+        self._register_key()
         self._stop_all_peers()
         self._unbind()
         self._bind()

@@ -273,6 +273,12 @@ class Node:
                 log.debug("skipping known TURN server %s", relay.relay_id)
                 continue
             if current is not None:
+                # Same socket, new credentials: a relay that binds allocations to the
+                # username (coturn does) refuses a new ALLOCATE on the same 5-tuple until
+                # the old allocation is gone, so delete it with its own credentials first.
+                current.deallocate(now)
+                while (tx := current.poll_transmit()) is not None:
+                    self._transmits.append(tx)
                 self._remove_allocation(relay.relay_id, "relay credentials changed", now)
             log.info("allocating on relay %s at %s", relay.relay_id, relay.addresses)
             allocation = Allocation(

@@ -358,3 +358,31 @@ def test_reuse_resignals_candidates_and_accepts_new_ones_for_a_while() -> None:
     sim.clock.tick(11)
     sim.node.add_remote_candidates(CLIENT_ID, [roamed], sim.now)
     assert sim.node.counters["candidates_after_nomination"] == 1
+
+
+def test_changed_credentials_replace_the_allocation_after_deleting_the_old_one() -> None:
+    """A fresh init carries new TURN credentials for the same relay (the portal salts them
+    every time): the old allocation is deleted (REFRESH lifetime 0) before the new one."""
+    from gateway.stun.message import Method, parse
+
+    sim = Sim()
+    sim.add_relay()
+    sent: list[tuple[int, int | None]] = []
+    original = sim.relay.receive
+
+    def spy(src: Address, dst: Address, data: bytes) -> None:
+        if dst == RELAY and data[:1] in (b"\x00", b"\x01"):
+            msg = parse(data)
+            sent.append((msg.method, msg.lifetime()))
+        original(src, dst, data)
+
+    sim.relay.receive = spy  # type: ignore[method-assign]
+    renewed = TurnServer("relay-1", (RELAY,), "1700000000:user", "secret-password")
+    sim.node.update_relays([], [renewed], sim.now)  # same credentials: kept, nothing sent
+    sim.pump()
+    assert sent == []
+    changed = TurnServer("relay-1", (RELAY,), "1700000001:user", "other-password")
+    sim.node.update_relays([], [changed], sim.now)
+    sim.pump()
+    assert sent[0] == (Method.REFRESH, 0), sent
+    assert (Method.ALLOCATE, None) in sent[1:]
