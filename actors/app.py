@@ -188,7 +188,9 @@ def _start_actors(
 
 
 def stop(runtime: Runtime) -> None:
-    """Reverse start order: servers first, then portal (clean close), node, TUN, timer."""
+    """Reverse start order: servers first, then the portal (a clean close frame, so the
+    portal marks this gateway offline at once and steers new flows elsewhere), then the
+    node (TURN allocations deleted, sockets closed, PeerActors stopped), TUN, timer."""
     for close in reversed(runtime.closers):
         try:
             close()
@@ -203,8 +205,12 @@ def stop(runtime: Runtime) -> None:
     runtime.timer.stop()
 
 
-def run(config: GatewayConfig) -> int:
-    """The gateway's main job; returns the process exit code."""
+def run(config: GatewayConfig, reload: Callable[[], GatewayConfig] | None = None) -> int:
+    """The gateway's main job; returns the process exit code.
+
+    ``reload`` re-reads the configuration on SIGHUP; what can change live is applied
+    (the log filter and format), the rest is logged as needing a restart.
+    """
     from actors.checks import apply_host_setup, check_forwarding, check_privileges, check_tun
     from actors.identity import resolve_firezone_id
     from actors.logsetup import configure_logging, register_secret
@@ -239,7 +245,7 @@ def run(config: GatewayConfig) -> int:
     started = False
     try:
         _start_servers(runtime)  # raises when another gateway owns the control socket
-        _install_signals(runtime)
+        _install_signals(runtime, reload)
         started = True
         log.info("gateway running")
         while not runtime.stopping.wait(0.5):
@@ -329,11 +335,54 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
     metrics.add_collector(collect)
 
 
-def _install_signals(runtime: Runtime) -> None:
+def _install_signals(runtime: Runtime, reload: Callable[[], GatewayConfig] | None) -> None:
     def graceful(signum: int, _frame: FrameType | None) -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         runtime.stopping.set()
 
+    def hangup(_signum: int, _frame: FrameType | None) -> None:
+        if reload is None:
+            log.info("SIGHUP: nothing to reload")
+            return
+        # Re-reading files must not run inside the signal handler's frame for long; it is
+        # cheap (a YAML file and the environment), and errors keep the old configuration.
+        try:
+            fresh = reload()
+        except Exception as exc:
+            log.error("SIGHUP: configuration not reloaded: %s", exc)
+            return
+        apply_reload(runtime, fresh)
+
     signal.signal(signal.SIGTERM, graceful)
     signal.signal(signal.SIGINT, graceful)
+    signal.signal(signal.SIGHUP, hangup)
     signal.signal(signal.SIGUSR1, pykka.debug.log_thread_tracebacks)
+
+
+#: Keys a running gateway applies on SIGHUP; everything else needs a restart.
+LIVE_KEYS = ("log_filter", "log_format")
+
+
+def apply_reload(runtime: Runtime, fresh: GatewayConfig) -> list[str]:
+    """Apply the live-changeable part of ``fresh``; returns the keys that need a restart."""
+    from dataclasses import fields
+
+    from actors.logsetup import configure_logging, register_secret
+
+    old = runtime.config
+    changed = [f.name for f in fields(old) if getattr(old, f.name) != getattr(fresh, f.name)]
+    if any(key in changed for key in LIVE_KEYS):
+        configure_logging(fresh.log_filter, fresh.log_format)
+        register_secret(fresh.token)
+        log.info("SIGHUP: log filter now %r, format %s", fresh.log_filter, fresh.log_format)
+    needs_restart = [key for key in changed if key not in LIVE_KEYS]
+    if needs_restart:
+        log.warning("SIGHUP: %s changed; restart the gateway to apply", ", ".join(needs_restart))
+    runtime.config = fresh if not needs_restart else _with_live(old, fresh)
+    return needs_restart
+
+
+def _with_live(old: GatewayConfig, fresh: GatewayConfig) -> GatewayConfig:
+    from dataclasses import replace
+
+    return replace(old, **{key: getattr(fresh, key) for key in LIVE_KEYS})

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 
 from gateway import COMPATIBLE_FIREZONE_VERSION, __version__
-from gateway.config import DEFAULT_CONTROL_SOCKET, ConfigError
+from gateway.config import DEFAULT_CONTROL_SOCKET, ConfigError, GatewayConfig
 from gateway.exit_codes import ExitCode
 
 PROG = "firezone-gateway"
@@ -115,7 +115,11 @@ def _run(namespace: argparse.Namespace) -> int:
         return int(ExitCode.USAGE)
     from actors import app  # lazily: tests replace app.run, and app imports the world
 
-    return int(app.run(config))
+    def reload() -> GatewayConfig:
+        """SIGHUP: the same sources again (flags stay as given on the command line)."""
+        return load_config(config_path=config_path, flags=flags)
+
+    return int(app.run(config, reload=reload))
 
 
 def _request(path: str, command: str) -> dict[str, Any] | None:

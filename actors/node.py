@@ -166,6 +166,11 @@ class NodeActor(pykka.ThreadingActor):
         register_secret(encode_key(self.node.static.private))
 
     def on_stop(self) -> None:
+        # Graceful: tell the relays to free our allocations before the sockets close.
+        self.node.shutdown(self._clock.monotonic())
+        if self._sockets is not None:
+            while (tx := self.node.poll_transmit()) is not None:
+                self._sockets.send(tx.dst, tx.payload)
         self._shutdown()
 
     def on_failure(self, *args: object) -> None:

@@ -250,6 +250,14 @@ class Node:
         log.info("node reset: key rotated, %d connection(s) closed", len(closed))
         return closed
 
+    def shutdown(self, now: float) -> None:
+        """Graceful stop: delete every TURN allocation (REFRESH lifetime 0) so relays free
+        them now instead of at expiry; the caller sends the resulting transmits."""
+        for allocation in self._allocations.values():
+            allocation.deallocate(now)
+            while (tx := allocation.poll_transmit()) is not None:
+                self._transmits.append(tx)
+
     # ------------------------------------------------------------------ relays
 
     def relay_servers(self) -> frozenset[Address]:

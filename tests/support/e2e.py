@@ -165,30 +165,48 @@ class Stack:
     def control_socket(self) -> str:
         return str(self.tmp / "gw" / "control.sock")
 
-    def start_gateway(self, *extra: str) -> Proc:
+    def start_gateway(
+        self, *extra: str, log_filter: str | None = "debug,pykka=info,wire=info",
+        config: Path | None = None,
+    ) -> Proc:
+        """``python -m actors.cli run`` in the gateway namespace (token from the env).
+
+        ``log_filter=None`` leaves RUST_LOG unset so a config file's filter applies.
+        """
         env = dict(os.environ)
         env.update({
             "FIREZONE_TOKEN": GATEWAY_TOKEN,
             "FIREZONE_ID": "e2e-gateway-1",
             "FIREZONE_NAME": "e2e-gateway",
             "FIREZONE_API_URL": self.portal_url,
-            "RUST_LOG": "debug,pykka=info,wire=info",
             "PYTHONPATH": str(REPO),
         })
+        env.pop("RUST_LOG", None)
+        if log_filter is not None:
+            env["RUST_LOG"] = log_filter
         (self.tmp / "gw").mkdir(exist_ok=True, mode=0o700)
+        if config is None:
+            config = self.tmp / "none.yaml"
+            config.write_text("{}\n")
         args = [
             python(), "-m", "actors.cli", "run",
             "--health-check-addr", "127.0.0.1:18080",
             "--control-socket", self.control_socket,
-            "--config", str(self.tmp / "none.yaml"),
+            "--config", str(config),
             *extra,
         ]
-        (self.tmp / "none.yaml").write_text("{}\n")
         popen = self.topo.popen("gateway", args, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         self.gateway = Proc("gateway", popen, self.tmp / "gateway.log")
         self.gateway.start_collecting()
         return self.gateway
+
+    def start_gateway_with_config(self, config: Path) -> Proc:
+        return self.start_gateway(log_filter=None, config=config)
+
+    @property
+    def python(self) -> str:
+        return python()
 
     def gateway_status(self) -> dict[str, Any]:
         return control_request(self.control_socket, "status")

@@ -6,7 +6,7 @@ import io
 import json
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,8 +47,11 @@ class RunRecorder:
     def __init__(self) -> None:
         self.configs: list[GatewayConfig] = []
 
-    def __call__(self, config: GatewayConfig) -> int:
+    def __call__(
+        self, config: GatewayConfig, reload: Callable[[], GatewayConfig] | None = None
+    ) -> int:
         self.configs.append(config)
+        self.reload = reload
         return 0
 
 
@@ -151,7 +154,7 @@ def test_flag_beats_env_beats_file(
 def test_run_exit_code_is_apps(run: RunRecorder, monkeypatch: pytest.MonkeyPatch) -> None:
     import actors.app
 
-    monkeypatch.setattr(actors.app, "run", lambda config: int(ExitCode.AUTH_REJECTED))
+    monkeypatch.setattr(actors.app, "run", lambda config, reload: int(ExitCode.AUTH_REJECTED))
     assert cli.main(["tok"]) == ExitCode.AUTH_REJECTED
 
 
@@ -276,3 +279,17 @@ def test_status_error_reply(capsys: pytest.CaptureFixture[str]) -> None:
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_sighup_reload_reads_the_same_sources_again(
+    run: RunRecorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text("token: file-token-abcdef\nlog_filter: info\n")
+    assert cli.main(["run", "--config", str(config), "--log-format", "json"]) == 0
+    assert run.configs[0].log_filter == "info"
+    config.write_text("token: file-token-abcdef\nlog_filter: debug,pykka=info\n")
+    assert run.reload is not None
+    fresh = run.reload()
+    assert fresh.log_filter == "debug,pykka=info"
+    assert fresh.log_format == "json", "flags still win after a reload"
