@@ -471,6 +471,7 @@ class NodeActor(pykka.ThreadingActor):
             "resets": self.resets,
             "ports": self._sockets.ports() if self._sockets is not None else {},
             "relays": self.node.relays(),
+            "host_candidates": self.node.host_candidates(),
             "connections": connections,
             "peers": {str(cid): peer.ref for cid, peer in self._peers.items()},
             "counters": dict(self.node.counters),

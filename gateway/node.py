@@ -323,6 +323,10 @@ class Node:
             else:
                 self._drain_agent(conn, now)
 
+    def host_candidates(self) -> list[str]:
+        """Local addresses learned from received datagrams (observability)."""
+        return sorted(f"{ip}:{port}" for ip, port in self._host_candidates)
+
     def relays(self) -> list[dict[str, object]]:
         """Observability for ``status``."""
         return [

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import logging
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,11 +11,43 @@ from pathlib import Path
 import pykka
 import pytest
 
+from actors import logsetup
 from tests.support.clock import ManualClock
 from tests.support.coturn import CoturnServer
 from tests.support.interop import require_bin
+from tests.support.secrets_scan import assert_no_secrets
 
 FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "portal"
+
+
+#: Our loggers are captured at DEBUG so the scan sees everything they could ever emit.
+SCANNED_LOGGERS = ("gateway", "actors", "wire", "devportal", "devclient", "websocket")
+
+
+@pytest.fixture(autouse=True)
+def _no_secrets_in_logs(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every log record of every test, formatted as production formats it, must be free of
+    the secrets registered so far (tokens, private keys; see actors.logsetup).
+
+    Tests marked ``configures_logging`` set logger levels themselves; for them the scan
+    sees what their own configuration lets through."""
+    buffer = io.StringIO()
+    handler = logging.StreamHandler(buffer)
+    handler.setFormatter(logsetup.JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    own_levels = request.node.get_closest_marker("configures_logging") is not None
+    ours = [] if own_levels else [logging.getLogger(name) for name in SCANNED_LOGGERS]
+    levels = [logger.level for logger in ours]
+    for logger in ours:
+        logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for logger, level in zip(ours, levels, strict=True):
+            logger.setLevel(level)
+    assert_no_secrets(buffer.getvalue(), logsetup.registered_secrets())
 
 
 @pytest.fixture(autouse=True)

@@ -144,7 +144,7 @@ def _with_relay(harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
                "password": "p", "expires_at": 1}]
     harness["ref"].tell(_ingress(portal_fixtures, "init.json", relays=relays))
     relay.answer_binding()
-    _status(harness["ref"])
+    _wait_for(lambda: _status(harness["ref"])["host_candidates"])
 
 
 def test_authorize_flow_starts_a_peer_and_replies(

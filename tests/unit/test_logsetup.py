@@ -16,6 +16,8 @@ from actors.logsetup import OFF, TRACE, configure_logging, logger_levels, redact
 from gateway.config import ConfigError
 from tests.support.secrets_scan import assert_no_secrets
 
+pytestmark = pytest.mark.configures_logging
+
 TOKEN = "SFMyNTY.g2gDaANtAAAAJGFiY2RlZi0xMjM0.bm90LWEtcmVhbC1zaWduYXR1cmU"
 PSK = "e3kqBZ2wXH3lXv6dWq5Qm0Qzj9b3Yw8vQ2aJ1p4T6Xc="
 TURN_PASSWORD = "t7Yk2bq9Zr4mWxPa"
