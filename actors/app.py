@@ -29,7 +29,7 @@ from typing import Any
 import pykka
 import pykka.debug
 
-from actors.clock import SystemClock
+from actors.clock import Clock, SystemClock
 from actors.io.udp import UdpSockets
 from actors.messages import GetPortalStatus, PortalStatus
 from actors.node import GetNodeStatus, NodeActor, Reset
@@ -56,6 +56,7 @@ class Runtime:
     tun: pykka.ActorRef[Any]
     node: pykka.ActorRef[Any]
     portal: pykka.ActorRef[Any]
+    clock: Clock = field(default_factory=SystemClock)
     stopping: threading.Event = field(default_factory=threading.Event)
     exit_code: int = int(ExitCode.OK)
     portal_state: str = "disconnected"
@@ -85,7 +86,11 @@ class Runtime:
             "public_key": node["public_key"],
             "portal": {
                 "state": portal.state,
-                "joined_since": portal.joined_since,
+                # The actor keeps monotonic time; operators want a wall-clock timestamp.
+                "joined_since": (
+                    None if portal.joined_since is None
+                    else self.clock.unix() - (self.clock.monotonic() - portal.joined_since)
+                ),
                 "reconnects": portal.reconnects,
             },
             "resets": node["resets"],
@@ -178,7 +183,7 @@ def _start_actors(
         timer=timer,
         user_agent=agent,
     )
-    runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal)
+    runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal, clock=clock)
     runtime_box.append(runtime)
     runtime.closers.append(resolver.shutdown)
     from actors.node import AttachPortal

@@ -44,7 +44,7 @@ from gateway.turn.allocation import (
     CandidateAdded,
     CandidateRemoved,
 )
-from gateway.types import Address, Rng, Transmit
+from gateway.types import Address, Rng, Transmit, format_address
 from gateway.wg.keys import StaticKeyPair
 from gateway.wg.ratelimit import HandshakeRateLimiter
 from gateway.wg.tunnel import message_type, receiver_index
@@ -325,15 +325,15 @@ class Node:
 
     def host_candidates(self) -> list[str]:
         """Local addresses learned from received datagrams (observability)."""
-        return sorted(f"{ip}:{port}" for ip, port in self._host_candidates)
+        return sorted(format_address(address) for address in self._host_candidates)
 
     def relays(self) -> list[dict[str, object]]:
         """Observability for ``status``."""
         return [
             {
                 "id": relay_id,
-                "server": str(allocation.active_server()),
-                "relay_addresses": [f"{ip}:{port}" for ip, port in allocation.relay_addresses()],
+                "server": _format(allocation.active_server()),
+                "relay_addresses": [format_address(a) for a in allocation.relay_addresses()],
                 "state": "freed" if allocation.is_freed else (
                     "allocated" if allocation.relay_addresses() else "allocating"
                 ),
@@ -776,3 +776,7 @@ class Node:
                     self._fail(conn, f"relay candidate {event.address} invalidated")
         elif isinstance(event, AllocationFailed):
             log.warning("allocation on relay %s failed: %s", relay_id, event.reason)
+
+
+def _format(address: Address | None) -> str | None:
+    return None if address is None else format_address(address)

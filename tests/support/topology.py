@@ -53,7 +53,7 @@ class Topology:
 
     def popen(self, role: str, args: list[str], **kwargs: object) -> subprocess.Popen[bytes]:
         cmd = ["ip", "netns", "exec", self.names[role], *args]
-        return subprocess.Popen(cmd, **kwargs)  # type: ignore[call-overload,no-any-return]
+        return subprocess.Popen(cmd, **kwargs)  # type: ignore[call-overload]
 
     def set_hosts(self, role: str, entries: dict[str, str]) -> None:
         """``ip netns exec`` bind-mounts /etc/netns/<ns>/hosts over /etc/hosts."""
