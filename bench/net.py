@@ -103,11 +103,16 @@ class BenchNet:
         return proc_cpu_seconds(self.gateway_pid)
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), from /proc/<pid>/stat."""
+def proc_cpu_split(pid: int) -> tuple[float, float]:
+    """(utime, stime) of ``pid`` (all its threads) in seconds, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` (all its threads), in seconds."""
+    return sum(proc_cpu_split(pid))
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from bench.net import CONFIGS, BenchNet, proc_cpu_seconds
+from bench.net import CONFIGS, BenchNet, proc_cpu_seconds, proc_cpu_split
 from bench.report import Results
 
 UDP_PAYLOAD = 1252  # + 8 UDP + 20 IPv4 = 1280, the TUN MTU of the gateway and the client
@@ -67,9 +67,10 @@ def run_udp(net: BenchNet, results: Results, *, rates: list[int], seconds: float
     for rep in range(repeat):
         for pps in rates:
             bits = pps * UDP_PAYLOAD * 8
-            gw0 = net.gateway_cpu_seconds()
+            user0, sys0 = proc_cpu_split(net.gateway_pid)
             data = net.iperf3("-u", "-l", str(UDP_PAYLOAD), "-b", str(bits), seconds=seconds)
-            gw_cpu = net.gateway_cpu_seconds() - gw0
+            user1, sys1 = proc_cpu_split(net.gateway_pid)
+            gw_cpu = user1 - user0 + sys1 - sys0
             try:
                 end = data["end"]["sum"]
                 sent = int(end["packets"])
@@ -88,6 +89,13 @@ def run_udp(net: BenchNet, results: Results, *, rates: list[int], seconds: float
             us = gw_cpu / delivered * 1e6 if delivered else None
             results.add(f"{key}.gateway_cpu_us_per_packet", us, "us/packet",
                         "gateway utime+stime over the run / packets delivered (10 ms ticks)")
+            if delivered:
+                results.add(f"{key}.gateway_user_us_per_packet",
+                            (user1 - user0) / delivered * 1e6, "us/packet", "utime only")
+                results.add(f"{key}.gateway_sys_us_per_packet",
+                            (sys1 - sys0) / delivered * 1e6, "us/packet",
+                            "stime only (syscalls, and the kernel's forwarding of what the "
+                            "gateway writes to its TUN)")
             log(f"  rep {rep + 1} udp offered {sent / secs:8.0f} pps delivered "
                 f"{delivered / secs:8.0f} pps loss {100 * lost / max(sent, 1):5.1f} % "
                 f"gateway {us or 0:6.1f} us/packet")
