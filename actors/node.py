@@ -43,6 +43,7 @@ from actors.peer import (
     NewSession,
     PeerActor,
     PeerFailed,
+    PeerIdle,
     RemoveResource,
     SetPath,
     SetupDnsResource,
@@ -224,6 +225,8 @@ class NodeActor(pykka.ThreadingActor):
             self.node.handle_timeout(now)
         elif isinstance(message, PortalIngress):
             self._handle_portal(message.message, now)
+        elif isinstance(message, PeerIdle):
+            self.node.set_idle(message.client_id, message.idle, now)
         elif isinstance(message, PeerFailed):
             self.node.remove_connection(message.client_id, message.reason)
             self._stop_peer(message.client_id)

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 PENDING_DATAGRAMS = 10
 #: The client's configured persistent keepalive (snownet.md §5.1).
 PERSISTENT_KEEPALIVE = 25.0
+#: Connected -> Idle after this long without data in either direction (snownet.md §8.1).
+IDLE_AFTER = 10.0
 
 
 # ----------------------------------------------------------------------------- messages
@@ -118,6 +120,14 @@ class GetPeerStatus:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerIdle:
+    """Told to the NodeActor on Connected <-> Idle transitions (only then, never per packet)."""
+
+    client_id: uuid.UUID
+    idle: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PeerFailed:
     """Told to the NodeActor when the WireGuard session expired (snownet.md §8.4 cause 3)."""
 
@@ -164,6 +174,8 @@ class PeerActor(pykka.ThreadingActor):
         self._wake: ActorTimer | None = None
         self.counters: Counter[str] = Counter()  # drops by reason
         self.handshakes = 0
+        self._last_data = 0.0  # monotonic time of the last data packet either way
+        self._idle = False
         self._log = logging.LoggerAdapter(log, {"client_id": str(client_id), "actor": "PeerActor"})
 
     # --------------------------------------------------------------- lifecycle
@@ -270,6 +282,8 @@ class PeerActor(pykka.ThreadingActor):
             self._client = None
 
     def _set_path(self, path: Path) -> None:
+        if self._path is None:
+            self._last_data = self._clock.monotonic()  # idle counts from the nomination
         self._path = path
         while self._pending:
             self._send(self._pending.popleft())
@@ -307,6 +321,7 @@ class PeerActor(pykka.ThreadingActor):
                 self.counters[result.reason] += 1
         if to_tun:
             self._tun_writer.write_batch(to_tun)
+            self._note_data(now)
         self._drain_tunnel_events()
 
     def _from_tun(self, packets: list[bytes], now: float) -> None:
@@ -319,6 +334,7 @@ class PeerActor(pykka.ThreadingActor):
             out = client.handle_outbound(packet, now)
             if out is not None:
                 self._encapsulate_and_send(out, now, unix_now)
+        self._note_data(now)
         self._drain_tunnel_events()
 
     def _encapsulate_and_send(self, packet: bytes, now: float, unix_now: float) -> None:
@@ -338,7 +354,20 @@ class PeerActor(pykka.ThreadingActor):
 
     # --------------------------------------------------------------- timers & events
 
+    def _note_data(self, now: float) -> None:
+        """Once per batch: data keeps (or makes) the connection active."""
+        self._last_data = now
+        if self._idle:
+            self._idle = False
+            self._node.tell(PeerIdle(self.client_id, False))
+
+    def _check_idle(self, now: float) -> None:
+        if not self._idle and self._path is not None and now - self._last_data >= IDLE_AFTER:
+            self._idle = True
+            self._node.tell(PeerIdle(self.client_id, True))
+
     def _handle_timeout(self, now: float) -> None:
+        self._check_idle(now)
         unix_now = self._clock.unix()
         if self._tunnel is not None:
             self._tunnel.handle_timeout(now, unix_now)
@@ -375,6 +404,8 @@ class PeerActor(pykka.ThreadingActor):
             deadlines.append(self._tunnel.poll_timeout())
         if self._client is not None:
             deadlines.append(self._client.poll_timeout())
+        if not self._idle and self._path is not None:
+            deadlines.append(self._last_data + IDLE_AFTER)
         present = [d for d in deadlines if d is not None]
         self._wake.arm(min(present) if present else None)
 
@@ -420,6 +451,7 @@ class PeerActor(pykka.ThreadingActor):
         return {
             "client_id": str(self.client_id),
             "path": self._path.describe() if self._path is not None else "connecting",
+            "idle": self._idle,
             "remote": (
                 f"{self._path.remote[0]}:{self._path.remote[1]}" if self._path is not None else None
             ),

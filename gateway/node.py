@@ -187,12 +187,15 @@ class Connection:
     remote_addresses: set[Address] = field(default_factory=set)
     #: After a reuse, remote candidates are accepted again until then (roaming clients).
     accept_candidates_until: float = 0.0
+    idle: bool = False
 
     @property
     def state(self) -> str:
         if self.failed:
             return "failed"
-        return "connected" if self.path is not None else "connecting"
+        if self.path is None:
+            return "connecting"
+        return "idle" if self.idle else "connected"
 
 
 class Node:
@@ -447,6 +450,15 @@ class Node:
         self._by_index.pop(conn.local_index >> INDEX_SHIFT, None)
         log.info("connection to %s removed: %s", client_id, reason)
         return True
+
+    def set_idle(self, client_id: uuid.UUID, idle: bool, now: float) -> None:
+        """Connected <-> Idle (§8.1): idle connections use the idle STUN timings (§8.2)."""
+        conn = self._connections.get(client_id)
+        if conn is None or conn.path is None or conn.idle == idle:
+            return
+        conn.idle = idle
+        conn.agent.set_idle(idle, now)
+        self._drain_agent(conn, now)
 
     def connection(self, client_id: uuid.UUID) -> Connection | None:
         return self._connections.get(client_id)

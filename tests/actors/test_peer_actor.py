@@ -19,6 +19,7 @@ from actors.peer import (
     NewSession,
     PeerActor,
     PeerFailed,
+    PeerIdle,
     RemoveResource,
     SetPath,
 )
@@ -184,8 +185,9 @@ def test_session_expiry_reports_the_peer_failed(world: dict[str, Any]) -> None:
     world["clock"].tick(541)
     world["ref"].tell(Wake())
     _sync(world)
-    failures = [c.args[0] for c in world["node"].tell.call_args_list]
-    assert failures and isinstance(failures[0], PeerFailed)
+    told = [c.args[0] for c in world["node"].tell.call_args_list]
+    failures = [m for m in told if isinstance(m, PeerFailed)]
+    assert failures
     assert failures[0].client_id == CLIENT_ID
 
 
@@ -196,3 +198,25 @@ def test_a_crash_in_a_batch_does_not_leak_inflight(world: dict[str, Any]) -> Non
     assert world["inflight"].in_flight == 0
     assert world["ref"].is_alive()
     assert sum(status["drops"].values()) >= 1
+
+
+def test_idle_after_ten_seconds_without_data_and_active_again_on_data(
+    world: dict[str, Any],
+) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    _handshake(world)
+    _tell_datagrams(world, [world["first_transport"]])
+    _sync(world)
+    clock = world["clock"]
+    clock.tick(9.5)
+    world["ref"].tell(Wake())
+    assert not _sync(world)["idle"]
+    clock.tick(1.0)
+    world["ref"].tell(Wake())
+    assert _sync(world)["idle"]
+    data = world["client"].encapsulate(build_udp(CLIENT_V4, "10.204.0.2", 4000, 5000, b"x"),
+                                       clock.monotonic(), clock.unix())
+    _tell_datagrams(world, [data.datagram])
+    assert not _sync(world)["idle"]
+    told = [c.args[0] for c in world["node"].tell.call_args_list if isinstance(c.args[0], PeerIdle)]
+    assert told == [PeerIdle(CLIENT_ID, True), PeerIdle(CLIENT_ID, False)]

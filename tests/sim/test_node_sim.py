@@ -386,3 +386,20 @@ def test_changed_credentials_replace_the_allocation_after_deleting_the_old_one()
     sim.pump()
     assert sent[0] == (Method.REFRESH, 0), sent
     assert (Method.ALLOCATE, None) in sent[1:]
+
+
+def test_idle_connections_use_the_idle_check_timings() -> None:
+    sim = Sim()
+    sim.add_relay()
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None)
+    conn = sim.node.connection(CLIENT_ID)
+    assert conn is not None and conn.state == "connected"
+    busy_deadline = conn.agent.poll_timeout()
+    assert busy_deadline is not None and busy_deadline - sim.now <= 1.5
+    sim.node.set_idle(CLIENT_ID, True, sim.now)
+    assert conn.state == "idle"
+    idle_deadline = conn.agent.poll_timeout()
+    assert idle_deadline is not None and idle_deadline - sim.now > 30
+    sim.node.set_idle(CLIENT_ID, False, sim.now)
+    assert conn.state == "connected"
