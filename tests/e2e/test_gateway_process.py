@@ -149,3 +149,16 @@ def test_status_and_reset_over_the_control_socket(world: Stack) -> None:
     after = world.wait_gateway_ready()
     assert after["public_key"] == world.portal.gateways()[0].public_key
     assert after["resets"] == 1
+
+
+def test_sigusr1_logs_every_threads_stack(world: Stack) -> None:
+    gateway = world.start_gateway()
+    world.wait_gateway_ready()
+    mark = len(gateway.lines)
+    gateway.popen.send_signal(signal.SIGUSR1)
+    for thread in ("MainThread", "NodeActor", "PortalActor", "TunActor", "UdpReader",
+                   "TunReader", "Timer"):
+        gateway.wait_line(lambda line, t=thread: "Current state of" in line and t in line,
+                          timeout=10, after=mark)
+    gateway.popen.send_signal(signal.SIGTERM)
+    assert gateway.popen.wait(15) == 0
