@@ -43,6 +43,7 @@ from gateway.ice.agent import Disconnected, IceAgent, Nominated
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.packet import p2p_control
 from gateway.packet.ip import RESOURCES_V4, RESOURCES_V6
+from gateway.portal.messages import parse_socket_address
 from gateway.stun.message import parse as parse_stun
 from gateway.turn.allocation import (
     Allocation,
@@ -233,11 +234,7 @@ class GatewayConnection:
 
 def parse_address(text: str) -> Address:
     """``ip:port`` or ``[v6]:port`` (as the portal spells relay addresses)."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        raise ValueError(f"missing port in {text!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    return str(ipaddress.ip_address(host)), int(port)
+    return parse_socket_address(text, "relay address")
 
 
 class ProxyIpPool:
