@@ -61,7 +61,9 @@ from gateway.node import (
     ConnectionFailed,
     Node,
     NoTurnServers,
+    Path,
     PathChanged,
+    RelayedPath,
     TurnServer,
 )
 from gateway.portal.messages import (
@@ -81,7 +83,7 @@ from gateway.portal.messages import (
     ResourceUpdated,
     merge_relays,
 )
-from gateway.types import Rng
+from gateway.types import Address, Rng
 from gateway.wg.keys import decode_key, encode_key
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,7 @@ class _Peer:
     ref: pykka.ActorRef[Any]
     inflight: InFlight
     route_key: int | None = None
+    relay_key: tuple[Address, int] | None = None
 
 
 class NodeActor(pykka.ThreadingActor):
@@ -148,6 +151,9 @@ class NodeActor(pykka.ThreadingActor):
         self._portal: pykka.ActorRef[Any] | None = None
         self._peers: dict[uuid.UUID, _Peer] = {}
         self._routes: dict[int, PeerRoute] = {}
+        # Relayed fast path for the UDP reader: (relay server, channel) -> (client, peer).
+        self._relay_routes: dict[tuple[Address, int], tuple[PeerRoute, Address]] = {}
+        self._channel_activity: set[tuple[Address, int]] = set()
         self._node_inflight = InFlight(NODE_INFLIGHT)
         self._sockets: UdpSockets | None = None
         self._reader: UdpReader | None = None
@@ -194,6 +200,8 @@ class NodeActor(pykka.ThreadingActor):
             node_inflight=self._node_inflight,
             peer_routes=self._routes,
             index_shift=INDEX_SHIFT,
+            relay_routes=self._relay_routes,
+            channel_activity=self._channel_activity,
         )
         self._reader.start()
         log.info("UDP sockets bound: %s", self._sockets.ports())
@@ -222,6 +230,7 @@ class NodeActor(pykka.ThreadingActor):
             finally:
                 self._node_inflight.release()
         elif isinstance(message, Wake):
+            self._fold_channel_activity(now)
             self.node.handle_timeout(now)
         elif isinstance(message, PortalIngress):
             self._handle_portal(message.message, now)
@@ -268,6 +277,14 @@ class NodeActor(pykka.ThreadingActor):
             peer = self._peers.get(client_id)
             if peer is not None and peer.inflight.try_acquire():
                 peer.ref.tell(FromNetwork(datagrams))
+
+    def _fold_channel_activity(self, now: float) -> None:
+        """Channels the reader's relayed fast path saw data on (for the rebind rule)."""
+        if self._channel_activity:
+            seen = list(self._channel_activity)
+            self._channel_activity.clear()
+            for server, number in seen:
+                self.node.note_channel_data(server, number, now)
 
     # ------------------------------------------------------------------ portal
 
@@ -408,10 +425,23 @@ class NodeActor(pykka.ThreadingActor):
         peer.route_key = created.local_index >> INDEX_SHIFT
         self._routes[peer.route_key] = PeerRoute(peer.ref.tell, peer.inflight)
 
+    def _publish_relay_route(self, client_id: uuid.UUID, path: Path) -> None:
+        peer = self._peers[client_id]
+        if peer.relay_key is not None:
+            self._relay_routes.pop(peer.relay_key, None)
+            peer.relay_key = None
+        if isinstance(path, RelayedPath) and peer.route_key is not None:
+            peer.relay_key = (path.server, path.channel)
+            route = self._routes.get(peer.route_key)
+            if route is not None:
+                self._relay_routes[peer.relay_key] = (route, path.remote)
+
     def _stop_peer(self, client_id: uuid.UUID) -> None:
         peer = self._peers.pop(client_id, None)
         if peer is None:
             return
+        if peer.relay_key is not None:
+            self._relay_routes.pop(peer.relay_key, None)
         if peer.route_key is not None:
             self._routes.pop(peer.route_key, None)
         peer.ref.stop(block=False)
@@ -427,6 +457,7 @@ class NodeActor(pykka.ThreadingActor):
         self.node.reset(now)
         self._register_key()
         self._stop_all_peers()
+        self._relay_routes.clear()
         self._unbind()
         self._bind()
         self.resets += 1
@@ -452,6 +483,7 @@ class NodeActor(pykka.ThreadingActor):
                 peer = self._peers.get(event.client_id)
                 if peer is not None:
                     peer.ref.tell(SetPath(event.path))
+                    self._publish_relay_route(event.client_id, event.path)
             elif isinstance(event, ConnectionFailed):
                 self._stop_peer(event.client_id)
         if self._wake is not None:

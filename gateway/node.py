@@ -460,6 +460,12 @@ class Node:
         conn.agent.set_idle(idle, now)
         self._drain_agent(conn, now)
 
+    def note_channel_data(self, server: Address, number: int, now: float) -> None:
+        """ChannelData from ``server`` on ``number`` was unwrapped outside the node."""
+        relay_id = self._server_to_relay.get(server)
+        if relay_id is not None:
+            self._allocations[relay_id].note_channel_data(number, now)
+
     def connection(self, client_id: uuid.UUID) -> Connection | None:
         return self._connections.get(client_id)
 

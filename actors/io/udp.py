@@ -5,8 +5,12 @@ The reader drains both sockets until they would block and splits each batch two 
 * WireGuard transport messages (type 4) whose receiver index belongs to a known client go
   straight to that client's PeerActor, one ``tell`` per batch: the data path crosses one
   mailbox and never touches the NodeActor.
-* Everything else (STUN, TURN ChannelData, handshakes, garbage) goes to the NodeActor as one
-  batch; the Node core demultiplexes it.
+* ChannelData from a relay on a channel that carries a client's nominated relayed path,
+  wrapping a WireGuard transport message, is unwrapped here and goes the same way; the
+  channel is recorded in ``channel_activity`` so the NodeActor can keep the relay's
+  channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet.
+* Everything else (STUN, other TURN traffic, handshakes, garbage) goes to the NodeActor as
+  one batch; the Node core demultiplexes it.
 
 Both hand-offs are bounded by :class:`~actors.backpressure.InFlight`: a slow consumer makes
 the reader drop batches instead of growing an inbox without limit.
@@ -142,6 +146,7 @@ def _local_address(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -
 
 
 _INDEX = struct.Struct("<I")
+_CHANNEL_HEADER = struct.Struct("!HH")
 
 
 class UdpReader(threading.Thread):
@@ -155,6 +160,8 @@ class UdpReader(threading.Thread):
         node_inflight: InFlight,
         peer_routes: Mapping[int, PeerRoute],
         index_shift: int,
+        relay_routes: Mapping[tuple[Address, int], tuple[PeerRoute, Address]] | None = None,
+        channel_activity: set[tuple[Address, int]] | None = None,
         batch_size: int = 128,
     ) -> None:
         super().__init__(name="UdpReader", daemon=True)
@@ -163,6 +170,8 @@ class UdpReader(threading.Thread):
         self._node_inflight = node_inflight
         self._peer_routes = peer_routes
         self._index_shift = index_shift
+        self._relay_routes = relay_routes if relay_routes is not None else {}
+        self._channel_activity = channel_activity if channel_activity is not None else set()
         self._batch_size = batch_size
         self._stopping = threading.Event()
         self.counters: Counter[str] = Counter()
@@ -186,6 +195,8 @@ class UdpReader(threading.Thread):
         node_batch: list[tuple[Address, Address, bytes]] = []
         peer_batches: dict[int, list[tuple[bytes, Address]]] = {}
         routes = self._peer_routes
+        relay_routes = self._relay_routes
+        activity = self._channel_activity
         shift = self._index_shift
         for _ in range(self._batch_size):
             try:
@@ -196,12 +207,24 @@ class UdpReader(threading.Thread):
                 self.counters[f"recv_error_{exc.errno}"] += 1
                 break
             src = (src[0], src[1])
+            first = data[0] if data else 0
             # Fast path: WireGuard transport data (type 4 + three zero bytes) for a known index.
-            if len(data) >= 32 and data[0] == 4 and data[1:4] == b"\x00\x00\x00":
+            if first == 4 and len(data) >= 32 and data[1:4] == b"\x00\x00\x00":
                 key = _INDEX.unpack_from(data, 4)[0] >> shift
                 if key in routes:
                     peer_batches.setdefault(key, []).append((data, src))
                     continue
+            # Relayed fast path: ChannelData carrying WireGuard transport data.
+            elif 0x40 <= first <= 0x7F and relay_routes and len(data) >= 36:
+                number, length = _CHANNEL_HEADER.unpack_from(data)
+                relayed = relay_routes.get((src, number))
+                if relayed is not None and data[4] == 4 and length <= len(data) - 4:
+                    inner = data[4 : 4 + length]
+                    key = _INDEX.unpack_from(inner, 4)[0] >> shift
+                    if key in routes:
+                        peer_batches.setdefault(key, []).append((inner, relayed[1]))
+                        activity.add((src, number))
+                        continue
             node_batch.append((_local_address(sock, ancdata), src, data))
         for key, datagrams in peer_batches.items():
             route = routes.get(key)

@@ -416,6 +416,14 @@ class Allocation:
         channel.last_received = now
         return channel.peer, payload, relay
 
+    def note_channel_data(self, number: int, now: float) -> None:
+        """Data arrived on channel ``number`` outside :meth:`decapsulate` (a shell's fast
+        path unwrapped it): keep the channel's rebind and reuse bookkeeping right."""
+        channel = self._channels.get(number)
+        if channel is not None and channel.bound:
+            channel.data_since_bind = True
+            channel.last_received = now
+
     # ---- outbound data --------------------------------------------------------------------
 
     def channel_for(self, peer: Address, now: float | None = None) -> int | None:

@@ -663,6 +663,19 @@ def test_channel_rebinds_after_5_minutes_only_with_received_data() -> None:
     assert alloc.encapsulate(PEER, b"x", T0 + 800) is not None
 
 
+def test_data_noted_by_a_fast_path_counts_for_the_rebind_rule() -> None:
+    """A shell that unwraps ChannelData itself reports it with note_channel_data."""
+    alloc, relay = allocated(lifetime=3600)
+    bound(alloc, relay, PEER, T0)
+    assert alloc.poll_timeout() == T0 + 1800
+    alloc.note_channel_data(0x4000, T0 + 120)
+    alloc.note_channel_data(0x4999, T0 + 120)  # unknown channel: ignored
+    assert alloc.poll_timeout() == T0 + 300
+    tick(alloc, T0 + 300)
+    _, rebind, _ = relay.one(Method.CHANNEL_BIND)
+    assert rebind.channel_number() == 0x4000
+
+
 def test_channel_rebind_give_up_waits_for_new_data() -> None:
     alloc, relay = allocated(lifetime=3600)
     bound(alloc, relay, PEER, T0)

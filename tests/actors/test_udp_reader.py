@@ -1,0 +1,88 @@
+"""The UDP reader's dispatch: fast paths to PeerActors, everything else to the NodeActor."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from actors.backpressure import InFlight
+from actors.io.udp import Datagrams, FromNetwork, PeerRoute, UdpReader, UdpSockets
+from gateway.turn.channel_data import encode_channel_data
+
+INDEX = 0xABCDE << 8
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+        self.event = threading.Event()
+
+    def tell(self, message: Any) -> None:
+        self.items.append(message)
+        self.event.set()
+
+    def wait(self) -> Any:
+        assert self.event.wait(5), "nothing arrived"
+        self.event.clear()
+        return self.items.pop(0)
+
+
+def _transport(payload: bytes = b"x" * 32) -> bytes:
+    return struct.pack("<II", 4, INDEX | 1) + bytes(8) + payload
+
+
+@pytest.fixture
+def setup() -> Iterator[dict[str, Any]]:
+    sockets = UdpSockets(mark=False, ipv6=False)
+    assert sockets.v4 is not None
+    port = sockets.v4.getsockname()[1]
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sender.bind(("127.0.0.1", 0))
+    node, peer = Inbox(), Inbox()
+    routes = {INDEX >> 8: PeerRoute(peer.tell, InFlight(8))}
+    relay_routes: dict[Any, Any] = {}
+    activity: set[Any] = set()
+    reader = UdpReader(sockets, to_node=node.tell, node_inflight=InFlight(8), peer_routes=routes,
+                       index_shift=8, relay_routes=relay_routes, channel_activity=activity)
+    reader.start()
+    yield {"send": lambda data: sender.sendto(data, ("127.0.0.1", port)), "node": node,
+           "peer": peer, "relay_routes": relay_routes, "activity": activity, "routes": routes,
+           "relay": sender.getsockname()}
+    reader.stop()
+    reader.join(5)
+    sockets.close()
+    sender.close()
+
+
+def test_transport_data_goes_straight_to_the_peer(setup: dict[str, Any]) -> None:
+    setup["send"](_transport())
+    message = setup["peer"].wait()
+    assert isinstance(message, FromNetwork) and message.datagrams[0][0] == _transport()
+    assert setup["node"].items == []
+
+
+def test_everything_else_goes_to_the_node(setup: dict[str, Any]) -> None:
+    setup["send"](b"\x01\x00\x00\x00" + bytes(144))  # a handshake initiation
+    message = setup["node"].wait()
+    assert isinstance(message, Datagrams)
+    assert message.batch[0][0][0] == "127.0.0.1"  # the local address via IP_PKTINFO
+
+
+def test_relayed_transport_data_is_unwrapped_for_the_peer(setup: dict[str, Any]) -> None:
+    relay = setup["relay"]
+    client = ("10.203.0.2", 40000)
+    setup["relay_routes"][(relay, 0x4001)] = (setup["routes"][INDEX >> 8], client)
+    setup["send"](encode_channel_data(0x4001, _transport()) + b"\x00\x00")  # padded
+    message = setup["peer"].wait()
+    assert message.datagrams == [(_transport(), client)]
+    assert setup["activity"] == {(relay, 0x4001)}
+    # Another channel, or STUN inside ChannelData, is the node's business.
+    setup["send"](encode_channel_data(0x4002, _transport()))
+    assert isinstance(setup["node"].wait(), Datagrams)
+    setup["send"](encode_channel_data(0x4001, b"\x00\x01" + bytes(38)))
+    assert isinstance(setup["node"].wait(), Datagrams)
