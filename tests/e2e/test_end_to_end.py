@@ -77,8 +77,12 @@ def test_direct_path_tcp_udp_and_dns_resource(e2e: Stack) -> None:
     assert _echo_works(e2e, RESOURCE, 7000, b"ping over udp")
     # The DNS resource: the client assigned proxy IPs and the gateway resolved the name.
     dns_line = client.wait_line(lambda s: s.startswith("DNS ") and "status=Active" in s, 30)
-    proxy_ip = dns_line.split("proxy_ips=")[1].split()[0].split(",")[0]
-    result = e2e.http_get(f"http://{proxy_ip}:8080/index.html")
+    proxy_ips = dns_line.split("proxy_ips=")[1].split()[0].split(",")
+    result = e2e.http_get(f"http://{proxy_ips[0]}:8080/index.html")
+    assert "hello through the tunnel" in result.stdout, (result.stderr, e2e.logs())
+    # The name resolves to IPv4 only: an IPv6 proxy IP is translated (NAT64) and back.
+    proxy_v6 = next(ip for ip in proxy_ips if ":" in ip)
+    result = e2e.http_get(f"http://[{proxy_v6}]:8080/index.html")
     assert "hello through the tunnel" in result.stdout, (result.stderr, e2e.logs())
     status = e2e.gateway_status()
     (entry,) = status["clients"]
