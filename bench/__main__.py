@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -42,6 +43,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", help="JSON path (default bench/results/latest.json)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    # SIGTERM unwinds like Ctrl-C, so every namespace and process is removed.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
 
     quick = args.quick
     repeat = args.repeat or (1 if quick else 3)

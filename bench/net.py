@@ -58,7 +58,7 @@ class BenchNet:
     tmp: Path
     wg: WgPair | None = None
     client: Proc | None = None
-    iperf: subprocess.Popen[bytes] | None = None
+    _port: int = IPERF_PORT
     mode: str = "gateway"
 
     @property
@@ -85,18 +85,32 @@ class BenchNet:
             raise ValueError(mode)
         self.mode = mode
 
-    def iperf3(self, *args: str, seconds: float, timeout: float | None = None) -> dict[str, Any]:
-        """Run an iperf3 client in the client namespace against the resource; its JSON."""
-        cmd = ["iperf3", "-c", RESOURCE, "-p", str(IPERF_PORT), "-J", "-t", f"{seconds:g}",
-               "--connect-timeout", "3000", *args]
-        result = self.run("client", *cmd, check=False)
+    def iperf3(self, *args: str, seconds: float) -> dict[str, Any]:
+        """Run an iperf3 client in the client namespace against the resource; its JSON.
+
+        Each run gets a fresh one-off server (``iperf3 -s -1``) on a new port: a server
+        left "busy" by an aborted test would otherwise fail every later run.
+        """
+        self._port = IPERF_PORT + (self._port - IPERF_PORT + 1) % 100
+        server = self.stack.topo.popen("resource", ["iperf3", "-s", "-1", "-p", str(self._port)],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            data: dict[str, Any] = json.loads(result.stdout)
-        except ValueError:
-            data = {"error": (result.stdout + result.stderr)[-500:]}
-        if result.returncode != 0 and "error" not in data:
-            data["error"] = f"iperf3 exited {result.returncode}"
-        return data
+            cmd = ["iperf3", "-c", RESOURCE, "-p", str(self._port), "-J", "-t", f"{seconds:g}",
+                   "--connect-timeout", "3000", *args]
+            for _ in range(20):  # until the server listens
+                time.sleep(0.05)
+                result = self.run("client", *cmd, check=False)
+                if "Connection refused" not in result.stdout:
+                    break
+            try:
+                data: dict[str, Any] = json.loads(result.stdout)
+            except ValueError:
+                data = {"error": (result.stdout + result.stderr)[-500:]}
+            if result.returncode != 0 and "error" not in data:
+                data["error"] = f"iperf3 exited {result.returncode}"
+            return data
+        finally:
+            stop_procs([server])
 
     def gateway_cpu_seconds(self) -> float:
         """utime + stime of the gateway process so far, in seconds."""
@@ -226,10 +240,6 @@ def bench_net(*, devclient: bool = True, wireguard: bool = True) -> Iterator[Ben
             net = BenchNet(stack=st, tmp=tmp)
             try:
                 st.start_portal()
-                net.iperf = st.topo.popen(
-                    "resource", ["iperf3", "-s", "-p", str(IPERF_PORT)],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                )
                 if wireguard:  # before the gateway: new links would make it reset
                     net.wg = start_wg_pair(net)
                 start_gateway(net)
@@ -238,7 +248,5 @@ def bench_net(*, devclient: bool = True, wireguard: bool = True) -> Iterator[Ben
                     start_devclient(net)
                 yield net
             finally:
-                procs = [p for p in (net.iperf,) if p is not None]
                 if net.wg is not None:
-                    procs += net.wg.procs
-                stop_procs(procs)
+                    stop_procs(net.wg.procs)
