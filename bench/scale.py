@@ -100,6 +100,8 @@ def _one(net: Any, results: Results, n: int, window_s: float, budget: float, log
         results.add(f"{prefix}.trickle_delivered_percent",
                     100 * (sink.count - sink0) / sent if sent else None, "%",
                     "trickle datagrams received by the sink / sent")
+        results.add(f"{prefix}.sim_stuck_deadlines", sims.stuck_deadlines, "count",
+                    "bench-side: client cores whose deadline stayed in the past")
         log(f"  N={n}: RSS {status['rss_bytes'] / 2**20:.0f} MiB, {status['threads']} threads, "
             f"CPU {cpu * 100:.1f} % of a core, gateway reports {gw_clients} clients, "
             f"trickle {sink.count - sink0}/{sent}")

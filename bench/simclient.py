@@ -133,6 +133,7 @@ class SimClients:
         self._gateway = None
         self.on_ready: Callable[[Sim], None] | None = None
         self.errors = 0
+        self.stuck_deadlines = 0  # handle_timeout left the deadline in the past
 
     # ------------------------------------------------------------------ public
 
@@ -223,16 +224,18 @@ class SimClients:
 
     def _timers(self) -> None:
         now = time.monotonic()
+        due: list[Sim] = []
         while self._heap and self._heap[0][0] <= now:
             deadline, index = heapq.heappop(self._heap)
             sim = self.sims[index]
-            if deadline != sim.scheduled:
-                continue  # stale entry
-            sim.scheduled = float("inf")
+            if deadline == sim.scheduled:  # else a stale entry
+                sim.scheduled = float("inf")
+                due.append(sim)
+        for sim in due:  # one pass: a deadline that stays in the past must not spin here
             sim.core.handle_timeout(now, time.time())
-            self._flush(sim, now)
+            self._flush(sim, now, floor=now + 0.001)
 
-    def _flush(self, sim: Sim, now: float) -> None:
+    def _flush(self, sim: Sim, now: float, floor: float = 0.0) -> None:
         core = sim.core
         while (tx := core.poll_transmit()) is not None:
             try:
@@ -256,6 +259,9 @@ class SimClients:
             except OSError:
                 self.errors += 1
         deadline = core.poll_timeout()
+        if deadline is not None and deadline < floor:
+            self.stuck_deadlines += 1
+            deadline = floor
         if deadline is not None and deadline < sim.scheduled:
             sim.scheduled = deadline
             heapq.heappush(self._heap, (deadline, sim.index))
