@@ -132,6 +132,8 @@ class NetworkMonitor:
         self._stopping = threading.Event()
         self._wake_read, self._wake_write = -1, -1
         self._dump_seq = 0
+        self._dump_pending = False
+        self._held: list[Any] = []
         self._portid = -1
         self.changes_seen = 0
         self.callbacks = 0
@@ -237,12 +239,27 @@ class NetworkMonitor:
             if table == _RT_TABLE_LOCAL or _is_link_scoped(message.get_attr("RTA_DST")):
                 return False
         else:
-            return False  # NLMSG_DONE of our dump, errors
+            if (event == "NLMSG_DONE" and header["sequence_number"] == self._dump_seq
+                    and header["pid"] == self._portid):
+                return self._dump_finished()
+            return False  # errors and the like
+        if index is not None and index not in self._names and self._dump_pending:
+            # Events queued before our link dump's answer (e.g. the TUN being configured
+            # right after we subscribed) name interfaces we cannot name yet: decide later.
+            self._held.append(message)
+            return False
         return index is None or self._names.get(index) != self._ignore_ifname
+
+    def _dump_finished(self) -> bool:
+        """Every link is named now: judge the events held back while the dump ran."""
+        self._dump_pending = False
+        held, self._held = self._held, []
+        return any(self._is_change(message) for message in held)
 
     def _request_link_dump(self) -> None:
         """Ask for every link on the monitor socket; replies fill the index -> name map."""
         assert self._sock is not None
+        self._dump_pending = True
         self._dump_seq += 1
         ifinfomsg = struct.pack("BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
         header = struct.pack(

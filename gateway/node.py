@@ -26,7 +26,9 @@ Sans-IO: bytes, ``now`` and portal commands in; transmits, events and deadlines 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import ipaddress
+import itertools
 import logging
 import uuid
 from collections import Counter, deque
@@ -188,6 +190,8 @@ class Connection:
     #: After a reuse, remote candidates are accepted again until then (roaming clients).
     accept_candidates_until: float = 0.0
     idle: bool = False
+    #: The deadline this connection is queued under in the node's timer heap.
+    scheduled: float | None = None
 
     @property
     def state(self) -> str:
@@ -213,6 +217,11 @@ class Node:
         self._srflx_candidates: dict[Address, Candidate] = {}
         self._transmits: deque[Transmit] = deque()
         self._events: deque[NodeEvent] = deque()
+        # Per-connection deadlines: (deadline, tie-breaker, client id). Entries go stale
+        # when a connection reschedules or disappears and are skipped lazily, so timers
+        # cost O(log n) per connection touched instead of O(n) per message.
+        self._timers: list[tuple[float, int, uuid.UUID]] = []
+        self._timer_seq = itertools.count()
         self._pending_added: dict[uuid.UUID, list[str]] = {}
         self._pending_invalidated: dict[uuid.UUID, list[str]] = {}
         self.counters: Counter[str] = Counter()
@@ -245,6 +254,7 @@ class Node:
         self._srflx_candidates.clear()
         self._transmits.clear()
         self._events.clear()
+        self._timers.clear()
         self._pending_added.clear()
         self._pending_invalidated.clear()
         self.static = StaticKeyPair.generate(self._rng)
@@ -641,25 +651,45 @@ class Node:
         for allocation in list(self._allocations.values()):
             allocation.handle_timeout(now)
             self._drain_allocation(allocation, now)
-        for conn in list(self._connections.values()):
-            if conn.failed is None:
-                if not conn.got_remote_candidate and now - conn.created_at >= CANDIDATE_TIMEOUT:
-                    self._fail(conn, "no remote candidates received")
-                    continue
-                conn.agent.handle_timeout(now)
-                self._drain_agent(conn, now)
+        due: dict[uuid.UUID, Connection] = {}
+        while self._timers and self._timers[0][0] <= now:
+            _, _, client_id = heapq.heappop(self._timers)
+            conn = self._connections.get(client_id)
+            if conn is not None and conn.failed is None:
+                due[client_id] = conn
+        for conn in due.values():
+            conn.scheduled = None
+            if conn.failed is not None:
+                continue
+            if not conn.got_remote_candidate and now - conn.created_at >= CANDIDATE_TIMEOUT:
+                self._fail(conn, "no remote candidates received")
+                continue
+            conn.agent.handle_timeout(now)
+            self._drain_agent(conn, now)
         self._flush_candidate_events()
 
     def poll_timeout(self) -> float | None:
         deadlines = [self.rate_limiter.poll_timeout()]
         deadlines += [a.poll_timeout() for a in self._allocations.values()]
-        for conn in self._connections.values():
-            if conn.failed is None:
-                deadlines.append(conn.agent.poll_timeout())
-                if not conn.got_remote_candidate:
-                    deadlines.append(conn.created_at + CANDIDATE_TIMEOUT)
+        timers = self._timers
+        while timers:
+            deadline, _, client_id = timers[0]
+            conn = self._connections.get(client_id)
+            if conn is not None and conn.failed is None and conn.scheduled == deadline:
+                deadlines.append(deadline)
+                break
+            heapq.heappop(timers)  # stale: rescheduled, failed or gone
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
+
+    def _schedule(self, conn: Connection) -> None:
+        deadline = conn.agent.poll_timeout()
+        if not conn.got_remote_candidate:
+            expiry = conn.created_at + CANDIDATE_TIMEOUT
+            deadline = expiry if deadline is None else min(deadline, expiry)
+        if deadline is not None and deadline != conn.scheduled:
+            conn.scheduled = deadline
+            heapq.heappush(self._timers, (deadline, next(self._timer_seq), conn.client_id))
 
     def poll_transmit(self) -> Transmit | None:
         return self._transmits.popleft() if self._transmits else None
@@ -711,6 +741,8 @@ class Node:
             elif isinstance(event, Disconnected):
                 self._fail(conn, f"ICE disconnected: {event.reason}")
                 return
+        if conn.failed is None:
+            self._schedule(conn)
 
     def _update_path(self, conn: Connection, now: float) -> None:
         if conn.nominated is None:

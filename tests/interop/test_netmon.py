@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -110,3 +111,30 @@ def test_link_local_and_multicast_changes_are_ignored(
 
     netns.run("ip", "addr", "add", "10.203.9.1/24", "dev", "fztva", ns=ns)  # the control
     assert calls.wait(1, TIMEOUT)
+
+
+def test_tun_changes_queued_before_the_link_dump_are_still_ignored(
+    ns: str, calls: Calls
+) -> None:
+    """The TUN exists before the monitor subscribes, and is configured after subscribing
+    but before the monitor's link dump names its index: those events must not count."""
+    device = netns.in_netns(ns, open_tun)
+
+    def subscribe_then_configure() -> Any:
+        sock = netns.in_netns(ns, open_monitor_socket)
+        # An address first (no link event that would name the device on the way).
+        netns.run("ip", "addr", "add", "100.64.0.9/32", "dev", TUN_NAME, ns=ns)
+        netns.in_netns(ns, lambda: configure_interface("100.64.0.1", "fd00:2021:1111::1"))
+        return sock
+
+    mon = NetworkMonitor(calls, debounce=DEBOUNCE, ignore_ifname=TUN_NAME,
+                         socket_factory=subscribe_then_configure)
+    mon.start()
+    try:
+        assert not calls.wait(1, QUIET)
+        assert mon.changes_seen == 0
+        netns.run("ip", "addr", "add", "10.203.9.1/24", "dev", "fztva", ns=ns)  # the control
+        assert calls.wait(1, TIMEOUT)
+    finally:
+        mon.stop()
+        device.close()

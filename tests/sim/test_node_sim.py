@@ -403,3 +403,43 @@ def test_idle_connections_use_the_idle_check_timings() -> None:
     assert idle_deadline is not None and idle_deadline - sim.now > 30
     sim.node.set_idle(CLIENT_ID, False, sim.now)
     assert conn.state == "connected"
+
+
+def test_timers_only_touch_due_connections(monkeypatch: object) -> None:
+    """Deadlines live in a heap: a wake-up visits the due connections, not all of them."""
+    import pytest
+
+    sim = Sim()
+    sim.add_relay()
+    start = sim.now
+    ids = []
+    for i in range(50):
+        client_id = uuid.UUID(int=i + 1)
+        ids.append(client_id)
+        sim.node.upsert_connection(
+            client_id, client_public_key=sim.client_static.public, preshared_key=bytes(32),
+            local=IceCredentials(f"g{i:03d}", "zfjrrjdkbci42t2axyd45a"), remote=CLIENT_CREDS,
+            now=sim.now,
+        )
+        sim.clock.tick(0.1)  # staggered creation: staggered candidate timeouts
+    visited: list[object] = []
+    original = IceAgent.handle_timeout
+    patch = pytest.MonkeyPatch()
+    patch.setattr(IceAgent, "handle_timeout",
+                  lambda self, now: (visited.append(self), original(self, now))[1])
+    try:
+        first_deadline = sim.node.poll_timeout()
+        assert first_deadline is not None
+        sim.node.handle_timeout(first_deadline - 0.001)
+        assert visited == [], "nothing is due yet"
+        # Only the first three connections' candidate timeouts (created at +0, +0.1, +0.2)
+        # have passed at +10.25: exactly those fail, no other agent is visited.
+        sim.clock.skip_to(start + 10.25)
+        sim.node.handle_timeout(sim.now)
+        assert sim.node.counters["connections_failed"] == 3
+        assert len(sim.node.connections()) == 47
+        assert len(visited) == 0
+        next_deadline = sim.node.poll_timeout()
+        assert next_deadline is not None and abs(next_deadline - (start + 10.3)) < 1e-6
+    finally:
+        patch.undo()
