@@ -210,6 +210,11 @@ class Node:
         self.static = static or StaticKeyPair.generate(rng)
         self.rate_limiter = HandshakeRateLimiter(self.static.public, rng)
         self._allocations: dict[str, Allocation] = {}
+        #: Replaced allocations finishing their delete (answers routed by transaction id),
+        #: and the relays whose new allocation waits for that.
+        self._deleting: list[Allocation] = []
+        self._deferred: dict[str, TurnServer] = {}
+        self._relay_servers: set[Address] = set()
         self._server_to_relay: dict[Address, str] = {}
         self._connections: dict[uuid.UUID, Connection] = {}
         self._by_index: dict[int, uuid.UUID] = {}
@@ -249,7 +254,10 @@ class Node:
         self._connections.clear()
         self._by_index.clear()
         self._allocations.clear()
+        self._deleting.clear()
+        self._deferred.clear()
         self._server_to_relay.clear()
+        self._relay_servers.clear()
         self._host_candidates.clear()
         self._srflx_candidates.clear()
         self._transmits.clear()
@@ -274,19 +282,23 @@ class Node:
     # ------------------------------------------------------------------ relays
 
     def relay_servers(self) -> frozenset[Address]:
-        return frozenset(self._server_to_relay)
+        return frozenset(self._relay_servers)
 
     def update_relays(
         self, removed: Iterable[str], added: Iterable[TurnServer], now: float
     ) -> None:
         """Apply ``init``/``relays_presence`` (snownet.md §6.1)."""
         for relay_id in removed:
+            self._deferred.pop(relay_id, None)
             if relay_id in self._allocations:
                 log.info("relay %s removed", relay_id)
                 self._remove_allocation(relay_id, "relay disconnected", now)
         seen: set[str] = set()
         for relay in added:
             seen.add(relay.relay_id)
+            if relay.relay_id in self._deferred:  # still waiting for the old one's delete
+                self._deferred[relay.relay_id] = relay
+                continue
             current = self._allocations.get(relay.relay_id)
             if current is not None and current.same_config(
                 relay.addresses, relay.username, relay.password
@@ -296,29 +308,48 @@ class Node:
             if current is not None:
                 # Same socket, new credentials: a relay that binds allocations to the
                 # username (coturn does) refuses a new ALLOCATE on the same 5-tuple until
-                # the old allocation is gone, so delete it with its own credentials first.
+                # the old allocation is gone, so delete it with its own credentials first;
+                # it stays around, for its own transactions only, until the delete is done,
+                # and the new allocation starts after that.
                 current.deallocate(now)
                 while (tx := current.poll_transmit()) is not None:
                     self._transmits.append(tx)
                 self._remove_allocation(relay.relay_id, "relay credentials changed", now)
-            log.info("allocating on relay %s at %s", relay.relay_id, relay.addresses)
-            allocation = Allocation(
-                relay_id=relay.relay_id,
-                servers=relay.addresses,
-                username=relay.username,
-                password=relay.password,
-                software=self.software,
-                rng=self._rng,
-                now=now,
-            )
-            self._allocations[relay.relay_id] = allocation
-            for server in allocation.server_addresses():
-                self._server_to_relay[server] = relay.relay_id
-            self._drain_allocation(allocation, now)
+                if current.busy:
+                    self._deleting.append(current)
+                    self._deferred[relay.relay_id] = relay
+                    self._refresh_relay_servers()
+                    continue
+            self._deferred.pop(relay.relay_id, None)
+            self._start_allocation(relay, now)
         for relay_id, allocation in list(self._allocations.items()):
             if relay_id not in seen:
                 allocation.refresh(now)
                 self._drain_allocation(allocation, now)
+
+    def _start_allocation(self, relay: TurnServer, now: float) -> None:
+        log.info("allocating on relay %s at %s", relay.relay_id, relay.addresses)
+        allocation = Allocation(
+            relay_id=relay.relay_id,
+            servers=relay.addresses,
+            username=relay.username,
+            password=relay.password,
+            software=self.software,
+            rng=self._rng,
+            now=now,
+        )
+        self._allocations[relay.relay_id] = allocation
+        for server in allocation.server_addresses():
+            self._server_to_relay[server] = relay.relay_id
+        self._refresh_relay_servers()
+        self._drain_allocation(allocation, now)
+
+    def _refresh_relay_servers(self) -> None:
+        """Every address relay traffic may come from, including allocations being deleted."""
+        servers = set(self._server_to_relay)
+        for deleting in self._deleting:
+            servers |= deleting.server_addresses()
+        self._relay_servers = servers
 
     def _remove_allocation(self, relay_id: str, reason: str, now: float) -> None:
         allocation = self._allocations.pop(relay_id, None)
@@ -326,6 +357,7 @@ class Node:
             return
         for server in allocation.server_addresses():
             self._server_to_relay.pop(server, None)
+        self._refresh_relay_servers()
         relayed = set(allocation.relay_addresses())
         for conn in list(self._connections.values()):
             for address in relayed:
@@ -538,12 +570,15 @@ class Node:
             return None
         if not self._learn_host_candidate(local, now):
             return None
-        kind = classify(data, src, self._server_to_relay)
+        kind = classify(data, src, self._relay_servers)
         if kind is DatagramKind.STUN_FROM_RELAY:
             self._handle_relay_stun(data, src, local, now)
             return None
         if kind is DatagramKind.CHANNEL_DATA_FROM_RELAY:
-            relay_id = self._server_to_relay[src]
+            relay_id = self._server_to_relay.get(src)
+            if relay_id is None:  # only an allocation being deleted uses that server
+                self.counters["channel_data_dropped"] += 1
+                return None
             allocation = self._allocations[relay_id]
             unwrapped = allocation.decapsulate(data, src, now)
             self._drain_allocation(allocation, now)
@@ -594,14 +629,43 @@ class Node:
         return None
 
     def _handle_relay_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
-        allocation = self._allocations[self._server_to_relay[src]]
         try:
             message = parse_stun(data)
         except MalformedPacket:
             self.counters["malformed_stun_from_relay"] += 1
             return
+        for deleting in self._deleting:
+            if deleting.expects(message):
+                deleting.handle_stun(message, data, src, local, now)
+                self._drain_deleting(now)
+                return
+        relay_id = self._server_to_relay.get(src)
+        if relay_id is None:
+            self.counters["stun_from_deleted_relay"] += 1
+            return
+        allocation = self._allocations[relay_id]
         allocation.handle_stun(message, data, src, local, now)
         self._drain_allocation(allocation, now)
+
+    def _drain_deleting(self, now: float) -> None:
+        """Send what replaced allocations still have to say; once a delete is done (or given
+        up), start the allocation that waited for it."""
+        for deleting in self._deleting:
+            while (tx := deleting.poll_transmit()) is not None:
+                self._transmits.append(tx)
+            while deleting.poll_event() is not None:
+                pass  # their candidates were withdrawn when they were replaced
+        finished = [d for d in self._deleting if not d.busy]
+        if not finished:
+            return
+        self._deleting = [d for d in self._deleting if d.busy]
+        self._refresh_relay_servers()
+        waiting = {d.relay_id for d in self._deleting}
+        for done in finished:
+            relay = self._deferred.get(done.relay_id)
+            if relay is not None and done.relay_id not in waiting:
+                del self._deferred[done.relay_id]
+                self._start_allocation(relay, now)
 
     def _handle_ice_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
         try:
@@ -651,6 +715,9 @@ class Node:
         for allocation in list(self._allocations.values()):
             allocation.handle_timeout(now)
             self._drain_allocation(allocation, now)
+        for deleting in self._deleting:
+            deleting.handle_timeout(now)
+        self._drain_deleting(now)
         due: dict[uuid.UUID, Connection] = {}
         while self._timers and self._timers[0][0] <= now:
             _, _, client_id = heapq.heappop(self._timers)
@@ -671,6 +738,7 @@ class Node:
     def poll_timeout(self) -> float | None:
         deadlines = [self.rate_limiter.poll_timeout()]
         deadlines += [a.poll_timeout() for a in self._allocations.values()]
+        deadlines += [a.poll_timeout() for a in self._deleting]
         timers = self._timers
         while timers:
             deadline, _, client_id = timers[0]

@@ -45,6 +45,10 @@ REQUESTED_TRANSPORT_UDP = b"\x11\x00\x00\x00"
 ADDITIONAL_FAMILY_IPV6 = b"\x02\x00\x00\x00"
 
 NO_RESPONSE = "no response received. Is STUN blocked?"
+#: After a 437 whose clean-up delete the relay refused: ALLOCATE again this much later,
+#: at most this many times (the stale allocation is normally gone within a second).
+ALLOCATE_RETRY_DELAY = 1.0
+ALLOCATE_RETRIES = 5
 AUTHENTICATION_ERROR = "authentication error"
 
 CandidateKind = Literal["srflx", "relay"]
@@ -144,6 +148,8 @@ class Allocation:
         self._lifetime: tuple[float, float] | None = None  # (received at, seconds)
 
         self._requests: dict[bytes, _Request] = {}
+        self._allocate_retry_at: float | None = None
+        self._allocate_retries = 0
         self._channels: dict[int, _Channel] = {}
         self._channel_by_peer: dict[Address, int] = {}
         self._next_channel = CHANNEL_FIRST
@@ -276,6 +282,7 @@ class Allocation:
             if old_addr is not None:
                 self._events.append(CandidateRemoved("relay", old_addr))
         self._relays = new
+        self._allocate_retries = 0
         logger.info(
             "relay %s: allocated %s, lifetime %d s", self.relay_id, self.relay_addresses(), lifetime
         )
@@ -358,7 +365,13 @@ class Allocation:
             else:
                 self._buffered_bindings.clear()
         elif request.method == Method.REFRESH:
-            if request.delete:
+            if request.delete and request.reallocate and self._allocate_retries < ALLOCATE_RETRIES:
+                # The allocation that caused the 437 is not ours to delete (other
+                # credentials: coturn answers 441); it is usually on its way out (a relay
+                # frees a deleted allocation on its next timer tick): try again shortly.
+                self._allocate_retries += 1
+                self._allocate_retry_at = now + ALLOCATE_RETRY_DELAY
+            elif request.delete:
                 self._invalidate()
             else:
                 self._invalidate()
@@ -415,6 +428,15 @@ class Allocation:
         channel.data_since_bind = True
         channel.last_received = now
         return channel.peer, payload, relay
+
+    def expects(self, msg: StunMessage) -> bool:
+        """Whether ``msg`` answers one of our outstanding requests (by transaction id)."""
+        return msg.transaction_id in self._requests
+
+    @property
+    def busy(self) -> bool:
+        """Requests are still outstanding (a delete being retried, for instance)."""
+        return bool(self._requests)
 
     def note_channel_data(self, number: int, now: float) -> None:
         """Data arrived on channel ``number`` outside :meth:`decapsulate` (a shell's fast
@@ -532,6 +554,7 @@ class Allocation:
                 self._retransmit_or_give_up(request, now)
                 if self.is_freed:
                     return
+        self._retry_allocate_due(now)
         if (
             self._lifetime is not None
             and now >= self._refresh_at()
@@ -544,6 +567,11 @@ class Allocation:
                     CHANNEL_REFRESH_AGE
                 ):
                     self._send_channel_bind(channel.peer, number, now)
+
+    def _retry_allocate_due(self, now: float) -> None:
+        if self._allocate_retry_at is not None and now >= self._allocate_retry_at:
+            self._allocate_retry_at = None
+            self._send_allocate(now)
 
     def _retransmit_or_give_up(self, request: _Request, now: float) -> None:
         if request.deadline - request.first_sent <= MAX_RETRANSMIT_ELAPSED:
@@ -584,6 +612,8 @@ class Allocation:
         if self.is_freed:
             return None
         deadlines = [r.deadline for r in self._requests.values()]
+        if self._allocate_retry_at is not None:
+            deadlines.append(self._allocate_retry_at)
         if self._lifetime is not None:
             deadlines.append(self._lifetime[0] + self._lifetime[1])
             if not self._in_flight(Method.REFRESH):

@@ -22,6 +22,8 @@ from gateway.stun.message import (
     verify_integrity,
 )
 from gateway.turn.allocation import (
+    ALLOCATE_RETRIES,
+    ALLOCATE_RETRY_DELAY,
     AUTHENTICATION_ERROR,
     NO_RESPONSE,
     Allocation,
@@ -448,6 +450,52 @@ def test_437_to_allocate_deletes_then_allocates_again() -> None:
     _, again, _ = relay.one(Method.ALLOCATE)
     relay.answer(
         again, xor=[(Attr.XOR_RELAYED_ADDRESS, RELAY)], attrs=[(Attr.LIFETIME, u32(600))], now=T0
+    )
+    assert alloc.relay_addresses() == [RELAY]
+
+
+def test_437_whose_delete_is_refused_retries_the_allocate_shortly() -> None:
+    """The stale allocation belongs to other credentials (441 to our delete): it is on its
+    way out, so ALLOCATE again after a second, a bounded number of times."""
+    alloc = new_alloc()
+    relay = Relay(alloc)
+    _, binding, _ = relay.one()
+    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
+    _, first, _ = relay.one(Method.ALLOCATE)
+    relay.challenge(first, T0)
+    for attempt in range(ALLOCATE_RETRIES + 1):
+        _, signed, _ = relay.one(Method.ALLOCATE)
+        relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
+        _, delete, _ = relay.one(Method.REFRESH)
+        relay.answer(delete, MessageClass.ERROR, error=(441, "Wrong Credentials"), now=T0)
+        if attempt == ALLOCATE_RETRIES:
+            break
+        assert alloc.poll_timeout() == T0 + ALLOCATE_RETRY_DELAY
+        tick(alloc, T0 + ALLOCATE_RETRY_DELAY - 0.01)
+        assert relay.sent() == [], "not before the delay"
+        tick(alloc, T0 + ALLOCATE_RETRY_DELAY)
+    # Out of retries: no more ALLOCATE until a refresh restarts it.
+    assert alloc.poll_timeout() != T0 + ALLOCATE_RETRY_DELAY
+    tick(alloc, T0 + 5)
+    assert not [m for m in relay.sent() if m[1].method == Method.ALLOCATE]
+
+
+def test_437_whose_delete_is_refused_then_succeeds() -> None:
+    alloc = new_alloc()
+    relay = Relay(alloc)
+    _, binding, _ = relay.one()
+    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
+    _, first, _ = relay.one(Method.ALLOCATE)
+    relay.challenge(first, T0)
+    _, signed, _ = relay.one(Method.ALLOCATE)
+    relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
+    _, delete, _ = relay.one(Method.REFRESH)
+    relay.answer(delete, MessageClass.ERROR, error=(441, "Wrong Credentials"), now=T0)
+    tick(alloc, T0 + ALLOCATE_RETRY_DELAY)
+    _, again, _ = relay.one(Method.ALLOCATE)
+    relay.answer(
+        again, xor=[(Attr.XOR_RELAYED_ADDRESS, RELAY)], attrs=[(Attr.LIFETIME, u32(600))],
+        now=T0 + ALLOCATE_RETRY_DELAY,
     )
     assert alloc.relay_addresses() == [RELAY]
 
