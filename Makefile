@@ -32,15 +32,15 @@ venv: $(STAMP)
 deps: apt venv
 
 lint: deps
-	$(VENV)/bin/ruff check gateway actors tests bench
+	$(VENV)/bin/ruff check gateway actors tests bench devportal devclient devstack
 	$(VENV)/bin/mypy
 
 test: deps
-	$(VENV)/bin/ruff check gateway actors tests bench
+	$(VENV)/bin/ruff check gateway actors tests bench devportal devclient devstack
 	$(PY) -m pytest -q -rfEs $(PYTEST_ARGS)
 
 demo: deps
-	$(PY) -m actors.demo
+	$(PY) -m devstack.demo
 
 bench: deps
 	$(PY) -m bench

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.support.e2e import CIDR_RESOURCE, Proc, Stack, stack
-from tests.support.topology import ADDRESSES, RESOURCE
+from devstack.stack import CIDR_RESOURCE, Proc, Stack, stack
+from devstack.topology import ADDRESSES, RESOURCE
 
 WG_MTU = 1280
 WG_PORT = 51830

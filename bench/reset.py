@@ -15,7 +15,7 @@ from typing import Any
 from actors.control import control_request
 from bench.net import BenchNet
 from bench.report import Results
-from tests.support.topology import RESOURCE
+from devstack.topology import RESOURCE
 
 
 def _echo_ok(net: BenchNet, tag: str) -> bool:

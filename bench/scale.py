@@ -20,7 +20,7 @@ from bench.net import bench_net, proc_cpu_seconds, proc_status
 from bench.report import Results
 from bench.setup_latency import SINK_PORT, cidr_resource
 from bench.simclient import SimClients, raise_fd_limit, start_sink
-from tests.support.topology import ADDRESSES, RESOURCE
+from devstack.topology import ADDRESSES, RESOURCE
 
 WINDOW = 64
 TRICKLE_PERIOD = 10.0

@@ -15,8 +15,8 @@ from typing import Any
 from bench.net import BenchNet
 from bench.report import Results, percentile
 from bench.simclient import SimClients, start_sink
-from tests.support.e2e import CIDR_RESOURCE
-from tests.support.topology import ADDRESSES, RESOURCE
+from devstack.stack import CIDR_RESOURCE
+from devstack.topology import ADDRESSES, RESOURCE
 
 SINK_PORT = 7002
 

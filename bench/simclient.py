@@ -31,10 +31,10 @@ from typing import Any
 
 from devclient.core import ClientCore, Ready
 from devportal.server import DevPortal
+from devstack.netns import in_netns
 from gateway.packet.ip import build_udp
 from gateway.portal.derive import derive_ice_credentials, generate_preshared_key
 from gateway.resources import Resource, resource_to_json
-from tests.support.netns import in_netns
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import pykka
 import pytest
 
 from actors import logsetup
+from devstack.coturn import CoturnServer
 from tests.support.clock import ManualClock
-from tests.support.coturn import CoturnServer
 from tests.support.interop import require_bin
 from tests.support.secrets_scan import assert_no_secrets
 

@@ -1,4 +1,4 @@
-"""``make demo`` (``python -m actors.demo``): set-up, checks and teardown, as CI runs them.
+"""``make demo`` (``python -m devstack.demo``): set-up, checks and teardown, as CI runs them.
 
 1. ``--non-interactive``: exit 0, the resource's HTTP body and the how-to-look-at-it
    instructions are printed, and no namespace or process of the demo is left;
@@ -26,8 +26,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack.topology import python
 from tests.support.interop import require_bin, require_netns
-from tests.support.topology import python
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(90)]
 
@@ -68,7 +68,7 @@ def _assert_clean(output: str, demo_pid: int) -> None:
 def test_non_interactive_demo_sets_up_checks_and_cleans_up() -> None:
     env = dict(os.environ, CI="1")
     started = time.monotonic()
-    result = subprocess.run([python(), "-m", "actors.demo", "--non-interactive"], cwd=REPO,
+    result = subprocess.run([python(), "-m", "devstack.demo", "--non-interactive"], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=60, check=False)
     output = result.stdout
     assert result.returncode == 0, output + result.stderr
@@ -88,7 +88,7 @@ def test_non_interactive_demo_sets_up_checks_and_cleans_up() -> None:
 
 def test_sigint_during_the_wait_cleans_up_and_exits_0() -> None:
     proc = subprocess.Popen(
-        [python(), "-m", "actors.demo", "--keep-seconds", "60"], cwd=REPO,
+        [python(), "-m", "devstack.demo", "--keep-seconds", "60"], cwd=REPO,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,  # its own process group, like a terminal's foreground job
     )
@@ -132,7 +132,7 @@ def test_ctrl_c_on_a_terminal_in_interactive_mode_cleans_up_and_exits_0(
     via_make: bool, tmp_path: Path
 ) -> None:
     """Under make too: make shares the demo's process group, yet must exit 0 as well."""
-    command = [python(), "-m", "actors.demo"]
+    command = [python(), "-m", "devstack.demo"]
     if via_make:
         require_bin("make", "make")
         makefile = tmp_path / "Makefile"
@@ -193,7 +193,7 @@ def test_a_failing_step_exits_1_with_the_log_tail_and_still_cleans_up(tmp_path: 
     wrapper.chmod(0o755)
     env = dict(os.environ, FZ_PYTHON=str(wrapper))
     workdir = tmp_path / "work"
-    result = subprocess.run([python(), "-m", "actors.demo", "--non-interactive", "--workdir",
+    result = subprocess.run([python(), "-m", "devstack.demo", "--non-interactive", "--workdir",
                              str(workdir)], cwd=REPO,
                             env=env, capture_output=True, text=True, timeout=60, check=False)
     output = result.stdout

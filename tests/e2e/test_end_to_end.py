@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.packet.ip import build_udp
-from tests.support.e2e import (
+from devstack.stack import (
     CIDR_RESOURCE,
     DNS_NAME,
     DNS_RESOURCE,
@@ -26,8 +25,9 @@ from tests.support.e2e import (
     Stack,
     stack,
 )
+from devstack.topology import ADDRESSES, RESOURCE
+from gateway.packet.ip import build_udp
 from tests.support.interop import require_bin, require_netns
-from tests.support.topology import ADDRESSES, RESOURCE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import pytest
 
+from devstack.stack import CIDR_RESOURCE, GATEWAY_TOKEN, Stack, stack
+from devstack.topology import RESOURCE
 from gateway.exit_codes import ExitCode
-from tests.support.e2e import CIDR_RESOURCE, GATEWAY_TOKEN, Stack, stack
 from tests.support.interop import require_bin, require_netns
 from tests.support.secrets_scan import assert_no_secrets
-from tests.support.topology import RESOURCE
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(120)]
 

@@ -23,8 +23,8 @@ import pytest
 from devclient.client import DevClient
 from devclient.control import CommandFifo
 from devclient.core import ClientCore, InterfaceConfig
+from devstack.coturn import CoturnServer
 from gateway.packet.ip import build_udp
-from tests.support.coturn import CoturnServer
 from tests.support.fake_gateway import FakePortal, GatewayRunner, udp_echo
 
 CIDR_ID = "11111111-1111-4111-8111-111111111111"

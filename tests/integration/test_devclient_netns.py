@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 from websockets.sync.server import Server, ServerConnection, serve
 
-from tests.support import netns
+from devstack import netns
 from tests.support.fake_gateway import FakePortal, GatewayRunner
 from tests.support.interop import require_netns
 

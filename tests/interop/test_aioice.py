@@ -19,12 +19,12 @@ from typing import Any
 
 import pytest
 
+from devstack.coturn import CoturnServer
 from gateway.demux import DatagramKind, classify
 from gateway.ice.agent import IceAgent, IceEvent, Nominated
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.stun.message import MessageClass, parse
 from gateway.types import Address
-from tests.support.coturn import CoturnServer
 from tests.support.interop import require_module
 
 pytestmark = pytest.mark.interop

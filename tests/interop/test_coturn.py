@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack.coturn import CoturnServer
 from gateway.stun.message import Attr, MessageClass, Method, looks_like_stun, parse
 from gateway.turn.allocation import (
     AUTHENTICATION_ERROR,
@@ -24,7 +25,6 @@ from gateway.turn.allocation import (
     CandidateAdded,
     CandidateRemoved,
 )
-from tests.support.coturn import CoturnServer
 from tests.support.interop import require_bin
 
 pytestmark = pytest.mark.interop

@@ -11,7 +11,7 @@ import pytest
 from actors.io.tun_linux import TUN_NAME, open_tun
 from actors.netconfig import configure_interface
 from actors.netmon import NetworkMonitor, open_monitor_socket
-from tests.support import netns
+from devstack import netns
 from tests.support.interop import require_netns
 
 pytestmark = [pytest.mark.interop, pytest.mark.netns]

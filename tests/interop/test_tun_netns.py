@@ -27,7 +27,7 @@ from actors.tun import (
     TunActor,
     TunWriter,
 )
-from tests.support import netns
+from devstack import netns
 from tests.support.fake_tun import udp_ipv4, udp_ipv6
 from tests.support.interop import require_netns
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from devstack import netns
 from gateway.wg.keys import StaticKeyPair, encode_key
 from gateway.wg.ratelimit import HandshakeRateLimiter
 from gateway.wg.tunnel import (
@@ -34,7 +35,6 @@ from gateway.wg.tunnel import (
     WriteToNetwork,
     WriteToTunnel,
 )
-from tests.support import netns
 from tests.support.interop import require_bin, require_netns
 
 pytestmark = pytest.mark.interop

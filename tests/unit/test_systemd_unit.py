@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from devstack import netns
 from gateway.exit_codes import ExitCode
-from tests.support import netns
 from tests.support.interop import require_bin, require_netns
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -103,7 +103,7 @@ class CoturnServer:
         sent: set[bytes] = set()
         deadline = time.monotonic() + timeout
         if self.netns:
-            from tests.support.netns import in_netns
+            from devstack.netns import in_netns
 
             probe = in_netns(self.netns, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
         else:

@@ -24,9 +24,9 @@ from typing import Any
 from actors.control import control_request
 from devportal.config import parse_config
 from devportal.server import DevPortal
-from tests.support.coturn import CoturnServer
-from tests.support.netns import in_netns
-from tests.support.topology import (
+from devstack.coturn import CoturnServer
+from devstack.netns import in_netns
+from devstack.topology import (
     ADDRESSES,
     RESOURCE,
     RESOURCE_NET,

@@ -1,7 +1,7 @@
 """``make demo``: the gateway with the development portal, coturn and a client, in namespaces.
 
-``python -m actors.demo [--non-interactive] [--keep-seconds N] [--workdir DIR]`` (as root)
-builds the end-to-end test network (``tests/support/topology.py``), starts coturn, the
+``python -m devstack.demo [--non-interactive] [--keep-seconds N] [--workdir DIR]`` (as root)
+builds the end-to-end test network (``devstack/topology.py``), starts coturn, the
 development portal, a demo resource (HTTP :8080, UDP echo :7000), the gateway and a
 development client, sends an HTTP request and a UDP datagram through the tunnel, and prints
 what runs and how to look at it. It then waits for Ctrl-C (interactive), for
@@ -10,8 +10,8 @@ and removes everything it created. Exit status: 0 when set-up, checks and teardo
 succeeded (also after Ctrl-C during the wait), 1 when a step failed, 130 when interrupted
 during set-up.
 
-The building blocks live in ``tests/support`` (the same world the e2e tests use); the repo
-root is put on ``sys.path`` so this also works from another directory.
+The building blocks are the rest of :mod:`devstack` (the same world the end-to-end tests
+and the benchmarks use).
 """
 
 from __future__ import annotations
@@ -33,16 +33,12 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # `tests` is not an installed package
-    sys.path.insert(0, str(REPO))
+from actors.cli import render_status
+from devstack.coturn import CoturnServer
+from devstack.stack import CIDR_RESOURCE, Proc, Stack
+from devstack.topology import ADDRESSES, RESOURCE, Topology, topology
 
-from actors.cli import render_status  # noqa: E402
-from tests.support.coturn import CoturnServer  # noqa: E402
-from tests.support.e2e import CIDR_RESOURCE, Proc, Stack  # noqa: E402
-from tests.support.topology import ADDRESSES, RESOURCE, Topology, topology  # noqa: E402
-
-log = logging.getLogger("actors.demo")
+log = logging.getLogger("devstack.demo")
 
 HTTP_URL = f"http://{RESOURCE}:8080/"
 UDP_PORT = 7000
@@ -602,7 +598,7 @@ class Demo:
 def parse_args(argv: Sequence[str] | None) -> Options:
     """Command line to :class:`Options`; non-interactive when asked, in CI or without a TTY."""
     parser = argparse.ArgumentParser(
-        prog="python -m actors.demo",
+        prog="python -m devstack.demo",
         description="Run the gateway against the development portal, coturn and a "
         "development client in network namespaces (needs root).",
     )
@@ -623,7 +619,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python -m actors.demo``."""
+    """Entry point of ``python -m devstack.demo``."""
     options = parse_args(argv)
     console = logging.StreamHandler()  # stderr; portal.log gets the portal's INFO records
     console.setLevel(logging.DEBUG if options.verbose else logging.WARNING)

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support import netns
+from devstack import netns
 
 WAN = "10.203.0"
 ADDRESSES = {"client": f"{WAN}.2", "gateway": f"{WAN}.3", "relay": f"{WAN}.4", "portal": f"{WAN}.5"}
