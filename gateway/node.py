@@ -34,11 +34,13 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
 from gateway.ice.agent import Disconnected, IceAgent, Nominated
 from gateway.ice.candidate import Candidate, IceCredentials
+from gateway.stun.message import MessageClass
 from gateway.stun.message import parse as parse_stun
 from gateway.turn.allocation import (
     Allocation,
@@ -218,6 +220,10 @@ class Node:
         self._server_to_relay: dict[Address, str] = {}
         self._connections: dict[uuid.UUID, Connection] = {}
         self._by_index: dict[int, uuid.UUID] = {}
+        # Demultiplexing indexes, so a datagram costs O(1) connections, not O(clients):
+        # STUN requests by our ICE ufrag, responses and WireGuard handshakes by remote address.
+        self._by_ufrag: dict[str, list[Connection]] = {}
+        self._by_remote: dict[Address, list[Connection]] = {}
         self._host_candidates: dict[Address, Candidate] = {}
         self._srflx_candidates: dict[Address, Candidate] = {}
         self._transmits: deque[Transmit] = deque()
@@ -253,6 +259,8 @@ class Node:
         closed = list(self._connections)
         self._connections.clear()
         self._by_index.clear()
+        self._by_ufrag.clear()
+        self._by_remote.clear()
         self._allocations.clear()
         self._deleting.clear()
         self._deferred.clear()
@@ -437,6 +445,7 @@ class Node:
         replaced = self._connections.pop(client_id, None)
         if replaced is not None:
             self._by_index.pop(replaced.local_index >> INDEX_SHIFT, None)
+            self._unindex(replaced)
         agent = IceAgent(controlling=False, local=local, remote=remote, rng=self._rng, now=now)
         conn = Connection(
             client_id=client_id,
@@ -448,6 +457,7 @@ class Node:
             created_at=now,
         )
         self._connections[client_id] = conn
+        self._by_ufrag.setdefault(local.ufrag, []).append(conn)
         for host in self._host_candidates.values():
             self._add_local(conn, host)
         for srflx in self._srflx_candidates.values():
@@ -490,6 +500,7 @@ class Node:
         if conn is None:
             return False
         self._by_index.pop(conn.local_index >> INDEX_SHIFT, None)
+        self._unindex(conn)
         log.info("connection to %s removed: %s", client_id, reason)
         return True
 
@@ -537,6 +548,7 @@ class Node:
                 continue
             conn.got_remote_candidate = True
             conn.agent.add_remote_candidate(candidate)
+            self._index_remote(conn, candidate.address)
             if candidate.kind != "host":
                 allocation = self._allocations.get(conn.relay_id)
                 if allocation is not None:
@@ -621,10 +633,8 @@ class Node:
                 client_id = self._by_index.get(index >> INDEX_SHIFT)
                 if client_id is not None:
                     return client_id
-        for conn in self._connections.values():
-            if conn.failed is None and (
-                src in conn.remote_addresses or conn.agent.accepts_from(src)
-            ):
+        for conn in self._by_remote.get(src, ()):
+            if conn.failed is None:
                 return conn.client_id
         return None
 
@@ -673,14 +683,32 @@ class Node:
         except MalformedPacket:
             self.counters["malformed_stun"] += 1
             return
-        for conn in self._connections.values():
+        if message.cls == MessageClass.REQUEST:
+            try:
+                username = message.username() or ""
+            except MalformedPacket:
+                username = ""
+            candidates = self._by_ufrag.get(username.partition(":")[0], ())
+        else:
+            candidates = self._by_remote.get(src, ())
+        for conn in candidates:
             if conn.failed is None and conn.agent.accepts(message, data):
-                conn.remote_addresses.add(src)
+                self._index_remote(conn, src)
                 conn.agent.handle_stun(message, data, src, local, now)
                 self._drain_agent(conn, now)
                 self._flush_candidate_events()
                 return
         self.counters["stun_no_agent"] += 1
+
+    def _index_remote(self, conn: Connection, address: Address) -> None:
+        if address not in conn.remote_addresses:
+            conn.remote_addresses.add(address)
+            self._by_remote.setdefault(address, []).append(conn)
+
+    def _unindex(self, conn: Connection) -> None:
+        _discard(self._by_ufrag, conn.local_credentials.ufrag, conn)
+        for address in conn.remote_addresses:
+            _discard(self._by_remote, address, conn)
 
     def _learn_host_candidate(self, local: Address, now: float) -> bool:
         if local in self._host_candidates or self._is_relayed_address(local):
@@ -773,6 +801,7 @@ class Node:
         conn.failed = reason
         self._connections.pop(conn.client_id, None)
         self._by_index.pop(conn.local_index >> INDEX_SHIFT, None)
+        self._unindex(conn)
         self.counters["connections_failed"] += 1
         log.info("connection to %s failed: %s", conn.client_id, reason)
         self._events.append(ConnectionFailed(conn.client_id, reason))
@@ -898,3 +927,11 @@ class Node:
 
 def _format(address: Address | None) -> str | None:
     return None if address is None else format_address(address)
+
+
+def _discard(index: dict[Any, list[Connection]], key: Any, conn: Connection) -> None:
+    entries = index.get(key)
+    if entries is not None:
+        entries[:] = [c for c in entries if c is not conn]
+        if not entries:
+            del index[key]

@@ -443,3 +443,32 @@ def test_timers_only_touch_due_connections(monkeypatch: object) -> None:
         assert next_deadline is not None and abs(next_deadline - (start + 10.3)) < 1e-6
     finally:
         patch.undo()
+
+
+def test_stun_and_handshakes_are_demultiplexed_by_index_not_by_scanning() -> None:
+    """With many connections, a datagram asks only the connection(s) it names."""
+    import pytest
+
+    sim = Sim()
+    sim.add_relay()
+    for i in range(40):
+        sim.node.upsert_connection(
+            uuid.UUID(int=i + 1), client_public_key=sim.client_static.public,
+            preshared_key=bytes(32), local=IceCredentials(f"x{i:03d}", "zfjrrjdkbci42t2axyd45a"),
+            remote=CLIENT_CREDS, now=sim.now,
+        )
+    sim.authorize()  # the real client, with GW_CREDS
+    asked: list[object] = []
+    original = IceAgent.accepts
+    patch = pytest.MonkeyPatch()
+    patch.setattr(IceAgent, "accepts",
+                  lambda self, msg, raw: (asked.append(self), original(self, msg, raw))[1])
+    try:
+        sim.run_until(lambda: sim.gw_path is not None)
+    finally:
+        patch.undo()
+    own = sim.node.connection(CLIENT_ID)
+    gateway_side = [agent for agent in asked if agent is not sim.client_agent]
+    assert own is not None and gateway_side
+    assert all(agent is own.agent for agent in gateway_side)
+    _exchange(sim)  # handshakes still find their connection
