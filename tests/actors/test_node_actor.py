@@ -17,11 +17,20 @@ import pytest
 from actors.io.udp import UdpSockets
 from actors.messages import Connect, KeyRotated, PortalIngress, SendToPortal
 from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
-from actors.peer import Authorize, NewSession, PeerFailed, RemoveResource, UpdateResource
+from actors.peer import (
+    Authorize,
+    NewSession,
+    PeerFailed,
+    RemoveResource,
+    SetupDnsResource,
+    UpdateResource,
+)
 from actors.resolver import Resolver
 from actors.tun import ConfigureInterface
 from gateway.portal.messages import (
     BroadcastIceCandidates,
+    BroadcastInvalidatedIceCandidates,
+    ConnectionReady,
     FlowAuthorized,
     parse_ingress,
 )
@@ -222,3 +231,66 @@ def _wait_for(condition: Any, timeout: float = 5.0) -> None:
             return
         done.wait(0.01)
     raise AssertionError("condition not met")
+
+
+def test_legacy_request_connection_answers_connection_ready(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "request_connection_with_domain.json"))
+    _status(harness["ref"])
+    (ready,) = _sent(harness["portal"], ConnectionReady)
+    frame = json.loads((portal_fixtures / "request_connection_with_domain.json").read_text())
+    assert ready.ref == frame["payload"]["ref"]
+    # Random local credentials of the right shape (ufrag 4, password 22), never the client's.
+    assert len(ready.ice_credentials.username) == 4 and len(ready.ice_credentials.password) == 22
+    client_id = uuid.UUID("2e5c0210-3ac0-49cd-bfc9-8005046291de")
+    seen = harness["peers"][client_id]
+    _wait_for(lambda: len(seen) >= 3)
+    assert [type(m) for m in seen[:3]] == [NewSession, Authorize, SetupDnsResource]
+    assert seen[2].domain == "download.httpbin" and len(seen[2].proxy_ips) == 8
+
+
+def test_legacy_allow_access_adds_a_resource_without_a_reply(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    _status(harness["ref"])
+    replies_before = len(harness["portal"].tell.call_args_list)
+    harness["ref"].tell(PortalIngress(parse_ingress("allow_access", {
+        "ref": "opaque", "client_id": str(CLIENT_ID), "flow_id": str(uuid.uuid4()),
+        "resource": {"id": "619fbe83-bc95-4635-9a08-68da9a944c88", "type": "dns",
+                     "address": "*.httpbin", "name": "*.httpbin", "filters": []},
+        "expires_at": None, "payload": {"name": "a.httpbin", "proxy_ips": ["100.96.0.1"]},
+        "client_ipv4": "100.93.74.51", "client_ipv6": "fd00:2021:1111::f:853b",
+    })))
+    _status(harness["ref"])
+    seen = harness["peers"][CLIENT_ID]
+    _wait_for(lambda: len(seen) >= 4)
+    assert [type(m) for m in seen[2:4]] == [Authorize, SetupDnsResource]
+    sent_after = [c.args[0] for c in harness["portal"].tell.call_args_list[replies_before:]]
+    assert not any(isinstance(m, SendToPortal) and not isinstance(
+        m.message, BroadcastIceCandidates) for m in sent_after), "allow_access gets no reply"
+
+
+def test_candidates_and_relays_presence_reach_the_node(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    harness["ref"].tell(PortalIngress(parse_ingress("ice_candidates", {
+        "client_id": str(CLIENT_ID),
+        "candidates": ["candidate:1 1 udp 2130706175 127.0.0.1 9 typ host", "garbage"],
+    })))
+    status = _status(harness["ref"])
+    assert status["counters"].get("bad_remote_candidate") == 1  # the bad one alone is skipped
+    harness["ref"].tell(_ingress(portal_fixtures, "invalidate_ice_candidates.json",
+                                 client_id=str(CLIENT_ID)))
+    # relays_presence: the relay we use disconnects, no replacement -> relay gone.
+    harness["ref"].tell(PortalIngress(parse_ingress("relays_presence", {
+        "disconnected_ids": ["0a133356-7a9e-4b9a-b413-0d95a5720fd8"], "connected": []})))
+    status = _status(harness["ref"])
+    assert status["relays"] == []
+    invalidated = _sent(harness["portal"], BroadcastInvalidatedIceCandidates)
+    assert all(m.client_ids == (CLIENT_ID,) for m in invalidated)
