@@ -162,3 +162,39 @@ def test_sigusr1_logs_every_threads_stack(world: Stack) -> None:
                           timeout=10, after=mark)
     gateway.popen.send_signal(signal.SIGTERM)
     assert gateway.popen.wait(15) == 0
+
+
+def test_bad_input_is_logged_and_dropped_and_nothing_else_is_lost(world: Stack) -> None:
+    world.start_resource_servers()
+    gateway = world.start_gateway()
+    status = world.wait_gateway_ready()
+    client = world.start_client(CIDR_RESOURCE)
+    client.wait_line(lambda line: line.startswith("READY"), timeout=30)
+    assert world.udp_echo(RESOURCE, 7000, b"before garbage") == b"before garbage"
+    assert world.portal is not None
+    mark = len(gateway.lines)
+    world.portal.push_to_gateway("authorize_flow", {"resource": "not an object"})
+    world.portal.push_to_gateway("no_such_event", {"x": 1})
+    world.portal.push_to_gateway("reject_access", {"client_id": "not-a-uuid"})
+    # Garbage datagrams at the gateway's UDP port, from the client's namespace.
+    port = status["ports"]["ipv4"]
+
+    def spray() -> None:
+        import socket
+
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            for payload in (b"", b"\x00", b"\x01\x00\x00\x00garbage", b"\x04" + bytes(40),
+                            b"\x40\x00\x00\x10" + bytes(16), bytes(range(256)) * 6):
+                sock.sendto(payload, ("10.203.0.3", port))
+
+    from devstack.netns import in_netns
+
+    in_netns(world.topo.ns("client"), spray)
+    gateway.wait_line(lambda line: "no_such_event" in line, timeout=10, after=mark)
+    gateway.wait_line(lambda line: "authorize_flow" in line and "ERROR" in line, timeout=10,
+                      after=mark)
+    after = world.gateway_status()
+    assert after["portal"]["state"] == "joined" and after["public_key"] == status["public_key"]
+    assert len(after["clients"]) == 1 and after["clients"][0]["resources"]
+    assert world.udp_echo(RESOURCE, 7000, b"after garbage") == b"after garbage"
+    assert gateway.popen.poll() is None
