@@ -86,9 +86,13 @@ class Timer:
         """Tell ``message`` to ``ref`` once ``clock.monotonic() >= deadline``."""
         with self._cond:
             entry = _Entry(deadline, next(self._seq), ref, message)
+            # The thread sleeps until the heap's first deadline; only an earlier one needs
+            # to wake it (actors re-arm after every message: mostly to later deadlines).
+            earlier = not self._heap or deadline < self._heap[0].deadline
             heapq.heappush(self._heap, entry)
             self._pending[entry.seq] = entry
-            self._cond.notify_all()
+            if earlier:
+                self._cond.notify_all()
             return TimerHandle(entry.seq, deadline)
 
     def cancel(self, handle: TimerHandle) -> None:

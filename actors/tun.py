@@ -370,6 +370,7 @@ class TunActor(pykka.ThreadingActor):
             self._device = self._device_factory()
             self._writer = TunWriter(self._device)
             self._reader = TunReader(self._device, self.actor_ref, self._batch_size)
+            self._reader.routes = self._routes  # shared; the actor updates it in place
             self._reader.start()
         except BaseException:
             self._shutdown()
@@ -438,29 +439,24 @@ class TunActor(pykka.ThreadingActor):
         route = _Route(message.client_id, message.peer, message.inflight)
         addresses = self._client_addresses.setdefault(message.client_id, set())
         addresses.update((ipv4, ipv6))
-        routes = dict(self._routes)
+        routes = self._routes
         for address in (ipv4, ipv6):
             previous = routes.get(address)
             if previous is not None and previous.client_id != message.client_id:
                 # The address moved to another client: the old one no longer owns it.
                 self._client_addresses.get(previous.client_id, set()).discard(address)
+        # In place, one key at a time: the reader only does single dict lookups, which are
+        # atomic under the GIL, so it never sees a half-updated table, and a change costs
+        # O(1) instead of copying the table (thousands of clients come and go).
         for address in addresses:
             routes[address] = route
-        self._publish(routes)
 
     def _unregister(self, client_id: uuid.UUID) -> None:
-        addresses = self._client_addresses.pop(client_id, set())
-        routes = {
-            address: route
-            for address, route in self._routes.items()
-            if not (address in addresses and route.client_id == client_id)
-        }
-        self._publish(routes)
-
-    def _publish(self, routes: dict[bytes, _Route]) -> None:
-        self._routes = routes
-        if self._reader is not None:
-            self._reader.routes = routes  # one reference swap: atomic for the reader
+        routes = self._routes
+        for address in self._client_addresses.pop(client_id, set()):
+            route = routes.get(address)
+            if route is not None and route.client_id == client_id:
+                del routes[address]
 
     def _stats(self) -> dict[str, Any]:
         dropped: dict[str, int] = {}

@@ -110,3 +110,20 @@ def test_stop_is_prompt_and_idempotent() -> None:
         t.start()
         t.start()
     t.stop()
+
+
+def test_only_an_earlier_deadline_wakes_the_timer_thread() -> None:
+    """Actors re-arm after every message, mostly to later deadlines: those must not wake
+    the timer thread (thousands of pointless wake-ups a second with many clients)."""
+    clock = ManualClock()
+    timer = Timer(clock)  # not started: count the notifications it would send
+    notified: list[None] = []
+    original = timer._cond.notify_all
+    timer._cond.notify_all = lambda: (notified.append(None), original())[1]  # type: ignore[method-assign]
+    ref: Any = object()
+    timer.schedule(ref, clock.monotonic() + 100, Wake())
+    assert len(notified) == 1
+    timer.schedule(ref, clock.monotonic() + 200, Wake())
+    assert len(notified) == 1
+    timer.schedule(ref, clock.monotonic() + 50, Wake())
+    assert len(notified) == 2
