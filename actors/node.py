@@ -84,7 +84,7 @@ from gateway.portal.messages import (
     merge_relays,
 )
 from gateway.types import Address, Rng
-from gateway.wg.keys import decode_key, encode_key
+from gateway.wg.keys import encode_key
 
 log = logging.getLogger(__name__)
 
@@ -350,8 +350,8 @@ class NodeActor(pykka.ThreadingActor):
         client = msg.client
         result = self.node.accept_connection(
             client.id,
-            client_public_key=decode_key(client.peer.public_key),
-            preshared_key=decode_key(client.peer.preshared_key),
+            client_public_key=client.peer.public_key_bytes,
+            preshared_key=client.peer.preshared_key_bytes,
             remote=_ice(client.ice_parameters),
             now=now,
         )

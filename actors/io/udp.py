@@ -30,6 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from actors.backpressure import InFlight
+from gateway.turn.channel_data import decode_channel_data
 from gateway.types import Address
 
 log = logging.getLogger(__name__)
@@ -146,7 +147,6 @@ def _local_address(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -
 
 
 _INDEX = struct.Struct("<I")
-_CHANNEL_HEADER = struct.Struct("!HH")
 
 
 class UdpReader(threading.Thread):
@@ -180,16 +180,18 @@ class UdpReader(threading.Thread):
         self._stopping.set()
 
     def run(self) -> None:
-        try:
-            while not self._stopping.is_set():
+        while not self._stopping.is_set():
+            try:
+                readable, _, _ = select.select(self._sockets, [], [], 0.2)
+            except (OSError, ValueError):
+                return  # sockets closed under us: we are being stopped
+            for sock in readable:
                 try:
-                    readable, _, _ = select.select(self._sockets, [], [], 0.2)
-                except (OSError, ValueError):
-                    return  # sockets closed under us: we are being stopped
-                for sock in readable:
                     self._drain(sock)
-        except Exception:  # pragma: no cover - a reader must never die silently
-            log.exception("UDP reader crashed")
+                except Exception:
+                    # A bug must cost one batch, not every datagram from now on.
+                    self.counters["reader_error"] += 1
+                    log.exception("UDP reader: batch dropped after an unexpected error")
 
     def _drain(self, sock: socket.socket) -> None:
         node_batch: list[tuple[Address, Address, bytes]] = []
@@ -206,7 +208,8 @@ class UdpReader(threading.Thread):
             except OSError as exc:
                 self.counters[f"recv_error_{exc.errno}"] += 1
                 break
-            src = (src[0], src[1])
+            if len(src) != 2:
+                src = (src[0], src[1])  # IPv6: drop flowinfo and scope id
             first = data[0] if data else 0
             # Fast path: WireGuard transport data (type 4 + three zero bytes) for a known index.
             if first == 4 and len(data) >= 32 and data[1:4] == b"\x00\x00\x00":
@@ -215,16 +218,18 @@ class UdpReader(threading.Thread):
                     peer_batches.setdefault(key, []).append((data, src))
                     continue
             # Relayed fast path: ChannelData carrying WireGuard transport data.
-            elif 0x40 <= first <= 0x7F and relay_routes and len(data) >= 36:
-                number, length = _CHANNEL_HEADER.unpack_from(data)
-                relayed = relay_routes.get((src, number))
-                if relayed is not None and data[4] == 4 and length <= len(data) - 4:
-                    inner = data[4 : 4 + length]
-                    key = _INDEX.unpack_from(inner, 4)[0] >> shift
-                    if key in routes:
-                        peer_batches.setdefault(key, []).append((inner, relayed[1]))
-                        activity.add((src, number))
-                        continue
+            elif 0x40 <= first <= 0x7F and relay_routes:
+                decoded = decode_channel_data(data)
+                if decoded is not None:
+                    number, inner = decoded
+                    relayed = relay_routes.get((src, number))
+                    if (relayed is not None and len(inner) >= 32
+                            and inner[:4] == b"\x04\x00\x00\x00"):
+                        key = _INDEX.unpack_from(inner, 4)[0] >> shift
+                        if key in routes:
+                            peer_batches.setdefault(key, []).append((inner, relayed[1]))
+                            activity.add((src, number))
+                            continue
             node_batch.append((_local_address(sock, ancdata), src, data))
         for key, datagrams in peer_batches.items():
             route = routes.get(key)

@@ -1,45 +1,32 @@
-"""Strict validation of WireGuard keys as the portal spells them (gateway-messages.md §0.1).
+"""WireGuard keys as portal message fields (gateway-messages.md §0.1).
 
-A key is 32 bytes in the *standard* base64 alphabet *with* padding: exactly 44 characters.
-URL-safe alphabet, missing padding and non-canonical trailing bits are rejected, as the
-Rust ``base64`` STANDARD engine does.
+The rule itself (44 characters of canonical, padded standard base64 for 32 bytes) lives in
+:mod:`gateway.wg.keys`; this module only names the offending field in the error, and never
+echoes the value (it may be a preshared key).
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
-KEY_LENGTH = 32
-KEY_B64_LENGTH = 44
+from gateway.wg.keys import decode_key, encode_key
+
+__all__ = ["encode_key", "key_bytes", "parse_key"]
 
 
 def parse_key(value: Any, where: str) -> str:
-    """Return ``value`` unchanged if it is a valid key, else raise ``ValueError``.
-
-    The message names ``where`` but never echoes the value (it may be a preshared key).
-    """
+    """Return ``value`` unchanged if it is a valid key, else raise ``ValueError``."""
     if not isinstance(value, str):
         raise ValueError(f"{where}: expected a base64 key string")
-    if len(value) != KEY_B64_LENGTH:
-        raise ValueError(f"{where}: expected 44 base64 characters, got {len(value)}")
     try:
-        raw = base64.b64decode(value.encode("ascii"), validate=True)
-    except (binascii.Error, UnicodeEncodeError):
-        raise ValueError(f"{where}: not standard base64") from None
-    if len(raw) != KEY_LENGTH or base64.b64encode(raw).decode("ascii") != value:
-        raise ValueError(f"{where}: not a canonical base64 encoding of 32 bytes")
+        decode_key(value)
+    except ValueError:
+        raise ValueError(
+            f"{where}: expected 44 characters of canonical standard base64 (32 bytes)"
+        ) from None
     return value
 
 
 def key_bytes(value: str) -> bytes:
     """The 32 raw bytes of a key already validated by :func:`parse_key`."""
-    return base64.b64decode(value)
-
-
-def encode_key(raw: bytes) -> str:
-    """The portal's spelling of 32 raw key bytes."""
-    if len(raw) != KEY_LENGTH:
-        raise ValueError(f"a key has {KEY_LENGTH} bytes, got {len(raw)}")
-    return base64.b64encode(raw).decode("ascii")
+    return decode_key(value)

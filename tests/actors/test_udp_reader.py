@@ -86,3 +86,18 @@ def test_relayed_transport_data_is_unwrapped_for_the_peer(setup: dict[str, Any])
     assert isinstance(setup["node"].wait(), Datagrams)
     setup["send"](encode_channel_data(0x4001, b"\x00\x01" + bytes(38)))
     assert isinstance(setup["node"].wait(), Datagrams)
+
+
+def test_short_or_odd_channel_data_on_a_routed_channel_does_not_kill_the_reader(
+    setup: dict[str, Any],
+) -> None:
+    relay = setup["relay"]
+    setup["relay_routes"][(relay, 0x4001)] = (setup["routes"][INDEX >> 8], ("10.0.0.2", 1))
+    odd = [encode_channel_data(0x4001, inner) for inner in
+           (b"\x04", b"\x04\x00\x00\x00\x01", b"\x04\x01\x00\x00" + bytes(40))]
+    odd.append(encode_channel_data(0x4001, b"\x04") + bytes(40))  # length 1, trailing junk
+    for datagram in odd:
+        setup["send"](datagram)
+        assert isinstance(setup["node"].wait(), Datagrams)  # not ours to unwrap
+    setup["send"](_transport())  # the reader still works
+    assert isinstance(setup["peer"].wait(), FromNetwork)

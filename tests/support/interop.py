@@ -13,7 +13,8 @@ import subprocess
 import pytest
 
 
-def _skip_or_fail(msg: str) -> None:
+def skip_or_fail(msg: str) -> None:
+    """Skip locally; fail under FZ_REQUIRE_INTEROP=1 (CI), where nothing may be left out."""
     if os.environ.get("FZ_REQUIRE_INTEROP") == "1":
         pytest.fail(msg)
     pytest.skip(msg)
@@ -23,7 +24,7 @@ def require_bin(binary: str, package: str) -> None:
     """Skip (or fail under FZ_REQUIRE_INTEROP=1) when ``binary`` is not installed."""
     if shutil.which(binary) is None:
         hint = f"apt-get install -y --no-install-recommends {package}"
-        _skip_or_fail(f"{binary} not installed ({hint})")
+        skip_or_fail(f"{binary} not installed ({hint})")
 
 
 def require_module(module: str) -> None:
@@ -31,16 +32,16 @@ def require_module(module: str) -> None:
     try:
         __import__(module)
     except ImportError:
-        _skip_or_fail(f"python package {module} not installed (pip install -e '.[test]')")
+        skip_or_fail(f"python package {module} not installed (pip install -e '.[test]')")
 
 
 def require_netns() -> None:
     """Root, /dev/net/tun and working ``ip netns`` are needed."""
     if os.geteuid() != 0:
-        _skip_or_fail("needs root for network namespaces")
+        skip_or_fail("needs root for network namespaces")
     if not os.path.exists("/dev/net/tun"):
-        _skip_or_fail("needs /dev/net/tun")
+        skip_or_fail("needs /dev/net/tun")
     require_bin("ip", "iproute2")
     probe = subprocess.run(["ip", "netns", "list"], capture_output=True, check=False)
     if probe.returncode != 0:
-        _skip_or_fail(f"ip netns does not work here: {probe.stderr.decode().strip()}")
+        skip_or_fail(f"ip netns does not work here: {probe.stderr.decode().strip()}")

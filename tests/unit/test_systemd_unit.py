@@ -11,7 +11,7 @@ import pytest
 
 from devstack import netns
 from gateway.exit_codes import ExitCode
-from tests.support.interop import require_bin, require_netns
+from tests.support.interop import require_bin, require_netns, skip_or_fail
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "config" / "firezone-gateway.service"
@@ -122,7 +122,7 @@ def test_dependencies_work_without_write_execute_memory() -> None:
         [sys.executable, "-c", MDWE_PROBE], capture_output=True, text=True, timeout=60
     )
     if result.returncode == 77:
-        pytest.skip("kernel without PR_SET_MDWE (Linux < 6.3)")
+        skip_or_fail("kernel without PR_SET_MDWE (Linux < 6.3)")
     assert result.returncode == 0, result.stderr
 
 
