@@ -30,6 +30,7 @@ from actors.io.udp import FromNetwork, UdpSockets
 from actors.resolver import IPAddress, Resolver
 from actors.timer import ActorTimer, Timer, Wake
 from actors.tun import FromTun, RegisterClient, TunWriter, UnregisterClient
+from gateway.idle import IdleTracker
 from gateway.node import DirectPath, Path, RelayedPath
 from gateway.peer import ClientOnGateway, Drop, NeedsResolution, Reply, ResourceExpired
 from gateway.resources import Resource
@@ -52,8 +53,6 @@ log = logging.getLogger(__name__)
 PENDING_DATAGRAMS = 10
 #: The client's configured persistent keepalive (snownet.md §5.1).
 PERSISTENT_KEEPALIVE = 25.0
-#: Connected -> Idle after this long without data in either direction (snownet.md §8.1).
-IDLE_AFTER = 10.0
 
 
 # ----------------------------------------------------------------------------- messages
@@ -174,8 +173,7 @@ class PeerActor(pykka.ThreadingActor):
         self._wake: ActorTimer | None = None
         self.counters: Counter[str] = Counter()  # drops by reason
         self.handshakes = 0
-        self._last_data = 0.0  # monotonic time of the last data packet either way
-        self._idle = False
+        self._idle = IdleTracker()
         self._log = logging.LoggerAdapter(log, {"client_id": str(client_id), "actor": "PeerActor"})
 
     # --------------------------------------------------------------- lifecycle
@@ -282,8 +280,7 @@ class PeerActor(pykka.ThreadingActor):
             self._client = None
 
     def _set_path(self, path: Path) -> None:
-        if self._path is None:
-            self._last_data = self._clock.monotonic()  # idle counts from the nomination
+        self._idle.start(self._clock.monotonic())  # idle counts from the nomination
         self._path = path
         while self._pending:
             self._send(self._pending.popleft())
@@ -356,18 +353,12 @@ class PeerActor(pykka.ThreadingActor):
 
     def _note_data(self, now: float) -> None:
         """Once per batch: data keeps (or makes) the connection active."""
-        self._last_data = now
-        if self._idle:
-            self._idle = False
+        if self._idle.note_data(now):
             self._node.tell(PeerIdle(self.client_id, False))
 
-    def _check_idle(self, now: float) -> None:
-        if not self._idle and self._path is not None and now - self._last_data >= IDLE_AFTER:
-            self._idle = True
-            self._node.tell(PeerIdle(self.client_id, True))
-
     def _handle_timeout(self, now: float) -> None:
-        self._check_idle(now)
+        if self._idle.handle_timeout(now):
+            self._node.tell(PeerIdle(self.client_id, True))
         unix_now = self._clock.unix()
         if self._tunnel is not None:
             self._tunnel.handle_timeout(now, unix_now)
@@ -404,8 +395,7 @@ class PeerActor(pykka.ThreadingActor):
             deadlines.append(self._tunnel.poll_timeout())
         if self._client is not None:
             deadlines.append(self._client.poll_timeout())
-        if not self._idle and self._path is not None:
-            deadlines.append(self._last_data + IDLE_AFTER)
+        deadlines.append(self._idle.poll_timeout())
         present = [d for d in deadlines if d is not None]
         self._wake.arm(min(present) if present else None)
 
@@ -451,7 +441,7 @@ class PeerActor(pykka.ThreadingActor):
         return {
             "client_id": str(self.client_id),
             "path": self._path.describe() if self._path is not None else "connecting",
-            "idle": self._idle,
+            "idle": self._idle.idle,
             "remote": (
                 f"{self._path.remote[0]}:{self._path.remote[1]}" if self._path is not None else None
             ),
