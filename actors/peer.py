@@ -440,6 +440,7 @@ class PeerActor(pykka.ThreadingActor):
                 )
         return {
             "client_id": str(self.client_id),
+            "actor": self.actor_urn,
             "path": self._path.describe() if self._path is not None else "connecting",
             "idle": self._idle.idle,
             "remote": (

@@ -405,17 +405,15 @@ def test_idle_connections_use_the_idle_check_timings() -> None:
     assert conn.state == "connected"
 
 
-def test_timers_only_touch_due_connections(monkeypatch: object) -> None:
+def test_timers_only_touch_due_connections() -> None:
     """Deadlines live in a heap: a wake-up visits the due connections, not all of them."""
     import pytest
 
     sim = Sim()
     sim.add_relay()
     start = sim.now
-    ids = []
     for i in range(50):
         client_id = uuid.UUID(int=i + 1)
-        ids.append(client_id)
         sim.node.upsert_connection(
             client_id, client_public_key=sim.client_static.public, preshared_key=bytes(32),
             local=IceCredentials(f"g{i:03d}", "zfjrrjdkbci42t2axyd45a"), remote=CLIENT_CREDS,
