@@ -32,7 +32,7 @@ import pykka.debug
 from actors.clock import Clock, SystemClock
 from actors.io.udp import UdpSockets
 from actors.messages import GetPortalStatus, PortalStatus
-from actors.node import GetNodeStatus, NodeActor, Reset
+from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
 from actors.peer import GetPeerStatus
 from actors.portal import PortalActor
 from actors.resolver import Resolver
@@ -186,8 +186,6 @@ def _start_actors(
     runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal, clock=clock)
     runtime_box.append(runtime)
     runtime.closers.append(resolver.shutdown)
-    from actors.node import AttachPortal
-
     node.tell(AttachPortal(portal))
     return runtime
 
