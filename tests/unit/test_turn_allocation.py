@@ -435,13 +435,19 @@ def test_refresh_with_lifetime_zero_success_after_deallocate() -> None:
 # ---- 437 and other errors -----------------------------------------------------------------
 
 
-def test_437_to_allocate_deletes_then_allocates_again() -> None:
+def challenged() -> tuple[Allocation, Relay]:
+    """An allocation whose first ALLOCATE got its nonce: the next one is signed."""
     alloc = new_alloc()
     relay = Relay(alloc)
     _, binding, _ = relay.one()
     relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
     _, first, _ = relay.one(Method.ALLOCATE)
     relay.challenge(first, T0)
+    return alloc, relay
+
+
+def test_437_to_allocate_deletes_then_allocates_again() -> None:
+    alloc, relay = challenged()
     _, signed, _ = relay.one(Method.ALLOCATE)
     relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
     _, delete, _ = relay.one(Method.REFRESH)
@@ -457,12 +463,7 @@ def test_437_to_allocate_deletes_then_allocates_again() -> None:
 def test_437_whose_delete_is_refused_retries_the_allocate_shortly() -> None:
     """The stale allocation belongs to other credentials (441 to our delete): it is on its
     way out, so ALLOCATE again after a second, a bounded number of times."""
-    alloc = new_alloc()
-    relay = Relay(alloc)
-    _, binding, _ = relay.one()
-    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
-    _, first, _ = relay.one(Method.ALLOCATE)
-    relay.challenge(first, T0)
+    alloc, relay = challenged()
     for attempt in range(ALLOCATE_RETRIES + 1):
         _, signed, _ = relay.one(Method.ALLOCATE)
         relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
@@ -481,12 +482,7 @@ def test_437_whose_delete_is_refused_retries_the_allocate_shortly() -> None:
 
 
 def test_437_whose_delete_is_refused_then_succeeds() -> None:
-    alloc = new_alloc()
-    relay = Relay(alloc)
-    _, binding, _ = relay.one()
-    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
-    _, first, _ = relay.one(Method.ALLOCATE)
-    relay.challenge(first, T0)
+    alloc, relay = challenged()
     _, signed, _ = relay.one(Method.ALLOCATE)
     relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
     _, delete, _ = relay.one(Method.REFRESH)
