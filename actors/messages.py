@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gateway.portal.messages import EgressMessage, IngressMessage
+from gateway.portal.messages import EgressMessage
+from gateway.portal.phoenix import Disconnected, Fatal, Ingress, Joined
 
 # ----------------------------------------------------------------- commands
 
@@ -52,29 +53,12 @@ class PortalStatus:
 # ----------------------------------------------------------------- notifications
 
 
-@dataclass(frozen=True, slots=True)
-class PortalIngress:
-    message: IngressMessage
-
-
-@dataclass(frozen=True, slots=True)
-class PortalJoined:
-    """Joined topic ``gateway``; an ``init`` follows."""
-
-
-@dataclass(frozen=True, slots=True)
-class PortalDisconnected:
-    """Lost the portal (transient); the actor reconnects on its own."""
-
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class PortalFatal:
-    """The portal refused us for good: the app should exit with ``exit_code``."""
-
-    reason: str
-    exit_code: int
+# The PortalActor tells its listener the Phoenix core's own events, unchanged (they are
+# immutable): these names are what listeners match on.
+PortalIngress = Ingress
+PortalJoined = Joined
+PortalDisconnected = Disconnected
+PortalFatal = Fatal
 
 
 # ----------------------------------------------------------------- internal (reader thread)

@@ -33,10 +33,6 @@ from actors.messages import (
     Connect,
     GetPortalStatus,
     KeyRotated,
-    PortalDisconnected,
-    PortalFatal,
-    PortalIngress,
-    PortalJoined,
     PortalStatus,
     SendToPortal,
     SocketClosed,
@@ -229,20 +225,17 @@ class PortalActor(pykka.ThreadingActor):
                 log.debug("closing portal socket: %s", exc)
 
     def _notify(self, event: Ingress | Joined | Disconnected | Fatal) -> None:
+        """Keep the status fields, then pass the core's (immutable) event on as it is."""
         match event:
-            case Ingress(message):
-                self._listener.tell(PortalIngress(message))
             case Joined():
                 self._joined_since = self._now()
                 log.info("Joined the portal channel")
-                self._listener.tell(PortalJoined())
             case Disconnected(reason):
                 self._joined_since = None
                 log.info("Portal disconnected: %s", reason)
-                self._listener.tell(PortalDisconnected(reason))
-            case Fatal(reason, exit_code):
+            case Fatal():
                 self._joined_since = None
-                self._listener.tell(PortalFatal(reason, exit_code))
+        self._listener.tell(event)
 
     def _now(self) -> float:
         return self._clock.monotonic()
