@@ -41,13 +41,14 @@ from actors.messages import (
 from actors.peer import (
     Authorize,
     NewSession,
-    PeerActor,
     PeerFailed,
+    PeerHandle,
     PeerIdle,
     RemoveResource,
     SetPath,
     SetupDnsResource,
     UpdateResource,
+    start_peer,
 )
 from actors.resolver import Resolver
 from actors.timer import ActorTimer, Timer, Wake
@@ -90,7 +91,7 @@ log = logging.getLogger(__name__)
 
 #: Batches handed from the UDP reader to the NodeActor and not yet processed.
 NODE_INFLIGHT = 16
-#: Batches of WireGuard datagrams in flight towards one PeerActor.
+#: Handshake batches in flight towards one PeerActor (data goes to its session directly).
 PEER_INFLIGHT = 8
 
 
@@ -115,6 +116,7 @@ class GetNodeStatus:
 class _Peer:
     ref: pykka.ActorRef[Any]
     inflight: InFlight
+    deliver: Callable[[list[tuple[bytes, Address]]], None]
     route_key: int | None = None
     relay_key: tuple[Address, int] | None = None
 
@@ -133,7 +135,7 @@ class NodeActor(pykka.ThreadingActor):
         icmp_prohibited: bool = False,
         on_fatal: Callable[[str, int], None] | None = None,
         on_portal_state: Callable[[str], None] | None = None,
-        peer_factory: Callable[..., pykka.ActorRef[Any]] = PeerActor.start,
+        peer_factory: Callable[..., PeerHandle] = start_peer,
     ) -> None:
         super().__init__()
         self._clock = clock
@@ -396,7 +398,7 @@ class NodeActor(pykka.ThreadingActor):
         if peer is None:
             assert self._sockets is not None
             inflight = InFlight(PEER_INFLIGHT)
-            ref = self._peer_factory(
+            handle = self._peer_factory(
                 client_id=created.client_id,
                 node=self.actor_ref,
                 tun=self._tun,
@@ -409,7 +411,7 @@ class NodeActor(pykka.ThreadingActor):
                 net_inflight=inflight,
                 icmp_prohibited=self._icmp_prohibited,
             )
-            peer = _Peer(ref, inflight)
+            peer = _Peer(handle.ref, inflight, handle.deliver)
             self._peers[created.client_id] = peer
         if peer.route_key is not None:
             self._routes.pop(peer.route_key, None)
@@ -423,7 +425,7 @@ class NodeActor(pykka.ThreadingActor):
             )
         )
         peer.route_key = created.local_index >> INDEX_SHIFT
-        self._routes[peer.route_key] = PeerRoute(peer.ref.tell, peer.inflight)
+        self._routes[peer.route_key] = PeerRoute(peer.deliver)
 
     def _publish_relay_route(self, client_id: uuid.UUID, path: Path) -> None:
         peer = self._peers[client_id]

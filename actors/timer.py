@@ -6,6 +6,11 @@ Every actor has at most one pending wake: "call ``handle_timeout`` at
 injected clock. The actor then calls ``handle_timeout(clock.monotonic())`` with the current
 time, never the stale deadline.
 
+State that is safe to drive from any thread (a client's data path behind its own lock,
+``actors/peer_session.py``) schedules a plain call instead (:meth:`Timer.schedule_call`,
+:class:`CallTimer`): the Timer thread runs it directly, so thousands of clients' timers
+cost no actor wake-ups and no thread switches.
+
 The thread waits on a ``Condition`` with a timeout computed from ``clock.monotonic()``.
 With the real clock that is exact. With a ``ManualClock`` the thread cannot notice the
 clock being moved, so tests drive ``handle_timeout`` directly (or tell ``Wake()``) instead
@@ -18,6 +23,7 @@ import heapq
 import itertools
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pykka
@@ -46,8 +52,8 @@ class TimerHandle:
 class _Entry:
     deadline: float
     seq: int
-    ref: pykka.ActorRef
-    message: object
+    ref: pykka.ActorRef | None
+    message: object  # for a ref: the message; otherwise the callable to run
     cancelled: bool = False
 
     def __lt__(self, other: _Entry) -> bool:
@@ -95,6 +101,20 @@ class Timer:
                 self._cond.notify_all()
             return TimerHandle(entry.seq, deadline)
 
+    def schedule_call(self, deadline: float, call: Callable[[], None]) -> TimerHandle:
+        """Run ``call()`` on the Timer thread once ``clock.monotonic() >= deadline``.
+
+        ``call`` must be quick and must not block: every other deadline waits for it.
+        """
+        with self._cond:
+            entry = _Entry(deadline, next(self._seq), None, call)
+            earlier = not self._heap or deadline < self._heap[0].deadline
+            heapq.heappush(self._heap, entry)
+            self._pending[entry.seq] = entry
+            if earlier:
+                self._cond.notify_all()
+            return TimerHandle(entry.seq, deadline)
+
     def cancel(self, handle: TimerHandle) -> None:
         """Forget a scheduled message; a no-op if it already fired."""
         with self._cond:
@@ -119,7 +139,13 @@ class Timer:
                         timeout = max(0.0, self._heap[0].deadline - self._clock.monotonic())
                     self._cond.wait(timeout)
                     continue
-            for entry in due:  # tell outside the lock: tell may block on a bounded inbox
+            for entry in due:  # outside the lock: a call may schedule again
+                if entry.ref is None:
+                    try:
+                        entry.message()  # type: ignore[operator]
+                    except Exception:
+                        log.exception("Timer: a scheduled call failed")
+                    continue
                 try:
                     entry.ref.tell(entry.message)
                 except pykka.ActorDeadError:
@@ -157,3 +183,41 @@ class ActorTimer:
             self._handle = None
         if deadline is not None:
             self._handle = self._timer.schedule(self._ref, deadline, Wake())
+
+
+class CallTimer:
+    """Like :class:`ActorTimer`, but the Timer thread calls ``call`` instead of telling.
+
+    ``arm`` is not thread-safe by itself: its owner serialises it (the peer session's lock).
+    """
+
+    def __init__(self, timer: Timer, call: Callable[[], None]) -> None:
+        self._timer = timer
+        self._call = call
+        self._handle: TimerHandle | None = None
+
+    @property
+    def deadline(self) -> float | None:
+        return self._handle.deadline if self._handle is not None else None
+
+    def arm(self, deadline: float | None) -> None:
+        """Call at ``deadline`` (``None``: never). No-op if already pending for it."""
+        if self._handle is not None:
+            if self._handle.deadline == deadline and self._timer.pending(self._handle):
+                return
+            self._timer.cancel(self._handle)
+            self._handle = None
+        if deadline is not None:
+            self._handle = self._timer.schedule_call(deadline, self._call)
+
+    def arm_earlier(self, deadline: float | None) -> None:
+        """Move the wake earlier if ``deadline`` is before it; never later (cheap per batch).
+
+        Waking too early is harmless (the owner re-arms precisely after its timeout), so
+        the data path only has to make sure no deadline is missed.
+        """
+        if deadline is None:
+            return
+        handle = self._handle
+        if handle is None or deadline < handle.deadline or not self._timer.pending(handle):
+            self.arm(deadline)

@@ -1,16 +1,18 @@
-"""TunActor: owns the TUN device, hands what it reads to PeerActors in batches.
+"""TunActor: owns the TUN device and hands what it reads to each client's data path.
 
 Read path (dataplane spec §3.2 steps 1-2): the ``TunReader`` thread drains the
 non-blocking device, keeps only packets addressed to a registered client inside the peer
-ranges, groups them by client and ``tell``s each client's PeerActor one ``FromTun`` per
-batch, bounded by that client's ``InFlight``. Nothing in the read path sends one message
-per packet or blocks on a slow receiver: excess is dropped and counted.
+ranges, groups them by client and calls that client's ``deliver`` (its
+:class:`~actors.peer_session.PeerSession`) once per batch, on the reader's own thread. No
+actor mailbox sits in the read path: a ``tell`` per batch and the hand-off to another
+thread cost more than encrypting the packets (bench/README.md). A slow client slows the
+reader, and the kernel's queue then drops, which is the backpressure a TUN device has.
 
 Write path: ``TunWriter`` is the device's single writer, handed to whoever produces
 packets for the TUN (see its docstring for why it serialises whole batches).
 
 The routing table (client tunnel address bytes -> route) is a dict that only the actor
-replaces, never mutates; the reader takes one reference per batch, so lookups need no lock.
+changes, one key at a time; the reader only does single lookups, so it needs no lock.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from typing import Any
 
 import pykka
 
-from actors.backpressure import InFlight
 from actors.io.ports import TunDevice
 from actors.io.tun_linux import READ_SIZE
 
@@ -46,8 +47,7 @@ _JOIN_TIMEOUT = 5.0
 DROP_NOT_IP = "not_ip"  # not IPv4/IPv6, or shorter than its fixed header
 DROP_NOT_PEER_RANGE = "not_peer_range"  # destination outside 100.64.0.0/11, fd00:2021:1111::/107
 DROP_NO_CLIENT = "no_client"  # no client registered for the destination
-DROP_BACKPRESSURE = "backpressure"  # the client's PeerActor has too many batches in flight
-DROP_PEER_DEAD = "peer_dead"  # the client's PeerActor has stopped
+DROP_PEER_ERROR = "peer_error"  # the client's data path raised (a bug; logged)
 DROP_WRITE_ERROR = "write_error"  # the device refused a write (EAGAIN, ENOBUFS, EINVAL, EIO)
 DROP_CLOSED = "closed"  # written after the device was closed
 
@@ -60,10 +60,7 @@ _V6_PEERS_PREFIX = bytes.fromhex("fd0020211111") + bytes(7)
 
 @dataclass(frozen=True, slots=True)
 class FromTun:
-    """A batch of IP packets read from the TUN for one client; sent to its PeerActor.
-
-    The receiver must call ``release()`` on the client's ``InFlight`` once it is done.
-    """
+    """A batch of IP packets from the TUN for one client (tests and tools tell it)."""
 
     packets: list[bytes]
 
@@ -78,13 +75,15 @@ class ConfigureInterface:
 
 @dataclass(frozen=True, slots=True)
 class RegisterClient:
-    """Deliver packets for ``ipv4``/``ipv6`` to ``peer``; adds to earlier registrations."""
+    """Deliver packets for ``ipv4``/``ipv6`` to ``deliver``; adds to earlier registrations.
+
+    ``deliver`` runs on the reader thread with one client's batch; it must not block.
+    """
 
     client_id: uuid.UUID
     ipv4: str
     ipv6: str
-    peer: pykka.ActorRef[Any]
-    inflight: InFlight
+    deliver: Callable[[list[bytes]], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,8 +122,7 @@ class _Route:
     """Where one client's packets go. Identity-hashed: the reader groups batches by it."""
 
     client_id: uuid.UUID
-    peer: pykka.ActorRef[Any]
-    inflight: InFlight
+    deliver: Callable[[list[bytes]], None]
 
 
 # --- writer ---------------------------------------------------------------------------
@@ -185,7 +183,7 @@ class TunWriter:
 
 
 class TunReader(threading.Thread):
-    """Drains the device and hands each client's packets to its PeerActor, one tell a batch."""
+    """Drains the device and hands each client's packets to its data path, one call a batch."""
 
     def __init__(self, device: TunDevice, owner: pykka.ActorRef[Any], batch_size: int) -> None:
         super().__init__(name=READER_THREAD_NAME, daemon=True)
@@ -204,8 +202,7 @@ class TunReader(threading.Thread):
                 DROP_NOT_IP,
                 DROP_NOT_PEER_RANGE,
                 DROP_NO_CLIENT,
-                DROP_BACKPRESSURE,
-                DROP_PEER_DEAD,
+                DROP_PEER_ERROR,
             )
         }
 
@@ -310,27 +307,18 @@ class TunReader(threading.Thread):
             else:
                 group.append(packet)
 
-        # Counters are settled before any tell, so a receiver sees them up to date.
-        accepted: list[tuple[_Route, list[bytes]]] = []
-        backpressure = 0
-        for route, batch in groups.items():
-            if route.inflight.try_acquire():
-                accepted.append((route, batch))
-            else:
-                backpressure += len(batch)
         self.rx_packets += len(packets)
         dropped = self.dropped
         dropped[DROP_NOT_IP] += not_ip
         dropped[DROP_NOT_PEER_RANGE] += not_peer_range
         dropped[DROP_NO_CLIENT] += no_client
-        dropped[DROP_BACKPRESSURE] += backpressure
-
-        for route, batch in accepted:
+        for route, batch in groups.items():
             try:
-                route.peer.tell(FromTun(batch))
-            except pykka.ActorDeadError:
-                route.inflight.release()
-                dropped[DROP_PEER_DEAD] += len(batch)
+                route.deliver(batch)
+            except Exception:
+                # A bug in one client's path must cost that batch, not the reader.
+                dropped[DROP_PEER_ERROR] += len(batch)
+                logger.exception("TUN reader: client %s dropped a batch", route.client_id)
 
 
 # --- actor ----------------------------------------------------------------------------
@@ -436,7 +424,7 @@ class TunActor(pykka.ThreadingActor):
         except ValueError as exc:
             logger.warning("Not registering client %s: %s", message.client_id, exc)
             return
-        route = _Route(message.client_id, message.peer, message.inflight)
+        route = _Route(message.client_id, message.deliver)
         addresses = self._client_addresses.setdefault(message.client_id, set())
         addresses.update((ipv4, ipv6))
         routes = self._routes

@@ -3,17 +3,22 @@
 The reader drains both sockets until they would block and splits each batch two ways:
 
 * WireGuard transport messages (type 4) whose receiver index belongs to a known client go
-  straight to that client's PeerActor, one ``tell`` per batch: the data path crosses one
-  mailbox and never touches the NodeActor.
+  straight to that client's data path (``PeerRoute.deliver``, a
+  :class:`~actors.peer_session.PeerSession`), called on this thread once per batch: the
+  data path crosses no mailbox and never touches the NodeActor.
 * ChannelData from a relay on a channel that carries a client's nominated relayed path,
   wrapping a WireGuard transport message, is unwrapped here and goes the same way; the
   channel is recorded in ``channel_activity`` so the NodeActor can keep the relay's
   channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet.
 * Everything else (STUN, other TURN traffic, handshakes, garbage) goes to the NodeActor as
-  one batch; the Node core demultiplexes it.
+  one batch, bounded by :class:`~actors.backpressure.InFlight` (a slow NodeActor makes the
+  reader drop batches instead of growing its inbox without limit); the Node core
+  demultiplexes it.
 
-Both hand-offs are bounded by :class:`~actors.backpressure.InFlight`: a slow consumer makes
-the reader drop batches instead of growing an inbox without limit.
+Syscalls are the larger part of a packet's cost, so both directions batch them where the
+kernel allows: the sockets ask for UDP GRO (one ``recvmsg`` returns a train of same-size
+datagrams from one sender) and :meth:`UdpSockets.send_many` uses UDP GSO (one ``sendmsg``
+carries a run of same-size datagrams to one destination).
 """
 
 from __future__ import annotations
@@ -42,22 +47,31 @@ SO_MARK = 36
 IP_PKTINFO = 8
 IPV6_RECVPKTINFO = 49
 IPV6_PKTINFO = 50
-#: Larger datagrams are dropped before any processing (MAX_DATAGRAM_PAYLOAD is 1336).
-RECV_SIZE = 2048
+SOL_UDP = 17
+UDP_SEGMENT = 103
+UDP_GRO = 104
+#: One GRO train at most (a single datagram is never larger than MAX_DATAGRAM_PAYLOAD 1336).
+RECV_SIZE = 65535
 ANC_SIZE = 256
+#: The kernel's limit of segments per GSO send (UDP_MAX_SEGMENTS is 64 on older kernels).
+GSO_MAX_SEGMENTS = 64
+#: A GSO send's payload must fit one IPv4/IPv6 UDP datagram.
+GSO_MAX_BYTES = 65000
 
 
 @dataclass(frozen=True, slots=True)
 class PeerRoute:
-    """Where the reader sends a client's WireGuard data: its actor and its in-flight bound."""
+    """Where the reader hands a client's WireGuard data: ``(datagram, source)`` batches.
 
-    tell: Callable[[object], None]
-    inflight: InFlight
+    ``deliver`` runs on the reader thread and must not block.
+    """
+
+    deliver: Callable[[list[tuple[bytes, Address]]], None]
 
 
 @dataclass(frozen=True, slots=True)
 class FromNetwork:
-    """A batch of WireGuard datagrams for one PeerActor: ``(datagram, source)`` pairs."""
+    """WireGuard datagrams the NodeActor demultiplexed for a PeerActor (handshakes)."""
 
     datagrams: list[tuple[bytes, Address]]
 
@@ -76,6 +90,8 @@ class UdpSockets:
         self.v4: socket.socket | None = None
         self.v6: socket.socket | None = None
         self.counters: Counter[str] = Counter()
+        #: Cleared for good when the kernel refuses a GSO send (old kernel, odd device).
+        self.gso = True
         self.v4 = self._bind(socket.AF_INET, ("0.0.0.0", port), mark)
         if ipv6:
             self.v6 = self._bind(socket.AF_INET6, ("::", port), mark)
@@ -99,6 +115,8 @@ class UdpSockets:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, 4 * 1024 * 1024)
+            with contextlib.suppress(OSError):  # kernels before 5.0 read one datagram a call
+                sock.setsockopt(SOL_UDP, UDP_GRO, 1)
             sock.bind(addr)
             sock.setblocking(False)
         except OSError as exc:
@@ -129,6 +147,49 @@ class UdpSockets:
             else:
                 self.counters[f"send_error_{exc.errno}"] += 1
 
+    def send_many(self, dst: Address, payloads: list[bytes]) -> None:
+        """Send datagrams in order; runs of equal size go out as one GSO ``sendmsg``."""
+        if len(payloads) < 2 or not self.gso:
+            for payload in payloads:
+                self.send(dst, payload)
+            return
+        sock = self.v6 if ":" in dst[0] else self.v4
+        if sock is None:
+            self.counters["send_no_socket"] += len(payloads)
+            return
+        start, count = 0, len(payloads)
+        while start < count:
+            size = len(payloads[start])
+            end = start + 1
+            limit = min(count, start + GSO_MAX_SEGMENTS, start + max(1, GSO_MAX_BYTES // size))
+            while end < limit and len(payloads[end]) == size:
+                end += 1
+            if end < limit and len(payloads[end]) < size:
+                end += 1  # the last segment of a GSO send may be shorter
+            if end - start == 1:
+                self.send(dst, payloads[start])
+            else:
+                self._send_gso(sock, dst, payloads[start:end], size)
+            start = end
+
+    def _send_gso(
+        self, sock: socket.socket, dst: Address, run: list[bytes], segment: int
+    ) -> None:
+        try:
+            sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(segment))], 0, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                self.counters["send_would_block"] += len(run)
+                return
+            if exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
+                log.warning("UDP GSO refused (%s); sending one datagram per call from now on",
+                            exc)
+                self.gso = False
+                for payload in run:
+                    self.send(dst, payload)
+                return
+            self.counters[f"send_error_{exc.errno}"] += len(run)
+
     def close(self) -> None:
         for sock in (self.v4, self.v6):
             if sock is not None:
@@ -138,6 +199,8 @@ class UdpSockets:
 def _local_address(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -> Address:
     port = sock.getsockname()[1]
     for level, kind, data in ancdata:
+        if level == SOL_UDP:
+            continue
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= 12:
             # struct in_pktinfo { int ifindex; in_addr spec_dst; in_addr addr; }
             return (socket.inet_ntop(socket.AF_INET, data[8:12]), port)
@@ -147,6 +210,18 @@ def _local_address(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -
 
 
 _INDEX = struct.Struct("<I")
+_SEGMENT = struct.Struct("=H")
+_GRO_SIZE = struct.Struct("=i")
+
+
+def split_gro(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes] | None:
+    """The datagrams of a GRO train, or None when ``data`` is a single datagram."""
+    for level, kind, value in ancdata:
+        if level == SOL_UDP and kind == UDP_GRO and len(value) >= 4:
+            size = _GRO_SIZE.unpack_from(value)[0]
+            if 0 < size < len(data):
+                return [data[i:i + size] for i in range(0, len(data), size)]
+    return None
 
 
 class UdpReader(threading.Thread):
@@ -196,10 +271,6 @@ class UdpReader(threading.Thread):
     def _drain(self, sock: socket.socket) -> None:
         node_batch: list[tuple[Address, Address, bytes]] = []
         peer_batches: dict[int, list[tuple[bytes, Address]]] = {}
-        routes = self._peer_routes
-        relay_routes = self._relay_routes
-        activity = self._channel_activity
-        shift = self._index_shift
         for _ in range(self._batch_size):
             try:
                 data, ancdata, _flags, src = sock.recvmsg(RECV_SIZE, ANC_SIZE)
@@ -210,37 +281,61 @@ class UdpReader(threading.Thread):
                 break
             if len(src) != 2:
                 src = (src[0], src[1])  # IPv6: drop flowinfo and scope id
-            first = data[0] if data else 0
-            # Fast path: WireGuard transport data (type 4 + three zero bytes) for a known index.
-            if first == 4 and len(data) >= 32 and data[1:4] == b"\x00\x00\x00":
-                key = _INDEX.unpack_from(data, 4)[0] >> shift
-                if key in routes:
-                    peer_batches.setdefault(key, []).append((data, src))
-                    continue
-            # Relayed fast path: ChannelData carrying WireGuard transport data.
-            elif 0x40 <= first <= 0x7F and relay_routes:
-                decoded = decode_channel_data(data)
-                if decoded is not None:
-                    number, inner = decoded
-                    relayed = relay_routes.get((src, number))
-                    if (relayed is not None and len(inner) >= 32
-                            and inner[:4] == b"\x04\x00\x00\x00"):
-                        key = _INDEX.unpack_from(inner, 4)[0] >> shift
-                        if key in routes:
-                            peer_batches.setdefault(key, []).append((inner, relayed[1]))
-                            activity.add((src, number))
-                            continue
-            node_batch.append((_local_address(sock, ancdata), src, data))
+            if ancdata and (train := split_gro(data, ancdata)) is not None:
+                self.counters["gro_trains"] += 1
+                for datagram in train:
+                    self._sort(sock, datagram, ancdata, src, peer_batches, node_batch)
+            else:
+                self._sort(sock, data, ancdata, src, peer_batches, node_batch)
+        routes = self._peer_routes
         for key, datagrams in peer_batches.items():
             route = routes.get(key)
             if route is None:
                 self.counters["peer_gone"] += len(datagrams)
-            elif route.inflight.try_acquire():
-                route.tell(FromNetwork(datagrams))
-            else:
-                self.counters["peer_backpressure_drop"] += len(datagrams)
+                continue
+            try:
+                route.deliver(datagrams)
+            except Exception:
+                # A bug in one client's path must cost that batch, not everyone's.
+                self.counters["peer_error"] += len(datagrams)
+                log.exception("UDP reader: a client's batch was dropped")
         if node_batch:
             if self._node_inflight.try_acquire():
                 self._to_node(Datagrams(node_batch))
             else:
                 self.counters["node_backpressure_drop"] += len(node_batch)
+
+    def _sort(
+        self,
+        sock: socket.socket,
+        data: bytes,
+        ancdata: list[tuple[int, int, bytes]],
+        src: Address,
+        peer_batches: dict[int, list[tuple[bytes, Address]]],
+        node_batch: list[tuple[Address, Address, bytes]],
+    ) -> None:
+        """Put one datagram on its client's batch (fast paths) or on the node's."""
+        first = data[0] if data else 0
+        # Fast path: WireGuard transport data (type 4 + three zero bytes) for a known index.
+        if first == 4 and len(data) >= 32 and data[1:4] == b"\x00\x00\x00":
+            key = _INDEX.unpack_from(data, 4)[0] >> self._index_shift
+            if key in self._peer_routes:
+                batch = peer_batches.get(key)
+                if batch is None:
+                    peer_batches[key] = [(data, src)]
+                else:
+                    batch.append((data, src))
+                return
+        # Relayed fast path: ChannelData carrying WireGuard transport data.
+        elif 0x40 <= first <= 0x7F and self._relay_routes:
+            decoded = decode_channel_data(data)
+            if decoded is not None:
+                number, inner = decoded
+                relayed = self._relay_routes.get((src, number))
+                if relayed is not None and len(inner) >= 32 and inner[:4] == b"\x04\x00\x00\x00":
+                    key = _INDEX.unpack_from(inner, 4)[0] >> self._index_shift
+                    if key in self._peer_routes:
+                        peer_batches.setdefault(key, []).append((inner, relayed[1]))
+                        self._channel_activity.add((src, number))
+                        return
+        node_batch.append((_local_address(sock, ancdata), src, data))

@@ -21,6 +21,7 @@ from actors.peer import (
     Authorize,
     NewSession,
     PeerFailed,
+    PeerHandle,
     RemoveResource,
     SetupDnsResource,
     UpdateResource,
@@ -83,9 +84,11 @@ def harness(clock: ManualClock) -> Iterator[dict[str, Any]]:
     portal, tun, timer = mock.Mock(), mock.Mock(), mock.Mock()
     peers: dict[uuid.UUID, list[object]] = {}
 
-    def peer_factory(*, client_id: uuid.UUID, **kwargs: object) -> pykka.ActorRef[Any]:
-        peers[client_id] = []
-        return Recorder.start(peers[client_id])
+    def peer_factory(*, client_id: uuid.UUID, **kwargs: object) -> PeerHandle:
+        inbox: list[object] = []
+        peers[client_id] = inbox
+        # The data path records its batches in the same inbox as the actor's messages.
+        return PeerHandle(Recorder.start(inbox), lambda batch: inbox.append(("data", batch)))
 
     resolver = Resolver()
     ref = NodeActor.start(

@@ -1,9 +1,16 @@
-"""PeerActor with mocked collaborators; the client is a real initiator Tunnel."""
+"""PeerActor and its PeerSession with mocked collaborators; the client is a real Tunnel.
+
+Control goes through the actor's mailbox; data goes through the session's direct entries
+(``deliver`` for the UDP reader, the ``RegisterClient.deliver`` the TUN reader calls), as
+in the running gateway.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import random
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -17,15 +24,15 @@ from actors.peer import (
     Authorize,
     GetPeerStatus,
     NewSession,
-    PeerActor,
     PeerFailed,
     PeerIdle,
     RemoveResource,
     SetPath,
+    start_peer,
 )
 from actors.resolver import Resolver
-from actors.timer import Wake
-from actors.tun import FromTun, RegisterClient, UnregisterClient
+from actors.timer import Timer, Wake
+from actors.tun import RegisterClient, UnregisterClient
 from gateway.node import DirectPath, RelayedPath
 from gateway.packet.ip import build_udp
 from gateway.resources import CidrResource, PortRangeFilter
@@ -55,10 +62,12 @@ def world(clock: ManualClock) -> Iterator[dict[str, Any]]:
     sockets, tun, node, writer = mock.Mock(), mock.Mock(), mock.Mock(), mock.Mock()
     resolver = Resolver()
     inflight = InFlight(8)
-    ref = PeerActor.start(
+    timer = Timer(clock)  # never started: tests fire the session's timer themselves
+    handle = start_peer(
         client_id=CLIENT_ID, node=node, tun=tun, tun_writer=writer, sockets=sockets,
-        clock=clock, rng=rng, timer=mock.Mock(), resolver=resolver, net_inflight=inflight,
+        clock=clock, rng=rng, timer=timer, resolver=resolver, net_inflight=inflight,
     )
+    ref = handle.ref
     ref.tell(NewSession(0x1234500, client.public, PSK, gateway,
                         HandshakeRateLimiter(gateway.public, rng)))
     client_tunnel = Tunnel(
@@ -66,7 +75,8 @@ def world(clock: ManualClock) -> Iterator[dict[str, Any]]:
         rate_limiter=HandshakeRateLimiter(client.public, rng), rng=rng, now=clock.monotonic(),
     )
     yield {"ref": ref, "sockets": sockets, "tun": tun, "node": node, "writer": writer,
-           "client": client_tunnel, "clock": clock, "inflight": inflight}
+           "client": client_tunnel, "clock": clock, "inflight": inflight,
+           "deliver": handle.deliver, "timer": timer}
     ref.stop()
     resolver.shutdown()
 
@@ -81,7 +91,27 @@ def _sync(world: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sent_datagrams(sockets: mock.Mock) -> list[tuple[tuple[str, int], bytes]]:
-    return [(c.args[0], c.args[1]) for c in sockets.send.call_args_list]
+    """Every datagram sent, in order, whether one at a time or as a batch."""
+    sent = []
+    for name, args, _kwargs in sockets.method_calls:
+        if name == "send":
+            sent.append((args[0], args[1]))
+        elif name == "send_many":
+            sent.extend((args[0], payload) for payload in args[1])
+    return sent
+
+
+def _deliver(world: dict[str, Any], datagrams: list[bytes]) -> None:
+    """What the UDP reader does for a known receiver index: call the session directly."""
+    world["deliver"]([(d, CLIENT_ADDR) for d in datagrams])
+
+
+def _tun_deliver(world: dict[str, Any]) -> Any:
+    """The callable the PeerSession registered with the TUN (the TUN reader calls it)."""
+    registers = [c.args[0] for c in world["tun"].tell.call_args_list
+                 if isinstance(c.args[0], RegisterClient)]
+    assert registers, "the client was never registered with the TUN"
+    return registers[-1].deliver
 
 
 def _handshake(world: dict[str, Any]) -> None:
@@ -91,7 +121,7 @@ def _handshake(world: dict[str, Any]) -> None:
     assert isinstance(initiation, WriteToNetwork)
     _tell_datagrams(world, [initiation.datagram])
     _sync(world)
-    assert world["sockets"].send.call_count == 0, "no path yet: the response must be buffered"
+    assert not _sent_datagrams(world["sockets"]), "no path yet: the response must be buffered"
     world["ref"].tell(SetPath(DirectPath(("10.203.0.3", 40000), CLIENT_ADDR)))
     _sync(world)
     ((dst, response),) = _sent_datagrams(world["sockets"])
@@ -124,7 +154,7 @@ def test_handshake_then_allowed_packets_reach_the_tun_and_others_are_dropped(
         out = client.encapsulate(packet, clock.monotonic(), clock.unix())
         assert isinstance(out, WriteToNetwork)
         datagrams.append(out.datagram)
-    _tell_datagrams(world, datagrams)
+    _deliver(world, datagrams)
     status = _sync(world)
     written = [p for c in world["writer"].write_batch.call_args_list for p in c.args[0]]
     assert written == [build_udp(CLIENT_V4, "10.204.0.2", 4000, 5000, b"first"), allowed]
@@ -144,11 +174,8 @@ def test_tun_packets_are_encrypted_to_the_nominated_path(world: dict[str, Any]) 
     world["ref"].tell(SetPath(RelayedPath("relay-1", ("10.203.0.4", 3478), 0x4001, CLIENT_ADDR)))
     status_before = _sync(world)
     assert status_before["path"] == "relay:relay-1"
-    world["sockets"].send.reset_mock()
-    peer = world["ref"].proxy().tun_inflight.get(timeout=5)
-    assert peer.try_acquire()
-    world["ref"].tell(FromTun([reply]))
-    _sync(world)
+    world["sockets"].reset_mock()
+    _tun_deliver(world)([reply])
     ((dst, wrapped),) = _sent_datagrams(world["sockets"])
     assert dst == ("10.203.0.4", 3478)
     decoded = decode_channel_data(wrapped)
@@ -220,3 +247,98 @@ def test_idle_after_ten_seconds_without_data_and_active_again_on_data(
     assert not _sync(world)["idle"]
     told = [c.args[0] for c in world["node"].tell.call_args_list if isinstance(c.args[0], PeerIdle)]
     assert told == [PeerIdle(CLIENT_ID, True), PeerIdle(CLIENT_ID, False)]
+
+
+def _established(world: dict[str, Any]) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    _handshake(world)
+    _deliver(world, [world["first_transport"]])
+
+
+def _allowed(world: dict[str, Any], payload: bytes) -> bytes:
+    clock = world["clock"]
+    packet = build_udp(CLIENT_V4, "10.204.0.2", 4000, 5000, payload)
+    out = world["client"].encapsulate(packet, clock.monotonic(), clock.unix())
+    assert isinstance(out, WriteToNetwork)
+    return out.datagram
+
+
+def test_data_moves_the_session_timer_earlier_never_later(world: dict[str, Any]) -> None:
+    """After a data batch the Timer holds a call no later than WireGuard's keepalive (10 s)."""
+    _established(world)
+    status = _sync(world)
+    assert status["handshakes"] == 1
+    clock, timer = world["clock"], world["timer"]
+    clock.tick(3)
+    _deliver(world, [_allowed(world, b"data")])
+    session = world["ref"].proxy().session.get(timeout=5)
+    deadline = session._wake.deadline
+    assert deadline is not None
+    assert deadline <= clock.monotonic() + 10.0
+    assert timer.pending(session._wake._handle)
+
+
+def test_the_timer_thread_drives_the_session_without_the_mailbox(world: dict[str, Any]) -> None:
+    """Expiry fires from the Timer thread calling the session (no Wake message told)."""
+    clock = world["clock"]
+    world["ref"].tell(Authorize(RESOURCE, clock.unix() + 5, CLIENT_V4, CLIENT_V6))
+    _sync(world)
+    clock.tick(6)
+    timer = world["timer"]
+    timer.start()  # the session's 1 s tick is due on the manual clock: it fires at once
+    try:
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            told = [c.args[0] for c in world["tun"].tell.call_args_list]
+            if isinstance(told[-1], UnregisterClient):
+                break
+            time.sleep(0.01)
+    finally:
+        timer.stop()
+    assert isinstance(told[-1], UnregisterClient)
+    assert _sync(world)["resources"] == []
+
+
+def test_data_after_the_actor_stopped_is_dropped_quietly(world: dict[str, Any]) -> None:
+    _established(world)
+    session = world["ref"].proxy().session.get(timeout=5)
+    world["ref"].stop()
+    world["writer"].reset_mock()
+    _deliver(world, [_allowed(world, b"late")])
+    _tun_deliver(world)([build_udp("10.204.0.2", CLIENT_V4, 5000, 4000, b"late")])
+    assert session.counters["closed"] == 2
+    assert world["writer"].write_batch.call_count == 0
+    assert session._wake.deadline is None, "a stopped session keeps no timer"
+
+
+def test_readers_and_control_messages_race_safely(world: dict[str, Any]) -> None:
+    """Four reader threads deliver while the actor applies control messages and timeouts."""
+    _established(world)
+    _sync(world)
+    threads_n, per_thread = 4, 150
+    batches = [[_allowed(world, f"{t}-{i}".encode()) for i in range(per_thread)]
+               for t in range(threads_n)]
+    errors: list[BaseException] = []
+
+    def reader(datagrams: list[bytes]) -> None:
+        try:
+            for start in range(0, len(datagrams), 10):
+                _deliver(world, datagrams[start:start + 10])
+        except BaseException as exc:  # pragma: no cover - the assertion reports it
+            errors.append(exc)
+
+    workers = [threading.Thread(target=reader, args=(b,)) for b in batches]
+    for worker in workers:
+        worker.start()
+    for _ in range(50):
+        world["ref"].tell(Wake())
+        world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    for worker in workers:
+        worker.join(10)
+    status = _sync(world)
+    assert errors == []
+    written = [p for c in world["writer"].write_batch.call_args_list for p in c.args[0]]
+    # The first transport message (the queued packet) plus every packet, none lost or doubled.
+    assert len(written) == 1 + threads_n * per_thread
+    assert len(set(written)) == len(written)
+    assert status["drops"].get("replay", 0) == 0

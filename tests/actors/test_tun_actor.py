@@ -1,4 +1,4 @@
-"""TunActor wiring on a fake device: batching, routing, drops, back-pressure, writer, stop."""
+"""TunActor wiring on a fake device: batching, routing, drops, failing clients, writer, stop."""
 
 from __future__ import annotations
 
@@ -11,10 +11,8 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.backpressure import InFlight
 from actors.tun import (
     ConfigureInterface,
-    FromTun,
     GetTunStats,
     GetTunWriter,
     RegisterClient,
@@ -58,32 +56,24 @@ class Recorder:
             return list(self.batches)
 
 
-class RecordingPeer(pykka.ThreadingActor):
-    """Stands in for a PeerActor: records each FromTun and (optionally) releases its slot."""
-
-    def __init__(self, recorder: Recorder, inflight: InFlight, *, release: bool = True) -> None:
-        super().__init__()
-        self._recorder = recorder
-        self._inflight = inflight
-        self._release = release
-
-    def on_receive(self, message: Any) -> None:
-        assert isinstance(message, FromTun)
-        self._recorder.add(message.packets)
-        if self._release:
-            self._inflight.release()
-
-
 class Client:
-    def __init__(self, ipv4: str, ipv6: str, *, limit: int = 8, release: bool = True) -> None:
+    """Stands in for a PeerSession: its ``deliver`` records (or fails on) each batch."""
+
+    def __init__(self, ipv4: str, ipv6: str, *, fail: bool = False) -> None:
         self.id = uuid.uuid4()
         self.ipv4, self.ipv6 = ipv4, ipv6
-        self.inflight = InFlight(limit)
         self.recorder = Recorder()
-        self.ref = RecordingPeer.start(self.recorder, self.inflight, release=release)
+        self.fail = fail
+        self.threads: set[str] = set()
+
+    def deliver(self, packets: list[bytes]) -> None:
+        self.threads.add(threading.current_thread().name)
+        self.recorder.add(packets)
+        if self.fail:
+            raise RuntimeError("a bug in this client's data path")
 
     def register(self, tun: pykka.ActorRef[Any], ipv4: str | None = None) -> None:
-        message = RegisterClient(self.id, ipv4 or self.ipv4, self.ipv6, self.ref, self.inflight)
+        message = RegisterClient(self.id, ipv4 or self.ipv4, self.ipv6, self.deliver)
         tun.ask(message, timeout=TIMEOUT)  # ask: handled before the test goes on
 
 
@@ -120,7 +110,7 @@ def test_packets_for_a_client_arrive_as_one_batch_in_order(
 
     assert client.recorder.wait_batches(1) == [packets]
     assert stats(tun)["rx_packets"] == 10
-    assert client.inflight.in_flight == 0
+    assert client.threads == {"TunReader"}, "delivered on the reader thread, no mailbox"
 
 
 def test_packets_are_grouped_per_client(tun: pykka.ActorRef[Any], device: FakeTun) -> None:
@@ -232,44 +222,22 @@ def test_invalid_registration_is_ignored(tun: pykka.ActorRef[Any]) -> None:
     assert tun.is_alive()
 
 
-def test_back_pressure_drops_batches_when_the_receiver_does_not_release(
+def test_a_failing_client_costs_its_batch_not_the_reader(
     tun: pykka.ActorRef[Any], device: FakeTun
 ) -> None:
-    slow = Client(CLIENT_V4, CLIENT_V6, limit=2, release=False)
+    broken = Client(CLIENT_V4, CLIENT_V6, fail=True)
     witness = Client(OTHER_V4, OTHER_V6)
-    slow.register(tun)
+    broken.register(tun)
     witness.register(tun)
-
-    device.inject([v4(1)])
-    slow.recorder.wait_batches(1)
-    device.inject([v4(2)])
-    slow.recorder.wait_batches(2)
-    device.inject([v4(3), v6(4), v4(5, OTHER_V4)])  # slow's third batch: no slot left
-    witness.recorder.wait_batches(1)
-
-    assert slow.recorder.batches == [[v4(1)], [v4(2)]]
-    assert slow.inflight.in_flight == 2
-    assert slow.inflight.dropped == 1
-    assert stats(tun)["dropped"]["backpressure"] == 2
-
-
-def test_a_stopped_peer_costs_its_packets_not_its_slot(
-    tun: pykka.ActorRef[Any], device: FakeTun
-) -> None:
-    gone = Client(CLIENT_V4, CLIENT_V6)
-    witness = Client(OTHER_V4, OTHER_V6)
-    gone.register(tun)
-    witness.register(tun)
-    gone.ref.stop(timeout=TIMEOUT)
 
     device.inject([v4(1), v6(2), v4(3, OTHER_V4)])
-    witness.recorder.wait_batches(1)
-    # The dead-peer counter moves after the tells; the next batch shows it has.
+    assert witness.recorder.wait_batches(1) == [[v4(3, OTHER_V4)]]
     device.inject([v4(4, OTHER_V4)])
-    witness.recorder.wait_batches(2)
 
-    assert stats(tun)["dropped"]["peer_dead"] == 2
-    assert gone.inflight.in_flight == 0
+    assert witness.recorder.wait_batches(2)[1] == [v4(4, OTHER_V4)]
+    assert broken.recorder.batches == [[v4(1), v6(2)]]
+    assert stats(tun)["dropped"]["peer_error"] == 2
+    assert [t.is_alive() for t in reader_threads()] == [True]
 
 
 def test_writer_writes_batches_in_order(tun: pykka.ActorRef[Any], device: FakeTun) -> None:

@@ -1,17 +1,21 @@
-"""The UDP reader's dispatch: fast paths to PeerActors, everything else to the NodeActor."""
+"""The UDP reader's dispatch: fast paths to client sessions, everything else to the NodeActor.
+
+Also the syscall batching both ways: GSO sends and GRO trains on loopback.
+"""
 
 from __future__ import annotations
 
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from actors.backpressure import InFlight
-from actors.io.udp import Datagrams, FromNetwork, PeerRoute, UdpReader, UdpSockets
+from actors.io.udp import Datagrams, PeerRoute, UdpReader, UdpSockets, split_gro
 from gateway.turn.channel_data import encode_channel_data
 
 INDEX = 0xABCDE << 8
@@ -27,7 +31,8 @@ class Inbox:
         self.event.set()
 
     def wait(self) -> Any:
-        assert self.event.wait(5), "nothing arrived"
+        if not self.items:
+            assert self.event.wait(5), "nothing arrived"
         self.event.clear()
         return self.items.pop(0)
 
@@ -44,7 +49,7 @@ def setup() -> Iterator[dict[str, Any]]:
     sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sender.bind(("127.0.0.1", 0))
     node, peer = Inbox(), Inbox()
-    routes = {INDEX >> 8: PeerRoute(peer.tell, InFlight(8))}
+    routes = {INDEX >> 8: PeerRoute(peer.tell)}
     relay_routes: dict[Any, Any] = {}
     activity: set[Any] = set()
     reader = UdpReader(sockets, to_node=node.tell, node_inflight=InFlight(8), peer_routes=routes,
@@ -52,7 +57,7 @@ def setup() -> Iterator[dict[str, Any]]:
     reader.start()
     yield {"send": lambda data: sender.sendto(data, ("127.0.0.1", port)), "node": node,
            "peer": peer, "relay_routes": relay_routes, "activity": activity, "routes": routes,
-           "relay": sender.getsockname()}
+           "relay": sender.getsockname(), "reader": reader, "port": port}
     reader.stop()
     reader.join(5)
     sockets.close()
@@ -61,8 +66,8 @@ def setup() -> Iterator[dict[str, Any]]:
 
 def test_transport_data_goes_straight_to_the_peer(setup: dict[str, Any]) -> None:
     setup["send"](_transport())
-    message = setup["peer"].wait()
-    assert isinstance(message, FromNetwork) and message.datagrams[0][0] == _transport()
+    batch = setup["peer"].wait()
+    assert batch == [(_transport(), setup["relay"])]
     assert setup["node"].items == []
 
 
@@ -78,8 +83,7 @@ def test_relayed_transport_data_is_unwrapped_for_the_peer(setup: dict[str, Any])
     client = ("10.203.0.2", 40000)
     setup["relay_routes"][(relay, 0x4001)] = (setup["routes"][INDEX >> 8], client)
     setup["send"](encode_channel_data(0x4001, _transport()) + b"\x00\x00")  # padded
-    message = setup["peer"].wait()
-    assert message.datagrams == [(_transport(), client)]
+    assert setup["peer"].wait() == [(_transport(), client)]
     assert setup["activity"] == {(relay, 0x4001)}
     # Another channel, or STUN inside ChannelData, is the node's business.
     setup["send"](encode_channel_data(0x4002, _transport()))
@@ -100,4 +104,46 @@ def test_short_or_odd_channel_data_on_a_routed_channel_does_not_kill_the_reader(
         setup["send"](datagram)
         assert isinstance(setup["node"].wait(), Datagrams)  # not ours to unwrap
     setup["send"](_transport())  # the reader still works
-    assert isinstance(setup["peer"].wait(), FromNetwork)
+    assert setup["peer"].wait()[0][0] == _transport()
+
+
+def test_a_failing_session_costs_its_batch_not_the_reader(setup: dict[str, Any]) -> None:
+    def broken(batch: list[Any]) -> None:
+        raise RuntimeError("a bug in a client's data path")
+
+    setup["routes"][INDEX >> 8] = PeerRoute(broken)
+    setup["send"](_transport())
+    reader = setup["reader"]
+    deadline = time.monotonic() + 5
+    while reader.counters["peer_error"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert reader.counters["peer_error"] == 1
+    setup["routes"][INDEX >> 8] = PeerRoute(setup["peer"].tell)
+    setup["send"](_transport())
+    assert setup["peer"].wait()[0][0] == _transport()
+    assert reader.is_alive()
+
+
+def test_gso_send_arrives_as_separate_datagrams_in_order(setup: dict[str, Any]) -> None:
+    """send_many batches same-size runs (GSO); the reader splits GRO trains again."""
+    # Ten of one size and a shorter last one: one GSO send.
+    payloads = [_transport(bytes([n]) * 100) for n in range(10)] + [_transport(b"s" * 20)]
+    sender = UdpSockets(mark=False, ipv6=False)
+    try:
+        sender.send_many(("127.0.0.1", setup["port"]), payloads)
+        received: list[bytes] = []
+        while len(received) < len(payloads):
+            received.extend(d for d, _src in setup["peer"].wait())
+    finally:
+        sender.close()
+    assert received == payloads
+    assert sender.gso, "the kernel refused UDP GSO"
+    assert setup["reader"].counters["gro_trains"] >= 1, "expected the run as one GRO train"
+
+
+def test_split_gro_cuts_a_train_at_the_segment_size() -> None:
+    gro = [(17, 104, struct.pack("=i", 4))]
+    assert split_gro(b"aaaabbbbcc", gro) == [b"aaaa", b"bbbb", b"cc"]
+    assert split_gro(b"aaaa", gro) is None  # one datagram
+    assert split_gro(b"aaaabbbb", []) is None  # no GRO control message
+    assert split_gro(b"aaaabbbb", [(0, 8, bytes(12))]) is None  # IP_PKTINFO only
