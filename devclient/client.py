@@ -17,10 +17,19 @@ import queue
 import select
 import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from typing import Any, Protocol, TextIO
 
 from actors.io.ports import TunDevice
+from actors.io.udp import (
+    ANC_SIZE,
+    SOL_UDP,
+    UDP_GRO,
+    GsoRefused,
+    send_segmented,
+    split_gro,
+)
 from devclient.control import Command, CommandFifo, Inject, Quit, Request, Roam, parse_command
 from devclient.core import ClientCore, InterfaceConfig
 from devclient.portal import PORTAL_ERROR, Deliver
@@ -31,7 +40,7 @@ log = logging.getLogger(__name__)
 #: Datagrams / packets handled per readiness before the loop looks at the other fds.
 BATCH = 64
 READ_SIZE = 1316
-UDP_READ_SIZE = 2048
+UDP_READ_SIZE = 65535  # a GRO train
 
 
 class PortalLink(Protocol):
@@ -78,6 +87,8 @@ class DevClient:
         self._stopping = False
         self.exit_code = 0
         self.send_errors = 0
+        self.send_counters: Counter[str] = Counter()  # losses inside GSO sends
+        self._gso = True
 
     # ------------------------------------------------------------------ control
 
@@ -165,30 +176,41 @@ class DevClient:
             self._flush()
 
     def _read_socket(self) -> None:
+        """Up to BATCH reads (GRO trains split), then one flush: syscalls dominate."""
         assert self._sock is not None and self._local is not None
-        for _ in range(BATCH):
-            try:
-                data, src = self._sock.recvfrom(UDP_READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
-                log.debug("recvfrom: %s", exc)
-                continue
-            self.core.handle_datagram(self._local, (src[0], src[1]), data, self._monotonic(),
-                                      self._wall())
+        sock, local, handle = self._sock, self._local, self.core.handle_datagram
+        now, wall = self._monotonic(), self._wall()
+        try:
+            for _ in range(BATCH):
+                try:
+                    data, ancdata, _flags, src = sock.recvmsg(UDP_READ_SIZE, ANC_SIZE)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:  # e.g. ICMP port unreachable surfaced as ECONNREFUSED
+                    log.debug("recvfrom: %s", exc)
+                    continue
+                source = (src[0], src[1])
+                train = split_gro(data, ancdata) if ancdata else None
+                for datagram in train if train is not None else (data,):
+                    handle(local, source, datagram, now, wall)
+        finally:
             self._flush_network()
 
     def _read_tun(self) -> None:
         assert self._tun is not None
-        for _ in range(BATCH):
-            try:
-                packet = self._tun.read(READ_SIZE)
-            except OSError as exc:
-                log.warning("TUN read failed: %s", exc)
-                return
-            if not packet:
-                return
-            self.core.handle_tun_packet(packet, self._monotonic(), self._wall())
+        tun, handle = self._tun, self.core.handle_tun_packet
+        now, wall = self._monotonic(), self._wall()
+        try:
+            for _ in range(BATCH):
+                try:
+                    packet = tun.read(READ_SIZE)
+                except OSError as exc:
+                    log.warning("TUN read failed: %s", exc)
+                    return
+                if not packet:
+                    return
+                handle(packet, now, wall)
+        finally:
             self._flush_network()
 
     def _command_line(self, line: str) -> None:
@@ -221,15 +243,18 @@ class DevClient:
 
     def _flush_network(self) -> None:
         sock = self._sock
+        run: list[bytes] = []
+        run_dst: Address | None = None
         while (tx := self.core.poll_transmit()) is not None:
             if sock is None:
                 continue
-            try:
-                sock.sendto(tx.payload, tx.dst)
-            except OSError as exc:
-                self.send_errors += 1
-                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
-                    log.debug("sendto %s: %s", format_address(tx.dst), exc)
+            if tx.dst != run_dst and run:
+                self._send_run(sock, run_dst, run)
+                run = []
+            run_dst = tx.dst
+            run.append(tx.payload)
+        if run and sock is not None:
+            self._send_run(sock, run_dst, run)
         while (packet := self.core.poll_tun()) is not None:
             if self._tun is None:
                 continue
@@ -237,6 +262,25 @@ class DevClient:
                 self._tun.write(packet)
             except OSError as exc:
                 log.debug("TUN write failed: %s", exc)
+
+    def _send_run(self, sock: socket.socket, dst: Address | None, payloads: list[bytes]) -> None:
+        """Datagrams to one destination, in order; same-size runs as one GSO send."""
+        assert dst is not None
+        if self._gso and len(payloads) > 1:
+            try:
+                send_segmented(sock, dst, payloads, self.send_counters)
+                return
+            except GsoRefused as exc:
+                log.info("UDP GSO unavailable (%s); one datagram per send", exc)
+                self._gso = False
+                payloads = payloads[exc.sent:]
+        for payload in payloads:
+            try:
+                sock.sendto(payload, dst)
+            except OSError as exc:
+                self.send_errors += 1
+                if exc.errno not in (errno.EAGAIN, errno.ENOBUFS):
+                    log.debug("sendto %s: %s", format_address(dst), exc)
 
     def _flush(self) -> None:
         self._flush_network()
@@ -261,6 +305,8 @@ class DevClient:
         family = socket.AF_INET6 if ":" in self._bind_ip else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.setblocking(False)
+        with contextlib.suppress(OSError):  # one recvmsg may then return a train
+            sock.setsockopt(SOL_UDP, UDP_GRO, 1)
         sock.bind((self._bind_ip, 0))
         name = sock.getsockname()
         self._sock = sock

@@ -302,6 +302,8 @@ class ClientCore:
         self._proxy_pool = ProxyIpPool()
         self._dns: dict[str, DnsAssignment] = {}  # resource id -> assignment
         self._proxy_to_resource: dict[bytes, str] = {}
+        #: Destination -> resource answers of ``_resource_for`` (cleared on any change).
+        self._route_cache: dict[bytes, str | None] = {}
         self._transmits: deque[Transmit] = deque()
         self._tun_out: deque[bytes] = deque()
         self._portal_out: deque[tuple[str, dict[str, Any]]] = deque()
@@ -379,6 +381,7 @@ class ClientCore:
     def _on_init(self, payload: Mapping[str, Any], now: float) -> None:
         interface = payload["interface"]
         self._resources = {}
+        self._route_cache.clear()
         for raw in payload.get("resources") or []:
             resource = Resource.from_portal(raw)
             self._resources[resource.id] = resource
@@ -480,6 +483,7 @@ class ClientCore:
             self._dns[rid] = DnsAssignment(rid, domain.rstrip(".").lower(), ips)
             for ip in ips:
                 self._proxy_to_resource[ipaddress.ip_address(ip).packed] = rid
+            self._route_cache.clear()
         self._requested_at[rid] = now
         log.info("requesting a flow to resource %s", rid)
         self._portal_out.append(("create_flow", {"resource_id": rid}))
@@ -741,6 +745,16 @@ class ClientCore:
         return True
 
     def _resource_for(self, dst: bytes) -> str | None:
+        """The resource serving ``dst`` (longest prefix); cached, it runs per packet."""
+        cache = self._route_cache
+        if dst in cache:
+            return cache[dst]
+        if len(cache) >= 4096:
+            cache.clear()
+        rid = cache[dst] = self._lookup_resource(dst)
+        return rid
+
+    def _lookup_resource(self, dst: bytes) -> str | None:
         if not dst:
             return None
         rid = self._proxy_to_resource.get(dst)

@@ -157,38 +157,13 @@ class UdpSockets:
         if sock is None:
             self.counters["send_no_socket"] += len(payloads)
             return
-        start, count = 0, len(payloads)
-        while start < count:
-            size = len(payloads[start])
-            end = start + 1
-            limit = min(count, start + GSO_MAX_SEGMENTS, start + max(1, GSO_MAX_BYTES // size))
-            while end < limit and len(payloads[end]) == size:
-                end += 1
-            if end < limit and len(payloads[end]) < size:
-                end += 1  # the last segment of a GSO send may be shorter
-            if end - start == 1:
-                self.send(dst, payloads[start])
-            else:
-                self._send_gso(sock, dst, payloads[start:end], size)
-            start = end
-
-    def _send_gso(
-        self, sock: socket.socket, dst: Address, run: list[bytes], segment: int
-    ) -> None:
         try:
-            sock.sendmsg([b"".join(run)], [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(segment))], 0, dst)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                self.counters["send_would_block"] += len(run)
-                return
-            if exc.errno in (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP):
-                log.warning("UDP GSO refused (%s); sending one datagram per call from now on",
-                            exc)
-                self.gso = False
-                for payload in run:
-                    self.send(dst, payload)
-                return
-            self.counters[f"send_error_{exc.errno}"] += len(run)
+            send_segmented(sock, dst, payloads, self.counters)
+        except GsoRefused as exc:
+            log.warning("UDP GSO refused (%s); sending one datagram per call from now on", exc)
+            self.gso = False
+            for payload in payloads[exc.sent:]:
+                self.send(dst, payload)
 
     def close(self) -> None:
         for sock in (self.v4, self.v6):
@@ -212,6 +187,48 @@ def _local_address(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -
 _INDEX = struct.Struct("<I")
 _SEGMENT = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
+_GSO_REFUSALS = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
+
+
+class GsoRefused(OSError):
+    """The kernel does not do UDP GSO here; ``sent`` datagrams had gone out before."""
+
+    def __init__(self, cause: OSError, sent: int) -> None:
+        super().__init__(cause.errno, cause.strerror)
+        self.sent = sent
+
+
+def send_segmented(
+    sock: socket.socket, dst: Address, payloads: list[bytes], counters: Counter[str]
+) -> None:
+    """Send ``payloads`` in order to ``dst``, each run of equal sizes as one GSO ``sendmsg``.
+
+    Transient errors are counted (the datagrams are lost, as UDP may lose them); a refusal
+    of GSO itself raises :class:`GsoRefused` so the caller can fall back for good.
+    """
+    start, count = 0, len(payloads)
+    while start < count:
+        size = len(payloads[start])
+        end = start + 1
+        limit = min(count, start + GSO_MAX_SEGMENTS, start + max(1, GSO_MAX_BYTES // size))
+        while end < limit and len(payloads[end]) == size:
+            end += 1
+        if end < limit and len(payloads[end]) < size:
+            end += 1  # the last segment of a GSO send may be shorter
+        try:
+            if end - start == 1:
+                sock.sendto(payloads[start], dst)
+            else:
+                control = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))]
+                sock.sendmsg([b"".join(payloads[start:end])], control, 0, dst)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+                counters["send_would_block"] += end - start
+            elif end - start > 1 and exc.errno in _GSO_REFUSALS:
+                raise GsoRefused(exc, start) from exc
+            else:
+                counters[f"send_error_{exc.errno}"] += end - start
+        start = end
 
 
 def split_gro(data: bytes, ancdata: list[tuple[int, int, bytes]]) -> list[bytes] | None:
