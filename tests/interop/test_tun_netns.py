@@ -26,6 +26,7 @@ from actors.tun import (
     TunWriter,
 )
 from devstack import netns
+from gateway.packet.ip import build_tcp, build_tcp_syn, build_udp
 from tests.support.fake_tun import udp_ipv4, udp_ipv6
 from tests.support.interop import require_netns
 
@@ -153,14 +154,25 @@ class Collected:
 
 
 @pytest.fixture
-def tun(ns: str) -> Iterator[pykka.ActorRef[Any]]:
+def devices() -> list[LinuxTun]:
+    """The devices the ``tun`` fixture opened (to look at their GSO counters)."""
+    return []
+
+
+@pytest.fixture
+def tun(ns: str, devices: list[LinuxTun]) -> Iterator[pykka.ActorRef[Any]]:
     configured = threading.Event()
 
     def configure(ipv4: str, ipv6: str) -> None:
         configure_in(ns)(ipv4, ipv6)
         configured.set()
 
-    ref = TunActor.start(device_factory=lambda: netns.in_netns(ns, open_tun), configure=configure)
+    def open_device() -> LinuxTun:
+        device: LinuxTun = netns.in_netns(ns, open_tun)
+        devices.append(device)
+        return device
+
+    ref = TunActor.start(device_factory=open_device, configure=configure)
     ref.tell(ConfigureInterface(GATEWAY_V4, GATEWAY_V6))
     assert configured.wait(TIMEOUT)
     yield ref
@@ -232,3 +244,68 @@ def test_packets_written_through_the_tun_writer_reach_namespace_sockets(
         data, source = sock6.recvfrom(2048)
         assert (data, source[:2]) == (b"from the client v6", (CLIENT_V6, 41001))
     assert stats(tun)["tx_packets"] == 2
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_a_udp_burst_written_as_one_gso_frame_arrives_as_the_original_datagrams(
+    ns: str, tun: pykka.ActorRef[Any], devices: list[LinuxTun], family: str
+) -> None:
+    writer = tun.ask(GetTunWriter(), timeout=TIMEOUT)
+    assert isinstance(writer, TunWriter)
+    v4 = family == "v4"
+    local, client = (GATEWAY_V4, CLIENT_V4) if v4 else (GATEWAY_V6, CLIENT_V6)
+    payloads = [bytes([n]) * 1200 for n in range(20)] + [b"the shorter last one"]
+    with udp_socket(ns, socket.AF_INET if v4 else socket.AF_INET6, (local, 0)) as sock:
+        port = sock.getsockname()[1]
+        burst = [build_udp(client, local, 41000, port, p) for p in payloads]
+        assert writer.write_batch(burst) == len(burst)
+        received = [sock.recvfrom(2048)[0] for _ in payloads]
+    assert received == payloads
+    (device,) = devices
+    assert device.vnet_hdr and device.gso, "expected IFF_VNET_HDR with GSO writes"
+    assert device.gso_frames == 1
+    assert stats(tun)["tx_packets"] == len(burst)
+
+
+def test_a_tcp_stream_written_as_tso_frames_reaches_a_socket_intact(
+    ns: str, tun: pykka.ActorRef[Any], devices: list[LinuxTun]
+) -> None:
+    """We play the client through the TUN: handshake, then 30 full segments in one write."""
+    collected = Collected()
+    tun.ask(RegisterClient(uuid.uuid4(), CLIENT_V4, CLIENT_V6, collected.add), timeout=TIMEOUT)
+    writer = tun.ask(GetTunWriter(), timeout=TIMEOUT)
+    assert isinstance(writer, TunWriter)
+
+    def listen() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(TIMEOUT)
+        sock.bind((GATEWAY_V4, 0))
+        sock.listen(1)
+        return sock
+
+    with netns.in_netns(ns, listen) as server:
+        port = server.getsockname()[1]
+        isn = 5000
+        writer.write_batch([build_tcp_syn(CLIENT_V4, GATEWAY_V4, 42000, port, seq=isn)])
+        syn_ack = collected.wait_for(lambda p: p[33] & 0x12 == 0x12)  # SYN|ACK flags
+        server_isn = int.from_bytes(syn_ack[24:28], "big")
+        ack = server_isn + 1
+        writer.write_batch([build_tcp(CLIENT_V4, GATEWAY_V4, 42000, port, seq=isn + 1, ack=ack)])
+        connection, _ = server.accept()
+        with connection:
+            connection.settimeout(TIMEOUT)
+            data = b"".join(bytes([n]) * 1200 for n in range(30))
+            segments = [
+                build_tcp(CLIENT_V4, GATEWAY_V4, 42000, port, seq=isn + 1 + offset, ack=ack,
+                          payload=data[offset:offset + 1200])
+                for offset in range(0, len(data), 1200)
+            ]
+            before = devices[0].gso_frames
+            assert writer.write_batch(segments) == len(segments)
+            assert devices[0].gso_frames == before + 1, "expected one TSO frame"
+            received = b""
+            while len(received) < len(data):
+                chunk = connection.recv(65536)
+                assert chunk, "connection closed early"
+                received += chunk
+    assert received == data
