@@ -255,11 +255,24 @@ class DevClient:
             run.append(tx.payload)
         if run and sock is not None:
             self._send_run(sock, run_dst, run)
+        packets: list[bytes] = []
         while (packet := self.core.poll_tun()) is not None:
-            if self._tun is None:
-                continue
+            packets.append(packet)
+        if packets and self._tun is not None:
+            self._write_tun(self._tun, packets)
+
+    @staticmethod
+    def _write_tun(tun: TunDevice, packets: list[bytes]) -> None:
+        """One GSO frame per run of a flow where the device can (``LinuxTun.write_many``)."""
+        write_many = getattr(tun, "write_many", None)
+        if write_many is not None:
+            _written, failed = write_many(packets)
+            if failed:
+                log.debug("TUN refused %d packet(s)", failed)
+            return
+        for packet in packets:
             try:
-                self._tun.write(packet)
+                tun.write(packet)
             except OSError as exc:
                 log.debug("TUN write failed: %s", exc)
 
