@@ -69,6 +69,9 @@ from gateway.resources import DnsResource, Filter, InternetResource, Resource
 logger = logging.getLogger(__name__)
 
 EXPIRE_RESOURCES_INTERVAL = 1.0
+#: With only expiries to watch (no NAT, no DNS translations) the tick sleeps until the next
+#: ``expires_at``, but at most this long, so a step of the wall clock is noticed in time.
+EXPIRY_RECHECK = 10.0
 NO_INCOMING_WINDOW = 120.0
 NO_INCOMING_LOOKAHEAD = 10.0
 GRACE_PERIOD = 1.0
@@ -193,7 +196,10 @@ class ClientOnGateway:
         self._resources[resource.id] = _Authorization(resource, expires_at)
         self._rebuild_filters()
         if expires_at is not None:
-            self._arm(now)
+            # A tick within a second, even if one was planned later for an older expiry.
+            tick = now + EXPIRE_RESOURCES_INTERVAL
+            if self._next_tick is None or tick < self._next_tick:
+                self._next_tick = tick
 
     def remove_resource(self, resource_id: uuid.UUID) -> None:
         """Revoke access (``reject_access``); unknown ids are a no-op."""
@@ -444,7 +450,13 @@ class ClientOnGateway:
     # --- timers and events -----------------------------------------------------------------
 
     def handle_timeout(self, now: float, unix_now: float) -> None:
-        """The 1 s tick: expiry (by ``unix_now``), NAT TTL, translation health (§6, §8.4)."""
+        """The tick: expiry (by ``unix_now``), NAT TTL, translation health (§6, §8.4).
+
+        It runs every second while NAT sessions or DNS translations exist. With only
+        expiries to watch it runs at the next ``expires_at`` instead (at most
+        ``EXPIRY_RECHECK`` later), which removes access on time without waking thousands
+        of idle clients every second.
+        """
         if self._next_tick is None or now < self._next_tick:
             return
         self._next_tick = None
@@ -460,10 +472,10 @@ class ClientOnGateway:
             self._rebuild_filters()
         self._nat.handle_timeout(now)
         self._check_translations(now)
-        self._arm(now)
+        self._arm(now, unix_now)
 
     def poll_timeout(self) -> float | None:
-        """The next 1 s tick while anything can expire, else None."""
+        """The next tick while anything can expire, else None."""
         return self._next_tick
 
     def poll_event(self) -> Event | None:
@@ -471,15 +483,21 @@ class ClientOnGateway:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _arm(self, now: float) -> None:
+    def _arm(self, now: float, unix_now: float | None = None) -> None:
+        """Schedule the next tick; ``unix_now`` (known in a tick) allows sleeping longer."""
         if self._next_tick is not None:
             return
-        if (
-            self._nat
-            or self._translations
-            or any(auth.expires_at is not None for auth in self._resources.values())
-        ):
+        if self._nat or self._translations:
             self._next_tick = now + EXPIRE_RESOURCES_INTERVAL
+            return
+        expiries = [a.expires_at for a in self._resources.values() if a.expires_at is not None]
+        if not expiries:
+            return
+        if unix_now is None:
+            self._next_tick = now + EXPIRE_RESOURCES_INTERVAL
+        else:
+            wait = min(max(min(expiries) - unix_now, 0.0), EXPIRY_RECHECK)
+            self._next_tick = now + wait
 
     def _reverse_icmp_error(self, packet: bytes, l4: int, end: int, src: bytes) -> bytes:
         """Point an ICMP error about a NAT'd packet back at the proxy IP (1.4.13 behaviour).

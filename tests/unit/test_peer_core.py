@@ -18,6 +18,7 @@ from gateway.packet.p2p_control import (
     encode_domain_status,
 )
 from gateway.peer import (
+    EXPIRY_RECHECK,
     ClientOnGateway,
     Drop,
     NeedsResolution,
@@ -251,6 +252,27 @@ def test_timeout_never_busy_loops(clock: ManualClock) -> None:
     before = peer.poll_timeout()
     peer.handle_timeout(clock.monotonic(), clock.unix())
     assert peer.poll_timeout() == before
+
+
+def test_with_only_expiries_the_tick_sleeps_until_the_next_one(clock: ManualClock) -> None:
+    """No NAT, no translations: wake at the next expires_at, capped at EXPIRY_RECHECK."""
+    peer = make(clock)
+    far, near = cidr("10.0.0.0/8"), cidr("192.168.0.0/16")
+    peer.add_resource(far, clock.unix() + 100, clock.monotonic())
+    clock.skip_to(peer.poll_timeout())
+    peer.handle_timeout(clock.monotonic(), clock.unix())
+    assert peer.poll_timeout() == clock.monotonic() + EXPIRY_RECHECK
+    # A new, earlier expiry pulls the tick forward and is honoured on time.
+    peer.add_resource(near, clock.unix() + 2.5, clock.monotonic())
+    expires_at = clock.unix() + 2.5
+    assert peer.poll_timeout() == clock.monotonic() + 1.0
+    events = []
+    while not events:
+        clock.skip_to(peer.poll_timeout())
+        peer.handle_timeout(clock.monotonic(), clock.unix())
+        events = [e for e in iter(peer.poll_event, None)]
+    assert events == [ResourceExpired(near.id)]
+    assert clock.unix() == pytest.approx(expires_at)
 
 
 def test_no_timer_without_anything_to_expire(clock: ManualClock) -> None:
