@@ -224,6 +224,8 @@ class Node:
         # STUN requests by our ICE ufrag, responses and WireGuard handshakes by remote address.
         self._by_ufrag: dict[str, list[Connection]] = {}
         self._by_remote: dict[Address, list[Connection]] = {}
+        #: relay id -> connections nominated on it that wait for their channel to be bound.
+        self._awaiting_channel: dict[str, dict[uuid.UUID, Connection]] = {}
         self._host_candidates: dict[Address, Candidate] = {}
         self._srflx_candidates: dict[Address, Candidate] = {}
         self._transmits: deque[Transmit] = deque()
@@ -261,6 +263,7 @@ class Node:
         self._by_index.clear()
         self._by_ufrag.clear()
         self._by_remote.clear()
+        self._awaiting_channel.clear()
         self._allocations.clear()
         self._deleting.clear()
         self._deferred.clear()
@@ -855,8 +858,12 @@ class Node:
             server = allocation.active_server()
             if channel is None or server is None:
                 allocation.bind_channel(remote, now)
-                self._drain_allocation(allocation, now)
-                return  # PathChanged follows once the channel is confirmed
+                while (tx := allocation.poll_transmit()) is not None:
+                    self._transmits.append(tx)
+                # PathChanged follows once the channel is confirmed (_drain_allocation).
+                waiting = self._awaiting_channel.setdefault(local.relay_id, {})
+                waiting[conn.client_id] = conn
+                return
             path = RelayedPath(local.relay_id, server, channel, remote)
         else:
             path = DirectPath(local.base or local.address, remote)
@@ -887,13 +894,17 @@ class Node:
             self._on_allocation_event(allocation, event, now)
         if allocation.is_freed and self._allocations.get(allocation.relay_id) is allocation:
             self._remove_allocation(allocation.relay_id, "allocation freed", now)
-        for conn in list(self._connections.values()):
+        # Only the connections waiting for a channel on this relay: O(waiting), not O(N),
+        # since this runs for every TURN message.
+        waiting = self._awaiting_channel.pop(allocation.relay_id, None)
+        for conn in (waiting or {}).values():
             if (
-                conn.nominated is not None
+                self._connections.get(conn.client_id) is conn
+                and conn.nominated is not None
                 and conn.nominated[0].relay_id == allocation.relay_id
                 and conn.path is None
             ):
-                self._update_path(conn, now)
+                self._update_path(conn, now)  # waits again if still unbound
         self._flush_candidate_events()
 
     def _on_allocation_event(self, allocation: Allocation, event: object, now: float) -> None:

@@ -470,3 +470,31 @@ def test_stun_and_handshakes_are_demultiplexed_by_index_not_by_scanning() -> Non
     assert own is not None and gateway_side
     assert all(agent is own.agent for agent in gateway_side)
     _exchange(sim)  # handshakes still find their connection
+
+
+def test_a_relayed_nomination_waits_for_its_channel_without_scanning_or_recursing() -> None:
+    """Nominated on the relay while the channel is unbound: the path follows the binding.
+
+    Connections waiting for a channel are indexed by relay, so a TURN message costs
+    O(waiting) instead of a scan of every connection (and no recursion on the way).
+    """
+    sim = Sim(block_direct=True)
+    sim.add_relay()
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    conn = sim.node.connection(CLIENT_ID)
+    assert conn is not None and isinstance(conn.path, RelayedPath)
+    allocation = sim.node._allocations["relay-1"]
+    channel = allocation._channels[conn.path.channel]
+    # The channel lapses and the agent re-nominates the same relayed pair.
+    channel.bound = False
+    conn.path = None
+    sim.node._update_path(conn, sim.now)
+    assert conn.path is None
+    assert list(sim.node._awaiting_channel["relay-1"]) == [CLIENT_ID]
+    # The relay confirms the binding: the next TURN message sets the path.
+    channel.bound = True
+    sim.node._drain_allocation(allocation, sim.now)
+    assert isinstance(conn.path, RelayedPath)
+    assert "relay-1" not in sim.node._awaiting_channel
+    assert any(isinstance(e, PathChanged) for e in iter(sim.node.poll_event, None))
