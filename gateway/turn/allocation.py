@@ -9,6 +9,7 @@ fresh transaction id on every send.
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections import Counter, deque
 from collections.abc import Sequence
@@ -151,6 +152,9 @@ class Allocation:
         self._allocate_retry_at: float | None = None
         self._allocate_retries = 0
         self._channels: dict[int, _Channel] = {}
+        #: (rebind deadline, channel, bound_at) of channels that carried data since their
+        #: bind; stale entries are skipped. Keeps timers O(log C) with thousands of channels.
+        self._rebind_due: list[tuple[float, int, float]] = []
         self._channel_by_peer: dict[Address, int] = {}
         self._next_channel = CHANNEL_FIRST
         self._buffered_bindings: deque[Address] = deque(maxlen=MAX_BUFFERED_CHANNEL_BINDINGS)
@@ -425,7 +429,8 @@ class Allocation:
         if relay is None:
             self.counters["no_relay_for_family"] += 1
             return None
-        channel.data_since_bind = True
+        if not channel.data_since_bind:
+            self._note_data_since_bind(number, channel)
         channel.last_received = now
         return channel.peer, payload, relay
 
@@ -443,7 +448,8 @@ class Allocation:
         path unwrapped it): keep the channel's rebind and reuse bookkeeping right."""
         channel = self._channels.get(number)
         if channel is not None and channel.bound:
-            channel.data_since_bind = True
+            if not channel.data_since_bind:
+                self._note_data_since_bind(number, channel)
             channel.last_received = now
 
     # ---- outbound data --------------------------------------------------------------------
@@ -562,10 +568,12 @@ class Allocation:
         ):
             self._send_refresh(now)
         if self._relays and self._active is not None:
-            for number, channel in self._channels.items():
-                if self._channel_needs_rebind(channel) and now >= channel.bound_at + (
-                    CHANNEL_REFRESH_AGE
-                ):
+            due = self._rebind_due
+            while due and due[0][0] <= now:
+                _deadline, number, bound_at = heapq.heappop(due)
+                channel = self._channels.get(number)
+                if (channel is not None and channel.bound_at == bound_at
+                        and self._channel_needs_rebind(channel)):
                     self._send_channel_bind(channel.peer, number, now)
 
     def _retry_allocate_due(self, now: float) -> None:
@@ -619,11 +627,15 @@ class Allocation:
             if not self._in_flight(Method.REFRESH):
                 deadlines.append(self._refresh_at())
         if self._relays and self._active is not None:
-            deadlines.extend(
-                c.bound_at + CHANNEL_REFRESH_AGE
-                for c in self._channels.values()
-                if self._channel_needs_rebind(c)
-            )
+            due = self._rebind_due
+            while due:
+                deadline, number, bound_at = due[0]
+                channel = self._channels.get(number)
+                if (channel is not None and channel.bound_at == bound_at
+                        and self._channel_needs_rebind(channel)):
+                    deadlines.append(deadline)
+                    break
+                heapq.heappop(due)  # stale: rebound, forgotten, or rebind in flight
         return min(deadlines, default=None)
 
     def poll_transmit(self) -> Transmit | None:
@@ -633,6 +645,13 @@ class Allocation:
         return self._events.popleft() if self._events else None
 
     # ---- internals ------------------------------------------------------------------------
+
+    def _note_data_since_bind(self, number: int, channel: _Channel) -> None:
+        """First data since the channel's bind: it must be re-bound before it expires."""
+        channel.data_since_bind = True
+        heapq.heappush(
+            self._rebind_due, (channel.bound_at + CHANNEL_REFRESH_AGE, number, channel.bound_at)
+        )
 
     @staticmethod
     def _channel_needs_rebind(channel: _Channel) -> bool:
@@ -667,6 +686,7 @@ class Allocation:
         self._lifetime = None
         self._channels.clear()
         self._channel_by_peer.clear()
+        self._rebind_due.clear()
         self._requests = {tid: r for tid, r in self._requests.items() if r.method == Method.BINDING}
 
     def _send_bindings(self, now: float) -> None:

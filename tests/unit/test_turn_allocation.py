@@ -720,6 +720,23 @@ def test_data_noted_by_a_fast_path_counts_for_the_rebind_rule() -> None:
     assert rebind.channel_number() == 0x4000
 
 
+def test_rebind_deadlines_do_not_scan_every_channel(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With hundreds of idle channels, timers look only at channels that carried data."""
+    alloc, relay = allocated(lifetime=3600)
+    peers = [(f"10.9.{i // 250}.{i % 250 + 1}", 5000) for i in range(300)]
+    numbers = [bound(alloc, relay, peer, T0) for peer in peers]
+    alloc.note_channel_data(numbers[7], T0 + 10)
+    checked: list[object] = []
+    original = Allocation._channel_needs_rebind
+    monkeypatch.setattr(Allocation, "_channel_needs_rebind",
+                        staticmethod(lambda c: (checked.append(c), original(c))[1]))
+    assert alloc.poll_timeout() == T0 + 300
+    tick(alloc, T0 + 300)
+    _, rebind, _ = relay.one(Method.CHANNEL_BIND)
+    assert rebind.xor_address(Attr.XOR_PEER_ADDRESS) == peers[7]
+    assert len(checked) <= 4, f"{len(checked)} channels examined"
+
+
 def test_channel_rebind_give_up_waits_for_new_data() -> None:
     alloc, relay = allocated(lifetime=3600)
     bound(alloc, relay, PEER, T0)
