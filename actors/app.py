@@ -74,10 +74,17 @@ class Runtime:
     def status(self) -> dict[str, Any]:
         node: dict[str, Any] = self.node.ask(GetNodeStatus(), block=True, timeout=ASK_TIMEOUT)
         portal: PortalStatus = self.portal.ask(GetPortalStatus(), block=True, timeout=ASK_TIMEOUT)
-        clients = []
+        # Ask every PeerActor first, then collect: thousands of clients answer in parallel.
+        asked = []
         for client_id, ref in node.pop("peers").items():
             try:
-                peer: dict[str, Any] = ref.ask(GetPeerStatus(), timeout=ASK_TIMEOUT)
+                asked.append((client_id, ref.ask(GetPeerStatus(), block=False)))
+            except pykka.ActorDeadError:
+                continue
+        clients = []
+        for client_id, future in asked:
+            try:
+                peer: dict[str, Any] = future.get(timeout=ASK_TIMEOUT)
             except (pykka.ActorDeadError, pykka.Timeout):
                 continue
             peer.update({"connection": node["connections"].get(client_id)})
