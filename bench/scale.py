@@ -188,6 +188,7 @@ def _steady(net: BenchNet, sims: SimWorkers, sink: Sink, trickle: Trickle, windo
     sims.trickle(trickle.percent, TRICKLE_PERIOD)
     time.sleep(WARMUP)
     before, arrived0, cpu0 = sims.stats(), sink.count, _Cpu.now(net.gateway_pid, sims)
+    dropped0 = sum(sims.dropped.values())
     log(f"  {name}steady window ({trickle.note}): {window_s:g} s from now")
     time.sleep(window_s)
     after, arrived1, cpu1 = sims.stats(), sink.count, _Cpu.now(net.gateway_pid, sims)
@@ -202,6 +203,7 @@ def _steady(net: BenchNet, sims: SimWorkers, sink: Sink, trickle: Trickle, windo
 
     due, sent, arrived = delta("trickle_due"), delta("trickle_sent"), arrived1 - arrived0
     lag = max((s.max_lag_s for s in after), default=None)
+    dropped = sum(sims.dropped.values())
     trickling = _sum(after, "trickling")
     note = f"{trickle.note}; {window_s:g} s window after {WARMUP:g} s warm-up"
     results.add(f"{name}steady_cpu_percent", gw, "% of a core",
@@ -218,11 +220,13 @@ def _steady(net: BenchNet, sims: SimWorkers, sink: Sink, trickle: Trickle, windo
                 "client side: worst lateness of a client timer in the window (stall check)")
     results.add(f"{name}sim_idle_clients", _sum(after, "idle"), "clients",
                 "client side: connections in idle mode at the end of the window")
+    results.add(f"{name}dropped", dropped - dropped0, "clients",
+                "connected clients that failed during the window (ICE or WireGuard)")
     log(f"  {name}steady: gateway {gw:.1f} %, workers {'/'.join(f'{w:.1f}' for w in wk)} %, "
         f"bench {bench:.1f} % of a core; trickle due/sent/arrived {due}/{sent}/{arrived} "
         f"(no connection {delta('trickle_unsent')}, skipped late {delta('trickle_missed')}); "
         f"client lag max {0 if lag is None else lag * 1e3:.0f} ms; "
-        f"{_sum(after, 'idle')} clients idle")
+        f"{_sum(after, 'idle')} clients idle; {dropped} dropped so far")
     return after
 
 
@@ -231,12 +235,15 @@ def _gateway_state(net: BenchNet, base: dict[str, int], results: Results, prefix
     status = proc_status(net.gateway_pid)
     clients: list[dict[str, Any]] | None = None
     try:  # the gateway asks every PeerActor in turn: slow with thousands
-        clients = control_request(net.stack.control_socket, "status", timeout=120)["clients"]
-    except (ControlError, KeyError, TypeError) as exc:
+        answer = control_request(net.stack.control_socket, "status", timeout=120)
+        clients = answer.get("clients")
+        if clients is None:
+            log(f"  status failed: {answer.get('error', answer)}")
+    except ControlError as exc:
         log(f"  status failed: {exc}")
     idle = None if clients is None else sum(1 for c in clients if c.get("idle"))
     results.add(f"{prefix}.rss_mib", status["rss_bytes"] / 2**20, "MiB",
-                f"gateway VmRSS after the windows (idle gateway: "
+                f"gateway VmRSS after the main window (idle gateway: "
                 f"{base['rss_bytes'] / 2**20:.1f} MiB)")
     results.add(f"{prefix}.threads", status["threads"], "threads",
                 f"gateway threads (idle gateway: {base['threads']})")
