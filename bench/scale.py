@@ -116,7 +116,7 @@ def _one(net: BenchNet, results: Results, n: int, window_s: float, budget: float
             last = _steady(net, sims, sink, trickle, window_s, results, prefix, log)
             if not trickle.infix:  # the main steady state: the gateway's state after it
                 _gateway_state(net, base, results, prefix, log)
-        results.add(f"{prefix}.dropped", sum(sims.dropped.values()), "clients",
+        results.add(f"{prefix}.dropped_total", sum(sims.dropped.values()), "clients",
                     "connected clients that failed later (whole run)")
         results.add(f"{prefix}.sim_stuck_deadlines", _sum(last, "stuck_deadlines"), "count",
                     "client side: client cores whose deadline stayed in the past (whole run)")
@@ -220,7 +220,7 @@ def _steady(net: BenchNet, sims: SimWorkers, sink: Sink, trickle: Trickle, windo
                 "client side: worst lateness of a client timer in the window (stall check)")
     results.add(f"{name}sim_idle_clients", _sum(after, "idle"), "clients",
                 "client side: connections in idle mode at the end of the window")
-    results.add(f"{name}dropped", dropped - dropped0, "clients",
+    results.add(f"{name}window_dropped", dropped - dropped0, "clients",
                 "connected clients that failed during the window (ICE or WireGuard)")
     log(f"  {name}steady: gateway {gw:.1f} %, workers {'/'.join(f'{w:.1f}' for w in wk)} %, "
         f"bench {bench:.1f} % of a core; trickle due/sent/arrived {due}/{sent}/{arrived} "
