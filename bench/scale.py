@@ -16,9 +16,10 @@ warm-up long enough for both ends to enter (or leave) idle mode (snownet.md §8.
 
 Per window: the gateway's utime+stime (% of one core), each worker's and the bench
 process's CPU (to show the client side was not saturated), trickle datagrams due (from the
-clock), sent and arrived at the sink, and the clients' worst timer lateness. A stalled
-client loop shows as ``due > sent`` and a large lag. Afterwards the gateway's VmRSS,
-threads and the clients in its ``status``.
+clock), sent and arrived at the sink, the clients' worst timer lateness, connections that
+failed, and UDP receive-buffer overflows in the gateway's and the clients' namespace (which
+side's receiver fell behind). A stalled client loop shows as ``due > sent`` and a large
+lag. After the main window the gateway's VmRSS, threads and the clients in its ``status``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from actors.control import ControlError, control_request
+from bench.blast import counts
 from bench.net import BenchNet, bench_net, proc_cpu_seconds, proc_status
 from bench.report import Results, percentile
 from bench.setup_latency import SINK_PORT, cidr_resource
@@ -189,9 +191,11 @@ def _steady(net: BenchNet, sims: SimWorkers, sink: Sink, trickle: Trickle, windo
     time.sleep(WARMUP)
     before, arrived0, cpu0 = sims.stats(), sink.count, _Cpu.now(net.gateway_pid, sims)
     dropped0 = sum(sims.dropped.values())
+    rcvbuf0 = _rcvbuf_errors(net)
     log(f"  {name}steady window ({trickle.note}): {window_s:g} s from now")
     time.sleep(window_s)
     after, arrived1, cpu1 = sims.stats(), sink.count, _Cpu.now(net.gateway_pid, sims)
+    rcvbuf = {role: n - rcvbuf0[role] for role, n in _rcvbuf_errors(net).items()}
     gw, wk, bench = cpu1.since(cpu0)
     complete = len(before) == len(after) == len(sims.pids)
     if not complete:
@@ -222,12 +226,22 @@ def _steady(net: BenchNet, sims: SimWorkers, sink: Sink, trickle: Trickle, windo
                 "client side: connections in idle mode at the end of the window")
     results.add(f"{name}window_dropped", dropped - dropped0, "clients",
                 "connected clients that failed during the window (ICE or WireGuard)")
+    for role, n in rcvbuf.items():
+        results.add(f"{name}{role}_rcvbuf_drops", n, "datagrams",
+                    f"kernel: UDP receive buffer overflows in the {role} namespace "
+                    "(RcvbufErrors; its receiver fell behind)")
     log(f"  {name}steady: gateway {gw:.1f} %, workers {'/'.join(f'{w:.1f}' for w in wk)} %, "
         f"bench {bench:.1f} % of a core; trickle due/sent/arrived {due}/{sent}/{arrived} "
         f"(no connection {delta('trickle_unsent')}, skipped late {delta('trickle_missed')}); "
         f"client lag max {0 if lag is None else lag * 1e3:.0f} ms; "
-        f"{_sum(after, 'idle')} clients idle; {dropped} dropped so far")
+        f"{_sum(after, 'idle')} clients idle; {dropped} dropped so far; UDP receive buffer "
+        f"overflows {rcvbuf}")
     return after
+
+
+def _rcvbuf_errors(net: BenchNet) -> dict[str, int]:
+    """UDP receive buffer overflows so far in the gateway's and the clients' namespace."""
+    return {role: counts(net, role).udp.get("RcvbufErrors", 0) for role in ("gateway", "client")}
 
 
 def _gateway_state(net: BenchNet, base: dict[str, int], results: Results, prefix: str,
