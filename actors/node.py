@@ -493,6 +493,14 @@ class NodeActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ status
 
+    def _udp_counters(self) -> dict[str, int]:
+        counters: dict[str, int] = {}
+        if self._reader is not None:
+            counters.update(self._reader.counters)
+        if self._sockets is not None:
+            counters.update(self._sockets.counters)
+        return counters
+
     def _status(self) -> dict[str, Any]:
         connections = {
             str(conn.client_id): {
@@ -511,7 +519,11 @@ class NodeActor(pykka.ThreadingActor):
             "host_candidates": self.node.host_candidates(),
             "connections": connections,
             "peers": {str(cid): peer.ref for cid, peer in self._peers.items()},
-            "counters": dict(self.node.counters),
+            "counters": {
+                **self.node.counters,
+                # The UDP side: drops for backpressure, send errors, GRO trains.
+                **{f"udp_{k}": v for k, v in self._udp_counters().items()},
+            },
         }
 
 

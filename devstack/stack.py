@@ -43,7 +43,7 @@ FILTERED_RESOURCE = uuid.UUID("2d5e8f9a-3b4c-4d5e-af10-2b3c4d5e6f70")
 UNAUTHORIZED_RESOURCE = uuid.UUID("3e6f9a0b-4c5d-4e6f-b021-3c4d5e6f7a81")
 RELAY_ID = uuid.UUID("4f7a0b1c-5d6e-4f70-8132-4d5e6f7a8b92")
 DNS_NAME = "web.corp.test"
-REPO = Path(__file__).resolve().parent.parent.parent
+REPO = Path(__file__).resolve().parent.parent  # the repository root (devstack/..)
 
 
 def portal_config(relay_port: int, secret: str, *, expires_in: float | None = None) -> Any:
