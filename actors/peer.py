@@ -30,7 +30,7 @@ from actors.io.udp import FromNetwork, UdpSockets
 from actors.peer_session import PeerFailed, PeerIdle, PeerSession
 from actors.resolver import IPAddress, Resolver
 from actors.timer import Timer, Wake
-from actors.tun import FromTun, TunWriter
+from actors.tun import TunWriter
 from gateway.node import Path
 from gateway.resources import Resource
 from gateway.types import Address, Rng
@@ -203,9 +203,6 @@ class PeerActor(pykka.ThreadingActor):
                 session.from_network(message.datagrams)
             finally:
                 self.net_inflight.release()
-            return None
-        if isinstance(message, FromTun):  # the TUN reader calls the session directly
-            session.from_tun(message.packets)
             return None
         with session.lock:
             now = self._clock.monotonic()

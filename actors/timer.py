@@ -90,24 +90,20 @@ class Timer:
 
     def schedule(self, ref: pykka.ActorRef, deadline: float, message: object) -> TimerHandle:
         """Tell ``message`` to ``ref`` once ``clock.monotonic() >= deadline``."""
-        with self._cond:
-            entry = _Entry(deadline, next(self._seq), ref, message)
-            # The thread sleeps until the heap's first deadline; only an earlier one needs
-            # to wake it (actors re-arm after every message: mostly to later deadlines).
-            earlier = not self._heap or deadline < self._heap[0].deadline
-            heapq.heappush(self._heap, entry)
-            self._pending[entry.seq] = entry
-            if earlier:
-                self._cond.notify_all()
-            return TimerHandle(entry.seq, deadline)
+        return self._push(deadline, ref, message)
 
     def schedule_call(self, deadline: float, call: Callable[[], None]) -> TimerHandle:
         """Run ``call()`` on the Timer thread once ``clock.monotonic() >= deadline``.
 
         ``call`` must be quick and must not block: every other deadline waits for it.
         """
+        return self._push(deadline, None, call)
+
+    def _push(self, deadline: float, ref: pykka.ActorRef | None, message: object) -> TimerHandle:
         with self._cond:
-            entry = _Entry(deadline, next(self._seq), None, call)
+            entry = _Entry(deadline, next(self._seq), ref, message)
+            # The thread sleeps until the heap's first deadline; only an earlier one needs
+            # to wake it (owners re-arm often, mostly to later deadlines).
             earlier = not self._heap or deadline < self._heap[0].deadline
             heapq.heappush(self._heap, entry)
             self._pending[entry.seq] = entry
@@ -162,12 +158,15 @@ class Timer:
         return due
 
 
-class ActorTimer:
-    """An actor's single pending wake, kept at its core's ``poll_timeout()``."""
+class _PendingWake:
+    """One owner's single pending wake, kept at its core's ``poll_timeout()``.
 
-    def __init__(self, timer: Timer, ref: pykka.ActorRef) -> None:
+    ``arm`` is not thread-safe by itself: the owner serialises it (an actor's own thread,
+    or the peer session's lock).
+    """
+
+    def __init__(self, timer: Timer) -> None:
         self._timer = timer
-        self._ref = ref
         self._handle: TimerHandle | None = None
 
     @property
@@ -182,33 +181,32 @@ class ActorTimer:
             self._timer.cancel(self._handle)
             self._handle = None
         if deadline is not None:
-            self._handle = self._timer.schedule(self._ref, deadline, Wake())
+            self._handle = self._schedule(deadline)
+
+    def _schedule(self, deadline: float) -> TimerHandle:
+        raise NotImplementedError
 
 
-class CallTimer:
-    """Like :class:`ActorTimer`, but the Timer thread calls ``call`` instead of telling.
+class ActorTimer(_PendingWake):
+    """Tells the actor ``Wake()`` at the deadline."""
 
-    ``arm`` is not thread-safe by itself: its owner serialises it (the peer session's lock).
-    """
+    def __init__(self, timer: Timer, ref: pykka.ActorRef) -> None:
+        super().__init__(timer)
+        self._ref = ref
+
+    def _schedule(self, deadline: float) -> TimerHandle:
+        return self._timer.schedule(self._ref, deadline, Wake())
+
+
+class CallTimer(_PendingWake):
+    """Has the Timer thread call ``call`` at the deadline (no actor wake-up)."""
 
     def __init__(self, timer: Timer, call: Callable[[], None]) -> None:
-        self._timer = timer
+        super().__init__(timer)
         self._call = call
-        self._handle: TimerHandle | None = None
 
-    @property
-    def deadline(self) -> float | None:
-        return self._handle.deadline if self._handle is not None else None
-
-    def arm(self, deadline: float | None) -> None:
-        """Call at ``deadline`` (``None``: never). No-op if already pending for it."""
-        if self._handle is not None:
-            if self._handle.deadline == deadline and self._timer.pending(self._handle):
-                return
-            self._timer.cancel(self._handle)
-            self._handle = None
-        if deadline is not None:
-            self._handle = self._timer.schedule_call(deadline, self._call)
+    def _schedule(self, deadline: float) -> TimerHandle:
+        return self._timer.schedule_call(deadline, self._call)
 
     def arm_earlier(self, deadline: float | None) -> None:
         """Move the wake earlier if ``deadline`` is before it; never later (cheap per batch).

@@ -59,13 +59,6 @@ _V6_PEERS_PREFIX = bytes.fromhex("fd0020211111") + bytes(7)
 
 
 @dataclass(frozen=True, slots=True)
-class FromTun:
-    """A batch of IP packets from the TUN for one client (tests and tools tell it)."""
-
-    packets: list[bytes]
-
-
-@dataclass(frozen=True, slots=True)
 class ConfigureInterface:
     """Apply an ``init`` interface (addresses, MTU, rule, routes) to the device."""
 

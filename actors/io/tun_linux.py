@@ -125,22 +125,27 @@ def open_tun(name: str = TUN_NAME, *, path: str = TUN_PATH, vnet_hdr: bool = Tru
     callers treat it as fatal.
     """
     ensure_device_node(path)
-    attempts = [IFF_TUN | IFF_NO_PI | IFF_VNET_HDR, IFF_TUN | IFF_NO_PI] if vnet_hdr else [
-        IFF_TUN | IFF_NO_PI]
-    for flags in attempts:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    plain = IFF_TUN | IFF_NO_PI
+    if vnet_hdr:
         try:
-            fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+            fd = _open_with_flags(path, name, plain | IFF_VNET_HDR)
         except OSError as exc:
-            os.close(fd)
-            if flags & IFF_VNET_HDR and exc.errno == errno.EINVAL:
-                logger.info("TUN without IFF_VNET_HDR (%s): one write per packet", exc)
-                continue
-            raise
-        except BaseException:
-            os.close(fd)
-            raise
-        with_header = bool(flags & IFF_VNET_HDR)
-        logger.info("Opened TUN device %s%s", name, " (GSO writes)" if with_header else "")
-        return LinuxTun(fd, name, vnet_hdr=with_header)
-    raise AssertionError("unreachable")
+            if exc.errno != errno.EINVAL:
+                raise
+            logger.info("TUN without IFF_VNET_HDR (%s): one write per packet", exc)
+        else:
+            logger.info("Opened TUN device %s (GSO writes)", name)
+            return LinuxTun(fd, name, vnet_hdr=True)
+    fd = _open_with_flags(path, name, plain)
+    logger.info("Opened TUN device %s", name)
+    return LinuxTun(fd, name)
+
+
+def _open_with_flags(path: str, name: str, flags: int) -> int:
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), flags))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd

@@ -140,9 +140,13 @@ def frame(group: list[bytes]) -> bytes:
     first = group[0]
     if len(group) == 1:
         return PLAIN_HEADER + first
-    flow = _flow(first)
-    assert flow is not None, "plan() only groups mergeable packets"
-    _key, protocol, l3, l4, segment = flow
+    # plan() checked every run; only the header lengths are needed again.
+    if first[0] >> 4 == 4:
+        l3, protocol = 20, first[9]
+    else:
+        l3, protocol = 40, first[6]
+    l4 = (first[l3 + 12] >> 4) * 4 if protocol == _PROTO_TCP else 8
+    segment = len(first) - l3 - l4
     head = bytearray(first[:l3 + l4])
     payloads = [first[l3 + l4:]]
     payloads += [packet[l3 + l4:] for packet in group[1:]]

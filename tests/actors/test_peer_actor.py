@@ -10,7 +10,6 @@ from __future__ import annotations
 import ipaddress
 import random
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -284,18 +283,16 @@ def test_the_timer_thread_drives_the_session_without_the_mailbox(world: dict[str
     world["ref"].tell(Authorize(RESOURCE, clock.unix() + 5, CLIENT_V4, CLIENT_V6))
     _sync(world)
     clock.tick(6)
+    unregistered = threading.Event()
+    world["tun"].tell.side_effect = (
+        lambda message: unregistered.set() if isinstance(message, UnregisterClient) else None
+    )
     timer = world["timer"]
     timer.start()  # the session's 1 s tick is due on the manual clock: it fires at once
     try:
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
-            told = [c.args[0] for c in world["tun"].tell.call_args_list]
-            if isinstance(told[-1], UnregisterClient):
-                break
-            time.sleep(0.01)
+        assert unregistered.wait(5), "the Timer thread never ran the session's timeout"
     finally:
         timer.stop()
-    assert isinstance(told[-1], UnregisterClient)
     assert _sync(world)["resources"] == []
 
 
