@@ -8,6 +8,7 @@ readers decode them on demand so the per-packet path does no work for attributes
 from __future__ import annotations
 
 import binascii
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -78,7 +79,10 @@ class Attr(IntEnum):
 
 _KNOWN_ATTRS = frozenset(int(a) for a in Attr)
 #: Attributes RFC 8489 allows after MESSAGE-INTEGRITY.
-_ALLOWED_AFTER_MI = frozenset({Attr.MESSAGE_INTEGRITY_SHA256, Attr.FINGERPRINT})
+_ALLOWED_AFTER_MI = frozenset({int(Attr.MESSAGE_INTEGRITY_SHA256), int(Attr.FINGERPRINT)})
+#: Plain ints for the per-attribute comparisons in ``parse`` (no enum lookups there).
+_FINGERPRINT = int(Attr.FINGERPRINT)
+_MESSAGE_INTEGRITY = int(Attr.MESSAGE_INTEGRITY)
 
 FAMILY_IPV4 = 0x01
 FAMILY_IPV6 = 0x02
@@ -116,7 +120,9 @@ def _decode_ip(family: int, raw: bytes) -> str:
     return str(ipaddress.IPv6Address(raw))
 
 
+@functools.lru_cache(maxsize=4096)
 def _family_and_packed(ip: str) -> tuple[int, bytes]:
+    """Cached: the same few peer addresses are encoded in every check and answer."""
     try:
         parsed = ipaddress.ip_address(ip)
     except ValueError as exc:
@@ -141,7 +147,9 @@ def _split_address(value: bytes) -> tuple[int, int, bytes]:
 
 
 def _xor_bytes(a: bytes, b: bytes) -> bytes:
-    return bytes(x ^ y for x, y in zip(a, b, strict=True))
+    if len(a) != len(b):
+        raise ValueError("XOR operands differ in length")
+    return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
 @dataclass(slots=True)
@@ -336,15 +344,17 @@ def parse(data: bytes) -> StunMessage:
     unknown: list[int] = []
     seen_integrity = False
     offset = HEADER_LEN
+    unpack_attr = _ATTR_HEADER.unpack_from
     while offset < total:
         if offset + 4 > total:
             raise MalformedPacket("truncated attribute header")
-        kind, alen = _ATTR_HEADER.unpack_from(data, offset)
+        kind, alen = unpack_attr(data, offset)
         start = offset + 4
         end = start + alen
-        if start + _pad4(alen) > total:
+        next_offset = start + ((alen + 3) & ~3)
+        if next_offset > total:
             raise MalformedPacket(f"attribute {kind:#06x} overruns the message")
-        if kind == Attr.FINGERPRINT:
+        if kind == _FINGERPRINT:
             if alen != 4 or end != total:
                 raise MalformedPacket("FINGERPRINT must be the last attribute, 4 bytes")
             if _U32.unpack_from(data, start)[0] != _fingerprint(data[:offset]):
@@ -352,14 +362,14 @@ def parse(data: bytes) -> StunMessage:
             break
         if seen_integrity and kind not in _ALLOWED_AFTER_MI:
             raise MalformedPacket(f"attribute {kind:#06x} after MESSAGE-INTEGRITY")
-        if kind == Attr.MESSAGE_INTEGRITY:
+        if kind == _MESSAGE_INTEGRITY:
             if alen != _MI_LEN:
                 raise MalformedPacket("MESSAGE-INTEGRITY must be 20 bytes")
             seen_integrity = True
         elif kind < 0x8000 and kind not in _KNOWN_ATTRS:
             unknown.append(kind)
         attributes.append((kind, data[start:end]))
-        offset = start + _pad4(alen)
+        offset = next_offset
     return StunMessage(method, cls, bytes(tid), attributes, unknown)
 
 
@@ -385,7 +395,7 @@ def encode(
     msg_type = _encode_type(msg.method, msg.cls)
     if integrity_key is not None:
         header = _HEADER.pack(msg_type, len(body) + 24, MAGIC_COOKIE, msg.transaction_id)
-        mac = hmac.new(integrity_key, header + body, hashlib.sha1).digest()
+        mac = hmac.digest(integrity_key, header + body, "sha1")
         body += _ATTR_HEADER.pack(Attr.MESSAGE_INTEGRITY, _MI_LEN) + mac
     if fingerprint:
         header = _HEADER.pack(msg_type, len(body) + 8, MAGIC_COOKIE, msg.transaction_id)
@@ -415,7 +425,7 @@ def verify_integrity(data: bytes, key: bytes) -> bool:
         return False
     adjusted_len = offset - HEADER_LEN + 4 + _MI_LEN
     signed = data[:2] + struct.pack("!H", adjusted_len) + data[4:offset]
-    expected = hmac.new(key, signed, hashlib.sha1).digest()
+    expected = hmac.digest(key, signed, "sha1")
     return hmac.compare_digest(expected, data[offset + 4 : offset + 4 + _MI_LEN])
 
 
