@@ -38,7 +38,7 @@ from typing import Any
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
-from gateway.ice.agent import Disconnected, IceAgent, Nominated
+from gateway.ice.agent import Disconnected, IceAgent, Nominated, PeerReflexive
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.stun.message import MessageClass
 from gateway.stun.message import parse as parse_stun
@@ -838,6 +838,11 @@ class Node:
             if isinstance(event, Nominated):
                 conn.nominated = (event.local, event.remote)
                 self._update_path(conn, now)
+            elif isinstance(event, PeerReflexive):
+                # A verified check taught the agent a remote candidate: the client's
+                # signalled ones may still be on their way through the portal, and must
+                # not fail a connection that already works (§8.4, cause 1).
+                conn.got_remote_candidate = True
             elif isinstance(event, Disconnected):
                 self._fail(conn, f"ICE disconnected: {event.reason}")
                 return

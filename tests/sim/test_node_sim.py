@@ -77,7 +77,8 @@ class Sim:
         self.node.update_relays([], [server], self.now)
         self.pump()
 
-    def authorize(self, gw_creds: IceCredentials = GW_CREDS) -> object:
+    def authorize(self, gw_creds: IceCredentials = GW_CREDS, *, signal: bool = True) -> object:
+        """``authorize_flow``; ``signal=False``: the client's candidates never arrive."""
         psk = bytes(range(32))
         result = self.node.upsert_connection(
             CLIENT_ID,
@@ -103,9 +104,10 @@ class Sim:
                 static=self.client_static, peer_public=self.node.public_key, preshared_key=psk,
                 local_index=0x1234500, rate_limiter=limiter, rng=self.rng, now=self.now,
             )
-            self.node.add_remote_candidates(
-                CLIENT_ID, [Candidate.host(CLIENT).to_sdp()], self.now
-            )
+            if signal:
+                self.node.add_remote_candidates(
+                    CLIENT_ID, [Candidate.host(CLIENT).to_sdp()], self.now
+                )
         self.pump()
         return result
 
@@ -301,6 +303,20 @@ def test_connection_fails_without_remote_candidates() -> None:
     failed = [e for e in _drain(sim.node) if isinstance(e, ConnectionFailed)]
     assert failed and failed[0].client_id == CLIENT_ID
     assert sim.node.connections() == []
+
+
+def test_a_connection_that_works_before_its_candidates_arrive_does_not_time_out() -> None:
+    # The client checks our host candidate before its own candidates crossed the portal:
+    # the gateway learns it as peer-reflexive, nominates, and must keep the connection.
+    sim = Sim()
+    sim.add_relay()
+    sim.authorize(signal=False)
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    until = sim.now + 15.0  # past CANDIDATE_TIMEOUT
+    sim.run_until(lambda: sim.now >= until, limit=20.0)
+    assert not any(isinstance(e, ConnectionFailed) for e in sim.events)
+    assert [c.client_id for c in sim.node.connections()] == [CLIENT_ID]
+    _exchange(sim)
 
 
 def test_reset_rotates_key_and_forgets_everything() -> None:
