@@ -13,11 +13,20 @@ commands, and carries out the reset sequence (the heart of this project):
    its login URL; the portal then pushes a fresh ``init`` (relays are allocated again) and
    derives new ICE credentials for every later flow, so ``authorize_flow`` builds fresh
    connections.
+
+Threads: the actor's own thread handles its mailbox (portal messages, peer reports,
+reset, status). Two kinds of work come too often for a mailbox hop each (waking the actor
+thread costs more CPU than handling a STUN check): datagram batches for the node (STUN,
+TURN, handshakes) from the UDP reader, and the node's timers from the Timer thread. They
+are steps on a :class:`~actors.combining.CombiningLock` together with every mailbox
+message, so the Node core and this actor's tables are touched by one thread at a time, as
+in an actor, and neither the reader nor the Timer ever waits for a busy actor.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +36,7 @@ import pykka
 
 from actors.backpressure import InFlight
 from actors.clock import Clock
+from actors.combining import CombiningLock
 from actors.io.udp import Datagrams, FromNetwork, PeerRoute, UdpReader, UdpSockets
 from actors.logsetup import register_secret
 from actors.messages import (
@@ -51,7 +61,7 @@ from actors.peer import (
     start_peer,
 )
 from actors.resolver import Resolver
-from actors.timer import ActorTimer, Timer, Wake
+from actors.timer import CallTimer, Timer
 from actors.tun import ConfigureInterface, TunWriter
 from gateway.ice.candidate import IceCredentials
 from gateway.node import (
@@ -89,8 +99,8 @@ from gateway.wg.keys import encode_key
 
 log = logging.getLogger(__name__)
 
-#: Batches handed from the UDP reader to the NodeActor and not yet processed.
-NODE_INFLIGHT = 16
+#: Node batches the UDP reader may queue while another thread runs a node step.
+NODE_QUEUED_BATCHES = 256
 #: Handshake batches in flight towards one PeerActor (data goes to its session directly).
 PEER_INFLIGHT = 8
 
@@ -156,17 +166,23 @@ class NodeActor(pykka.ThreadingActor):
         # Relayed fast path for the UDP reader: (relay server, channel) -> (client, peer).
         self._relay_routes: dict[tuple[Address, int], tuple[PeerRoute, Address]] = {}
         self._channel_activity: set[tuple[Address, int]] = set()
-        self._node_inflight = InFlight(NODE_INFLIGHT)
+        # Every step of this actor runs under it (see the module docstring).
+        self._steps = CombiningLock(NODE_QUEUED_BATCHES)
+        self._timer_queued = False
         self._sockets: UdpSockets | None = None
         self._reader: UdpReader | None = None
-        self._wake: ActorTimer | None = None
+        self._wake: CallTimer | None = None
+        self._stopped = False
         self.portal_state = "disconnected"
         self.resets = 0
 
     # ------------------------------------------------------------------ lifecycle
 
     def on_start(self) -> None:
-        self._wake = ActorTimer(self._timer, self.actor_ref)
+        self._steps.call(self._bind_and_arm)
+
+    def _bind_and_arm(self) -> None:
+        self._wake = CallTimer(self._timer, self._on_timer)
         self._register_key()
         self._bind()
 
@@ -175,6 +191,9 @@ class NodeActor(pykka.ThreadingActor):
         register_secret(encode_key(self.node.static.private))
 
     def on_stop(self) -> None:
+        self._steps.call(self._graceful_stop)
+
+    def _graceful_stop(self) -> None:
         # Graceful: tell the relays to free our allocations before the sockets close.
         self.node.shutdown(self._clock.monotonic())
         if self._sockets is not None:
@@ -184,11 +203,12 @@ class NodeActor(pykka.ThreadingActor):
 
     def on_failure(self, *args: object) -> None:
         log.error("NodeActor crashed; closing sockets")
-        self._shutdown()
+        self._steps.call(self._shutdown)
         if self._on_fatal is not None:
             self._on_fatal("node actor crashed", 1)
 
     def _shutdown(self) -> None:
+        self._stopped = True
         if self._wake is not None:
             self._wake.arm(None)
         self._stop_all_peers()
@@ -198,8 +218,7 @@ class NodeActor(pykka.ThreadingActor):
         self._sockets = self._sockets_factory()
         self._reader = UdpReader(
             self._sockets,
-            to_node=self.actor_ref.tell,
-            node_inflight=self._node_inflight,
+            to_node=self._on_datagrams,
             peer_routes=self._routes,
             index_shift=INDEX_SHIFT,
             relay_routes=self._relay_routes,
@@ -224,17 +243,16 @@ class NodeActor(pykka.ThreadingActor):
     # ------------------------------------------------------------------ dispatch
 
     def on_receive(self, message: Any) -> Any:
+        return self._steps.call(lambda: self._step(message))
+
+    def _step(self, message: Any) -> Any:
         now = self._clock.monotonic()
-        result = None
-        if isinstance(message, Datagrams):
-            try:
-                self._handle_datagrams(message, now)
-            finally:
-                self._node_inflight.release()
-        elif isinstance(message, Wake):
-            self._fold_channel_activity(now)
-            self.node.handle_timeout(now)
-        elif isinstance(message, PortalIngress):
+        result = self._dispatch(message, now)
+        self._drain(now)
+        return result
+
+    def _dispatch(self, message: Any, now: float) -> Any:
+        if isinstance(message, PortalIngress):
             self._handle_portal(message.message, now)
         elif isinstance(message, PeerIdle):
             self.node.set_idle(message.client_id, message.idle, now)
@@ -256,11 +274,37 @@ class NodeActor(pykka.ThreadingActor):
             if self._on_fatal is not None:
                 self._on_fatal(message.reason, message.exit_code)
         elif isinstance(message, GetNodeStatus):
-            result = self._status()
+            return self._status()
         else:
             log.warning("NodeActor: unexpected message %s", type(message).__name__)
+        return None
+
+    def _on_datagrams(self, message: Datagrams) -> None:
+        """From the UDP reader's thread: a node batch, handled without a mailbox hop."""
+        reader = threading.current_thread()
+        self._steps.submit(lambda: self._reader_batch(reader, message))
+
+    def _reader_batch(self, reader: threading.Thread, message: Datagrams) -> None:
+        if reader is not self._reader or self._stopped:
+            return  # sockets replaced since (reset): stale datagrams for a forgotten key
+        now = self._clock.monotonic()
+        self._handle_datagrams(message, now)
         self._drain(now)
-        return result
+
+    def _on_timer(self) -> None:
+        """From the Timer thread: the node's deadline (ICE checks, TURN refreshes)."""
+        if not self._timer_queued:
+            self._timer_queued = True
+            self._steps.submit(self._timer_step, bounded=False)
+
+    def _timer_step(self) -> None:
+        self._timer_queued = False
+        if self._stopped:
+            return
+        now = self._clock.monotonic()
+        self._fold_channel_activity(now)
+        self.node.handle_timeout(now)
+        self._drain(now)
 
     def _set_portal_state(self, state: str) -> None:
         self.portal_state = state
@@ -497,6 +541,7 @@ class NodeActor(pykka.ThreadingActor):
         counters: dict[str, int] = {}
         if self._reader is not None:
             counters.update(self._reader.counters)
+        counters["node_queue_drop"] = self._steps.dropped
         if self._sockets is not None:
             counters.update(self._sockets.counters)
         return counters

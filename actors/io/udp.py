@@ -10,10 +10,11 @@ The reader drains both sockets until they would block and splits each batch two 
   wrapping a WireGuard transport message, is unwrapped here and goes the same way; the
   channel is recorded in ``channel_activity`` so the NodeActor can keep the relay's
   channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet.
-* Everything else (STUN, other TURN traffic, handshakes, garbage) goes to the NodeActor as
-  one batch, bounded by :class:`~actors.backpressure.InFlight` (a slow NodeActor makes the
-  reader drop batches instead of growing its inbox without limit); the Node core
-  demultiplexes it.
+* Everything else (STUN, other TURN traffic, handshakes, garbage) goes to the node as one
+  batch through ``to_node``. The NodeActor passes a method that runs the batch through its
+  Node core on this thread, under the node's lock (a mailbox hop per STUN message cost more
+  than handling it); given an :class:`~actors.backpressure.InFlight`, the reader instead
+  hands batches to a mailbox and drops them while too many are outstanding.
 
 Syscalls are the larger part of a packet's cost, so both directions batch them where the
 kernel allows: the sockets ask for UDP GRO (one ``recvmsg`` returns a train of same-size
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import select
 import socket
 import struct
@@ -249,7 +251,7 @@ class UdpReader(threading.Thread):
         sockets: UdpSockets,
         *,
         to_node: Callable[[Datagrams], None],
-        node_inflight: InFlight,
+        node_inflight: InFlight | None = None,
         peer_routes: Mapping[int, PeerRoute],
         index_shift: int,
         relay_routes: Mapping[tuple[Address, int], tuple[PeerRoute, Address]] | None = None,
@@ -266,18 +268,41 @@ class UdpReader(threading.Thread):
         self._channel_activity = channel_activity if channel_activity is not None else set()
         self._batch_size = batch_size
         self._stopping = threading.Event()
+        # stop() writes here so the reader leaves select() at once (reset latency).
+        self._wake_read, self._wake_write = os.pipe()
+        self._wake_lock = threading.Lock()  # no write to a closed (maybe reused) fd
+        self._wake_open = True
         self.counters: Counter[str] = Counter()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def stop(self) -> None:
         self._stopping.set()
+        with self._wake_lock, contextlib.suppress(OSError):
+            if self._wake_open:
+                os.write(self._wake_write, b"x")
 
     def run(self) -> None:
+        try:
+            self._loop()
+        finally:
+            with self._wake_lock:
+                self._wake_open = False
+                os.close(self._wake_read)
+                os.close(self._wake_write)
+
+    def _loop(self) -> None:
+        watched: list[object] = [*self._sockets, self._wake_read]
         while not self._stopping.is_set():
             try:
-                readable, _, _ = select.select(self._sockets, [], [], 0.2)
+                readable, _, _ = select.select(watched, [], [], 1.0)
             except (OSError, ValueError):
                 return  # sockets closed under us: we are being stopped
             for sock in readable:
+                if sock == self._wake_read or self._stopping.is_set():
+                    return
                 try:
                     self._drain(sock)
                 except Exception:
@@ -317,7 +342,7 @@ class UdpReader(threading.Thread):
                 self.counters["peer_error"] += len(datagrams)
                 log.exception("UDP reader: a client's batch was dropped")
         if node_batch:
-            if self._node_inflight.try_acquire():
+            if self._node_inflight is None or self._node_inflight.try_acquire():
                 self._to_node(Datagrams(node_batch))
             else:
                 self.counters["node_backpressure_drop"] += len(node_batch)

@@ -119,6 +119,24 @@ def _status(ref: pykka.ActorRef[Any]) -> dict[str, Any]:
     return ref.ask(GetNodeStatus(), timeout=5)  # type: ignore[no-any-return]
 
 
+def test_stopping_ends_the_actor_thread_and_the_udp_reader(clock: ManualClock) -> None:
+    before = set(threading.enumerate())
+    resolver = Resolver()
+    ref = NodeActor.start(
+        clock=clock, rng=__import__("random").Random(1), timer=mock.Mock(), tun=mock.Mock(),
+        tun_writer=mock.Mock(), sockets_factory=lambda: UdpSockets(mark=False, ipv6=False),
+        resolver=resolver,
+    )
+    _status(ref)  # on_start (which starts the reader) has run
+    started = set(threading.enumerate()) - before
+    assert {t.name.split("-")[0] for t in started} >= {"NodeActor", "UdpReader"}
+    ref.stop(timeout=5)
+    resolver.shutdown()
+    for thread in started:
+        thread.join(5)
+        assert not thread.is_alive(), thread.name
+
+
 def test_attach_portal_connects_with_the_node_public_key(harness: dict[str, Any]) -> None:
     status = _status(harness["ref"])
     harness["portal"].tell.assert_any_call(Connect(status["public_key"]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -146,3 +147,40 @@ def test_split_gro_cuts_a_train_at_the_segment_size() -> None:
     assert split_gro(b"aaaa", gro) is None  # one datagram
     assert split_gro(b"aaaabbbb", []) is None  # no GRO control message
     assert split_gro(b"aaaabbbb", [(0, 8, bytes(12))]) is None  # IP_PKTINFO only
+
+
+def test_stop_ends_the_reader_at_once_not_at_its_next_poll(setup: dict[str, Any]) -> None:
+    # A reset joins the reader while the portal waits for the new key: no select timeout.
+    reader = setup["reader"]
+    started = time.monotonic()
+    reader.stop()
+    reader.join(5)
+    assert not reader.is_alive()
+    assert time.monotonic() - started < 0.5
+
+
+def test_without_an_in_flight_bound_every_batch_is_handed_over() -> None:
+    sockets = UdpSockets(mark=False, ipv6=False)
+    assert sockets.v4 is not None
+    port = sockets.v4.getsockname()[1]
+    seen: list[Datagrams] = []
+    arrived = threading.Event()
+
+    def to_node(message: Datagrams) -> None:  # called on the reader's thread
+        seen.append(message)
+        if sum(len(m.batch) for m in seen) == 20:
+            arrived.set()
+
+    reader = UdpReader(sockets, to_node=to_node, peer_routes={}, index_shift=8)
+    reader.start()
+    sender = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        for i in range(20):
+            sender.sendto(b"\x01\x00\x00\x00" + bytes([i]) * 144, ("127.0.0.1", port))
+        assert arrived.wait(5)
+        assert reader.counters["node_backpressure_drop"] == 0
+    finally:
+        reader.stop()
+        reader.join(5)
+        sockets.close()
+        sender.close()
