@@ -6,9 +6,10 @@ client side is not the bottleneck, with at most ``WINDOW`` flows outstanding in 
 ``authorize_flow`` throughput is the clients connected divided by the time from the first
 push to the last completed handshake.
 
-Then two steady states, one after the other, each measured over the same window after a
+Then three steady states, one after the other, each measured over the same window after a
 warm-up long enough for both ends to enter (or leave) idle mode (snownet.md §8.1):
 
+* ``idle``: no client sends data; every connection idles (the goal's "idle CPU");
 * ``all_trickle``: every client sends one small datagram every ``TRICKLE_PERIOD`` s;
 * the main figures (no infix): ``MAIN_PERCENT`` % of the clients trickle, the others are
   idle and only keep their connection alive as a real client would (ICE checks every 60 s
@@ -56,9 +57,11 @@ class Trickle:
     note: str
 
 
-#: The main one first: the all-clients trickle can overload the gateway (N = 5000) so
-#: that clients lose their connections, which would spoil a window after it.
+#: Quietest first: ``idle`` is the goal's "idle CPU" (every client idle, keepalives and
+#: ICE consent only); the all-clients trickle can overload the gateway (N = 5000) so that
+#: clients lose their connections, which would spoil a window after it.
 TRICKLES = (
+    Trickle("idle.", 0, "no trickle: every client idle (keepalives and ICE consent only)"),
     Trickle("", MAIN_PERCENT, f"trickle: {MAIN_PERCENT} % of the clients, one datagram every "
             f"{TRICKLE_PERIOD:g} s; the others idle (keepalives only)"),
     Trickle("all_trickle.", 100, f"trickle: every client, one datagram every "
