@@ -321,7 +321,11 @@ class NodeActor(pykka.ThreadingActor):
                 per_client.setdefault(wg.client_id, []).append((wg.datagram, wg.src))
         for client_id, datagrams in per_client.items():
             peer = self._peers.get(client_id)
-            if peer is not None and peer.inflight.try_acquire():
+            if peer is None:
+                self.node.counters["handshake_no_peer"] += len(datagrams)
+            elif not peer.inflight.try_acquire():
+                self.node.counters["handshake_peer_busy"] += len(datagrams)
+            else:
                 peer.ref.tell(FromNetwork(datagrams))
 
     def _fold_channel_activity(self, now: float) -> None:

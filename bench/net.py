@@ -209,8 +209,9 @@ def stop_procs(procs: list[subprocess.Popen[bytes]]) -> None:
 
 
 def start_gateway(net: BenchNet) -> None:
-    """The gateway at INFO (the e2e default is DEBUG, which would dominate the figures)."""
-    net.stack.start_gateway("--log-filter", "info")
+    """The gateway at INFO (the e2e default is DEBUG, which would dominate the figures);
+    ``FZ_BENCH_GATEWAY_LOG`` overrides the filter to diagnose a run, not to measure one."""
+    net.stack.start_gateway("--log-filter", os.environ.get("FZ_BENCH_GATEWAY_LOG", "info"))
     net.stack.wait_gateway_ready(timeout=30)
     # The namespaces are seconds old: IPv6 link-local addresses still appear, and the
     # gateway's network monitor may reset once (2 s debounce). Let that happen first.

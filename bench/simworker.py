@@ -96,10 +96,12 @@ class ClientFailed:
 
 @dataclass(frozen=True, slots=True)
 class Connect:
-    """Bench -> worker: add ``count`` clients, at most ``window`` of them still connecting."""
+    """Bench -> worker: add ``count`` clients, at most ``window`` of them still connecting
+    and at most ``rate`` new ones per second (0: no limit)."""
 
     count: int
     window: int
+    rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +201,9 @@ class _WorkerEngine(SimEngine):
         self._conn = conn
         self._to_add = 0
         self._window = 0
+        self._rate = 0.0
+        self._tokens = 0.0
+        self._tokens_at = time.monotonic()
         self.running = True
         self.on_ready = self._report_ready
         self.on_failed = self._report_failed
@@ -207,11 +212,19 @@ class _WorkerEngine(SimEngine):
     def run(self) -> None:
         while self.running:
             self._top_up()
-            self.run_once(1.0)
+            self.run_once(1.0 if not (self._to_add and self._rate) else 1.0 / self._rate)
 
     def _top_up(self) -> None:
         outstanding = len(self.sims) - self.ready_count - self.failed_count
-        for _ in range(min(self._window - outstanding, self._to_add)):
+        room = min(self._window - outstanding, self._to_add)
+        if self._rate:
+            now = time.monotonic()
+            burst = max(1.0, self._rate / 10)  # at most 100 ms worth at once
+            self._tokens = min(burst, self._tokens + (now - self._tokens_at) * self._rate)
+            self._tokens_at = now
+            room = min(room, int(self._tokens))
+            self._tokens -= max(room, 0)
+        for _ in range(room):
             self.add_client()
             self._to_add -= 1
 
@@ -241,6 +254,8 @@ class _WorkerEngine(SimEngine):
         elif isinstance(msg, Connect):
             self._to_add += msg.count
             self._window = msg.window
+            self._rate = msg.rate
+            self._tokens, self._tokens_at = 0.0, time.monotonic()
         elif isinstance(msg, StartTrickle):
             if msg.percent > 0:
                 self.start_trickle(msg.percent, msg.period)
@@ -372,11 +387,12 @@ class SimWorkers:
         """Workers still running (a dead one is logged by the relay)."""
         return sum(1 for w in self._workers if w.alive and w.process.poll() is None)
 
-    def connect(self, window: int) -> None:
-        """Every worker adds its share, with ``window`` flows outstanding in total."""
+    def connect(self, window: int, rate: float = 0.0) -> None:
+        """Every worker adds its share, with ``window`` flows outstanding and at most
+        ``rate`` new flows per second in total (0: no limit)."""
         per = max(1, window // len(self._workers))
         for w in self._workers:
-            self._send(w, Connect(w.count, per))
+            self._send(w, Connect(w.count, per, rate / len(self._workers)))
 
     def trickle(self, percent: int, period: float) -> None:
         for w in self._workers:

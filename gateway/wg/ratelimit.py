@@ -13,6 +13,8 @@ something was counted.
 
 from __future__ import annotations
 
+import logging
+
 from gateway.types import Rng
 from gateway.wg.constants import (
     COOKIE_SECRET_MAX_AGE,
@@ -21,6 +23,8 @@ from gateway.wg.constants import (
     RATE_LIMIT_WINDOW,
 )
 from gateway.wg.cookie import CookieChecker
+
+_log = logging.getLogger(__name__)
 
 
 class HandshakeRateLimiter:
@@ -50,6 +54,9 @@ class HandshakeRateLimiter:
         """Count one handshake message; True when the node is under load (over the limit)."""
         self._roll_window(now)
         self._count += 1
+        if self._count == self.limit + 1:
+            _log.info("under load: over %d handshake messages in this %g s window; "
+                      "demanding cookies until it ends", self.limit, RATE_LIMIT_WINDOW)
         return self._count > self.limit
 
     def is_under_load(self, now: float) -> bool:
