@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -10,7 +11,7 @@ import pykka
 import pytest
 
 from actors.clock import SystemClock
-from actors.timer import ActorTimer, Timer, Wake
+from actors.timer import MAX_SLACK, ActorTimer, Timer, Wake
 from tests.support.clock import ManualClock
 from tests.support.portal import Recorder
 
@@ -127,3 +128,35 @@ def test_only_an_earlier_deadline_wakes_the_timer_thread() -> None:
     assert len(notified) == 1
     timer.schedule(ref, clock.monotonic() + 50, Wake())
     assert len(notified) == 2
+
+
+def test_deadlines_within_the_slack_share_one_wake_up(timer: Timer) -> None:
+    # 2 s ahead gives 20 ms of slack (SLACK_FRACTION 1 %): the second deadline, 10 ms
+    # after the first, fires in the same wake-up instead of waking the thread again.
+    fired: dict[str, tuple[float, threading.Thread]] = {}
+    done = threading.Event()
+    clock = SystemClock()
+    now = clock.monotonic()
+    first, second = now + 2.0, now + 2.01
+
+    def record(name: str) -> None:
+        fired[name] = (clock.monotonic(), threading.current_thread())
+        if len(fired) == 2:
+            done.set()
+
+    timer.schedule_call(first, lambda: record("first"))
+    timer.schedule_call(second, lambda: record("second"))
+    assert done.wait(5)
+    assert fired["first"][0] >= first and fired["second"][0] >= second  # never early
+    assert fired["second"][0] - fired["first"][0] < 0.005  # one wake-up, not two
+    assert fired["first"][0] - first <= MAX_SLACK + 0.05  # late by the slack at most
+
+
+def test_a_deadline_due_now_gets_no_slack(timer: Timer) -> None:
+    clock = SystemClock()
+    timer.schedule_call(clock.monotonic() + 60, lambda: None)  # a far one, for contrast
+    done = threading.Event()
+    start = clock.monotonic()
+    timer.schedule_call(start, done.set)
+    assert done.wait(2)
+    assert clock.monotonic() - start < 0.05
