@@ -294,17 +294,18 @@ class UdpReader(threading.Thread):
                 os.close(self._wake_write)
 
     def _loop(self) -> None:
-        watched: list[object] = [*self._sockets, self._wake_read]
+        by_fd = {sock.fileno(): sock for sock in self._sockets}
+        watched = [*by_fd, self._wake_read]
         while not self._stopping.is_set():
             try:
                 readable, _, _ = select.select(watched, [], [], 1.0)
             except (OSError, ValueError):
                 return  # sockets closed under us: we are being stopped
-            for sock in readable:
-                if sock == self._wake_read or self._stopping.is_set():
+            for fd in readable:
+                if fd == self._wake_read or self._stopping.is_set():
                     return
                 try:
-                    self._drain(sock)
+                    self._drain(by_fd[fd])
                 except Exception:
                     # A bug must cost one batch, not every datagram from now on.
                     self.counters["reader_error"] += 1
