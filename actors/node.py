@@ -570,7 +570,7 @@ class NodeActor(pykka.ThreadingActor):
             "peers": {str(cid): peer.ref for cid, peer in self._peers.items()},
             "counters": {
                 **self.node.counters,
-                # The UDP side: drops for backpressure, send errors, GRO trains.
+                # The UDP side: queued node batches dropped, send errors, GRO trains.
                 **{f"udp_{k}": v for k, v in self._udp_counters().items()},
             },
         }

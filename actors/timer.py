@@ -66,7 +66,6 @@ class _Entry:
     seq: int
     ref: pykka.ActorRef | None
     message: object  # for a ref: the message; otherwise the callable to run
-    latest: float = 0.0  # deadline plus its slack: the thread wakes by then
     cancelled: bool = False  # or fired: either way no longer pending
 
     def __lt__(self, other: _Entry) -> bool:
@@ -117,7 +116,7 @@ class Timer:
         lead = deadline - self._clock.monotonic()
         latest = deadline + min(MAX_SLACK, lead * SLACK_FRACTION) if lead > 0 else deadline
         with self._cond:
-            entry = _Entry(deadline, next(self._seq), ref, message, latest)
+            entry = _Entry(deadline, next(self._seq), ref, message)
             # The thread sleeps until the first "latest"; only an earlier one needs to wake
             # it (owners re-arm often, mostly to later deadlines).
             earlier = not self._by_latest or latest < self._by_latest[0][0]

@@ -11,10 +11,9 @@ The reader drains both sockets until they would block and splits each batch two 
   channel is recorded in ``channel_activity`` so the NodeActor can keep the relay's
   channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet.
 * Everything else (STUN, other TURN traffic, handshakes, garbage) goes to the node as one
-  batch through ``to_node``. The NodeActor passes a method that runs the batch through its
-  Node core on this thread, under the node's lock (a mailbox hop per STUN message cost more
-  than handling it); given an :class:`~actors.backpressure.InFlight`, the reader instead
-  hands batches to a mailbox and drops them while too many are outstanding.
+  batch through ``to_node``, called on this thread. The NodeActor submits it as a step on
+  its combining lock (:mod:`actors.combining`), which bounds what may queue: a mailbox hop
+  per STUN message cost more than handling it.
 
 Syscalls are the larger part of a packet's cost, so both directions batch them where the
 kernel allows: the sockets ask for UDP GRO (one ``recvmsg`` returns a train of same-size
@@ -36,7 +35,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from actors.backpressure import InFlight
 from gateway.turn.channel_data import decode_channel_data
 from gateway.types import Address
 
@@ -251,7 +249,6 @@ class UdpReader(threading.Thread):
         sockets: UdpSockets,
         *,
         to_node: Callable[[Datagrams], None],
-        node_inflight: InFlight | None = None,
         peer_routes: Mapping[int, PeerRoute],
         index_shift: int,
         relay_routes: Mapping[tuple[Address, int], tuple[PeerRoute, Address]] | None = None,
@@ -261,7 +258,6 @@ class UdpReader(threading.Thread):
         super().__init__(name="UdpReader", daemon=True)
         self._sockets = [s for s in (sockets.v4, sockets.v6) if s is not None]
         self._to_node = to_node
-        self._node_inflight = node_inflight
         self._peer_routes = peer_routes
         self._index_shift = index_shift
         self._relay_routes = relay_routes if relay_routes is not None else {}
@@ -343,10 +339,7 @@ class UdpReader(threading.Thread):
                 self.counters["peer_error"] += len(datagrams)
                 log.exception("UDP reader: a client's batch was dropped")
         if node_batch:
-            if self._node_inflight is None or self._node_inflight.try_acquire():
-                self._to_node(Datagrams(node_batch))
-            else:
-                self.counters["node_backpressure_drop"] += len(node_batch)
+            self._to_node(Datagrams(node_batch))
 
     def _sort(
         self,

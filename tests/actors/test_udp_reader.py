@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from actors.backpressure import InFlight
 from actors.io.udp import Datagrams, PeerRoute, UdpReader, UdpSockets, split_gro
 from gateway.turn.channel_data import encode_channel_data
 
@@ -52,7 +51,7 @@ def setup() -> Iterator[dict[str, Any]]:
     routes = {INDEX >> 8: PeerRoute(peer.tell)}
     relay_routes: dict[Any, Any] = {}
     activity: set[Any] = set()
-    reader = UdpReader(sockets, to_node=node.tell, node_inflight=InFlight(8), peer_routes=routes,
+    reader = UdpReader(sockets, to_node=node.tell, peer_routes=routes,
                        index_shift=8, relay_routes=relay_routes, channel_activity=activity)
     reader.start()
     yield {"send": lambda data: sender.sendto(data, ("127.0.0.1", port)), "node": node,
@@ -159,15 +158,18 @@ def test_stop_ends_the_reader_at_once_not_at_its_next_poll(setup: dict[str, Any]
     assert time.monotonic() - started < 0.5
 
 
-def test_without_an_in_flight_bound_every_batch_is_handed_over() -> None:
+def test_every_node_datagram_is_handed_over_on_the_readers_thread() -> None:
+    # No mailbox between the reader and the node: to_node runs on the reader itself.
     sockets = UdpSockets(mark=False, ipv6=False)
     assert sockets.v4 is not None
     port = sockets.v4.getsockname()[1]
     seen: list[Datagrams] = []
+    threads: set[str] = set()
     arrived = threading.Event()
 
-    def to_node(message: Datagrams) -> None:  # called on the reader's thread
+    def to_node(message: Datagrams) -> None:
         seen.append(message)
+        threads.add(threading.current_thread().name)
         if sum(len(m.batch) for m in seen) == 20:
             arrived.set()
 
@@ -178,7 +180,9 @@ def test_without_an_in_flight_bound_every_batch_is_handed_over() -> None:
         for i in range(20):
             sender.sendto(b"\x01\x00\x00\x00" + bytes([i]) * 144, ("127.0.0.1", port))
         assert arrived.wait(5)
-        assert reader.counters["node_backpressure_drop"] == 0
+        assert threads == {"UdpReader"}
+        payloads = sorted(data[4] for m in seen for _, _, data in m.batch)
+        assert payloads == list(range(20))
     finally:
         reader.stop()
         reader.join(5)
