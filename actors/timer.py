@@ -11,12 +11,12 @@ State that is safe to drive from any thread (a client's data path behind its own
 :class:`CallTimer`): the Timer thread runs it directly, so thousands of clients' timers
 cost no actor wake-ups and no thread switches.
 
-Wake-ups are coalesced with *timer slack*, as the kernel does for ``select``/``timerfd``:
-a deadline scheduled ``T`` seconds ahead may fire up to ``min(T * SLACK_FRACTION,
-MAX_SLACK)`` late, and every deadline already due then fires in the same wake-up. Waking a
-thread costs ~30 us of CPU here, more than most timer work; thousands of idle clients' 25 s
-keepalives and 60 s ICE checks would otherwise each wake the thread. A deadline due now (a
-new connection's first check) or a short one (a 250 ms retransmit: 2.5 ms) barely moves.
+Wake-ups are coalesced with *timer slack* (:mod:`gateway.slack`): a deadline ``T`` seconds
+ahead may fire up to 1 % of ``T`` (at most 100 ms) late, snapped onto a 1/10/100 ms grid,
+and every deadline already due then fires in the same wake-up. Thousands of idle clients'
+25 s keepalives and 60 s ICE checks would otherwise each wake the thread (~30 us of CPU
+each). A deadline due now (a new connection's first check) or a short one (a 250 ms
+retransmit: 1 ms) barely moves.
 
 The thread waits on a ``Condition`` with a timeout computed from ``clock.monotonic()``.
 With the real clock that is exact. With a ``ManualClock`` the thread cannot notice the
@@ -36,13 +36,9 @@ from dataclasses import dataclass
 import pykka
 
 from actors.clock import Clock
+from gateway.slack import latest
 
 log = logging.getLogger(__name__)
-
-#: A deadline may fire this fraction of its lead time late (see the module docstring)...
-SLACK_FRACTION = 0.01
-#: ...but never more than this late.
-MAX_SLACK = 0.1
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,15 +109,14 @@ class Timer:
         return self._push(deadline, None, call)
 
     def _push(self, deadline: float, ref: pykka.ActorRef | None, message: object) -> TimerHandle:
-        lead = deadline - self._clock.monotonic()
-        latest = deadline + min(MAX_SLACK, lead * SLACK_FRACTION) if lead > 0 else deadline
+        wake_by = latest(deadline, self._clock.monotonic())
         with self._cond:
             entry = _Entry(deadline, next(self._seq), ref, message)
             # The thread sleeps until the first "latest"; only an earlier one needs to wake
             # it (owners re-arm often, mostly to later deadlines).
-            earlier = not self._by_latest or latest < self._by_latest[0][0]
+            earlier = not self._by_latest or wake_by < self._by_latest[0][0]
             heapq.heappush(self._heap, entry)
-            heapq.heappush(self._by_latest, (latest, entry.seq, entry))
+            heapq.heappush(self._by_latest, (wake_by, entry.seq, entry))
             self._pending[entry.seq] = entry
             if earlier:
                 self._cond.notify_all()

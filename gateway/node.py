@@ -40,6 +40,7 @@ from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
 from gateway.ice.agent import Disconnected, IceAgent, Nominated, PeerReflexive
 from gateway.ice.candidate import Candidate, IceCredentials
+from gateway.slack import latest
 from gateway.stun.message import MessageClass
 from gateway.stun.message import parse as parse_stun
 from gateway.turn.allocation import (
@@ -192,8 +193,10 @@ class Connection:
     #: After a reuse, remote candidates are accepted again until then (roaming clients).
     accept_candidates_until: float = 0.0
     idle: bool = False
-    #: The deadline this connection is queued under in the node's timer heap.
+    #: The deadline this connection is queued under in the node's timer heap...
     scheduled: float | None = None
+    #: ...and the cores' own deadline it was derived from (with slack, ``gateway.slack``).
+    due: float | None = None
 
     @property
     def state(self) -> str:
@@ -781,14 +784,21 @@ class Node:
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
 
-    def _schedule(self, conn: Connection) -> None:
+    def _schedule(self, conn: Connection, now: float) -> None:
         deadline = conn.agent.poll_timeout()
         if not conn.got_remote_candidate:
             expiry = conn.created_at + CANDIDATE_TIMEOUT
             deadline = expiry if deadline is None else min(deadline, expiry)
-        if deadline is not None and deadline != conn.scheduled:
-            conn.scheduled = deadline
-            heapq.heappush(self._timers, (deadline, next(self._timer_seq), conn.client_id))
+        if deadline is None or (deadline == conn.due and conn.scheduled is not None):
+            return  # nothing to do, or already queued for this deadline
+        conn.due = deadline
+        # Far deadlines (idle checks every 60 s) move onto the slack grid, so that one
+        # wake-up serves every connection due within it instead of one each. Computed once
+        # per deadline: recomputed later, with less lead, it would land elsewhere.
+        slot = latest(deadline, now)
+        if slot != conn.scheduled:
+            conn.scheduled = slot
+            heapq.heappush(self._timers, (slot, next(self._timer_seq), conn.client_id))
 
     def poll_transmit(self) -> Transmit | None:
         return self._transmits.popleft() if self._transmits else None
@@ -847,7 +857,7 @@ class Node:
                 self._fail(conn, f"ICE disconnected: {event.reason}")
                 return
         if conn.failed is None:
-            self._schedule(conn)
+            self._schedule(conn, now)
 
     def _update_path(self, conn: Connection, now: float) -> None:
         if conn.nominated is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ import pykka
 import pytest
 
 from actors.clock import SystemClock
-from actors.timer import MAX_SLACK, ActorTimer, Timer, Wake
+from actors.timer import ActorTimer, Timer, Wake
+from gateway.slack import MAX_SLACK
 from tests.support.clock import ManualClock
 from tests.support.portal import Recorder
 
@@ -131,13 +133,15 @@ def test_only_an_earlier_deadline_wakes_the_timer_thread() -> None:
 
 
 def test_deadlines_within_the_slack_share_one_wake_up(timer: Timer) -> None:
-    # 2 s ahead gives 20 ms of slack (SLACK_FRACTION 1 %): the second deadline, 10 ms
-    # after the first, fires in the same wake-up instead of waking the thread again.
+    # 2 s ahead gives 20 ms of slack (SLACK_FRACTION 1 %). 51 ms past a 100 ms grid point
+    # the first fires on the next 10 ms grid point, 9 ms late: the second deadline, 4 ms
+    # after it, fires in the same wake-up instead of waking the thread again.
     fired: dict[str, tuple[float, threading.Thread]] = {}
     done = threading.Event()
     clock = SystemClock()
     now = clock.monotonic()
-    first, second = now + 2.0, now + 2.01
+    first = math.ceil((now + 2.0) / 0.1) * 0.1 + 0.051
+    second = first + 0.004
 
     def record(name: str) -> None:
         fired[name] = (clock.monotonic(), threading.current_thread())

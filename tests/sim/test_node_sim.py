@@ -15,6 +15,7 @@ from collections.abc import Callable
 from gateway.ice.agent import IceAgent, Nominated
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.node import (
+    CANDIDATE_TIMEOUT,
     CandidatesAdded,
     ConnectionCreated,
     ConnectionFailed,
@@ -27,6 +28,7 @@ from gateway.node import (
     TurnServer,
 )
 from gateway.packet.ip import build_udp
+from gateway.slack import latest
 from gateway.turn.channel_data import encode_channel_data
 from gateway.types import Address
 from gateway.wg.keys import StaticKeyPair
@@ -421,13 +423,34 @@ def test_idle_connections_use_the_idle_check_timings() -> None:
     assert conn.state == "connected"
 
 
+def test_an_idle_connection_keeps_its_slot_on_the_slack_grid() -> None:
+    """The 60 s idle check fires on the 100 ms grid (shared with other connections), and
+    the client's own checks, which make the node look at the deadline again with less
+    lead, do not move it off that grid."""
+    sim = Sim()
+    sim.add_relay()
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None)
+    sim.node.set_idle(CLIENT_ID, True, sim.now)
+    slot = sim.node.poll_timeout()
+    assert slot is not None and slot - sim.now > 30
+    assert abs(slot * 10 - round(slot * 10)) < 1e-6, "on the 100 ms grid"
+    assert sim.client_agent is not None
+    while sim.now < slot - 0.02:  # the client keeps checking (busy timings: every 1.5 s)
+        sim.clock.tick(min(0.25, slot - 0.02 - sim.now))
+        sim.client_agent.handle_timeout(sim.now)
+        sim.pump()
+        assert sim.node.poll_timeout() == slot
+    assert sim.client_agent.selected_pair() is not None  # the node kept answering
+
+
 def test_timers_only_touch_due_connections() -> None:
     """Deadlines live in a heap: a wake-up visits the due connections, not all of them."""
     import pytest
 
     sim = Sim()
     sim.add_relay()
-    start = sim.now
+    created: list[float] = []
     for i in range(50):
         client_id = uuid.UUID(int=i + 1)
         sim.node.upsert_connection(
@@ -435,7 +458,11 @@ def test_timers_only_touch_due_connections() -> None:
             local=IceCredentials(f"g{i:03d}", "zfjrrjdkbci42t2axyd45a"), remote=CLIENT_CREDS,
             now=sim.now,
         )
+        created.append(sim.now)
         sim.clock.tick(0.1)  # staggered creation: staggered candidate timeouts
+    # Each candidate timeout may fire within its slack (gateway.slack), on the grid.
+    expiries = [latest(at + CANDIDATE_TIMEOUT, at) for at in created]
+    assert expiries == sorted(expiries) and len(set(expiries)) == len(expiries)
     visited: list[object] = []
     original = IceAgent.handle_timeout
     patch = pytest.MonkeyPatch()
@@ -446,15 +473,14 @@ def test_timers_only_touch_due_connections() -> None:
         assert first_deadline is not None
         sim.node.handle_timeout(first_deadline - 0.001)
         assert visited == [], "nothing is due yet"
-        # Only the first three connections' candidate timeouts (created at +0, +0.1, +0.2)
-        # have passed at +10.25: exactly those fail, no other agent is visited.
-        sim.clock.skip_to(start + 10.25)
+        # Only the first three connections' candidate timeouts have passed: exactly those
+        # fail, no other agent is visited.
+        sim.clock.skip_to(expiries[2])
         sim.node.handle_timeout(sim.now)
         assert sim.node.counters["connections_failed"] == 3
         assert len(sim.node.connections()) == 47
         assert len(visited) == 0
-        next_deadline = sim.node.poll_timeout()
-        assert next_deadline is not None and abs(next_deadline - (start + 10.3)) < 1e-6
+        assert sim.node.poll_timeout() == expiries[3]
     finally:
         patch.undo()
 
