@@ -171,8 +171,10 @@ class UdpSockets:
                 sock.close()
 
 
-def _local_address(sock: socket.socket, ancdata: list[tuple[int, int, bytes]]) -> Address:
-    port = sock.getsockname()[1]
+def _local_address(
+    sock: socket.socket, port: int, ancdata: list[tuple[int, int, bytes]]
+) -> Address:
+    """The address a datagram was sent to: our port, and the IP from its packet info."""
     for level, kind, data in ancdata:
         if level == SOL_UDP:
             continue
@@ -257,6 +259,8 @@ class UdpReader(threading.Thread):
     ) -> None:
         super().__init__(name="UdpReader", daemon=True)
         self._sockets = [s for s in (sockets.v4, sockets.v6) if s is not None]
+        # Bound before the reader starts and never rebound (a reset makes new sockets).
+        self._ports = {sock: sock.getsockname()[1] for sock in self._sockets}
         self._to_node = to_node
         self._peer_routes = peer_routes
         self._index_shift = index_shift
@@ -374,4 +378,4 @@ class UdpReader(threading.Thread):
                         peer_batches.setdefault(key, []).append((inner, relayed[1]))
                         self._channel_activity.add((src, number))
                         return
-        node_batch.append((_local_address(sock, ancdata), src, data))
+        node_batch.append((_local_address(sock, self._ports[sock], ancdata), src, data))
