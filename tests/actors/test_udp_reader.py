@@ -140,6 +140,32 @@ def test_gso_send_arrives_as_separate_datagrams_in_order(setup: dict[str, Any]) 
     assert setup["reader"].counters["gro_trains"] >= 1, "expected the run as one GRO train"
 
 
+def test_a_train_is_sorted_datagram_by_datagram_when_it_mixes_senders_kinds(
+    setup: dict[str, Any],
+) -> None:
+    """The train fast path follows the first datagram's client only while type and
+    receiver index match; anything else in the train is sorted on its own."""
+    ours = [_transport(bytes([n]) * 100) for n in range(8)]
+    other_index = struct.pack("<II", 4, (0x12345 << 8) | 1) + bytes(108)
+    handshake_like = b"\x01\x00\x00\x00" + bytes(112)
+    train = [*ours[:3], other_index, *ours[3:6], handshake_like, *ours[6:]]
+    assert len({len(d) for d in train}) == 1  # one size: one GSO send, one GRO train
+    sender = UdpSockets(mark=False, ipv6=False)
+    try:
+        sender.send_many(("127.0.0.1", setup["port"]), train)
+        received: list[bytes] = []
+        while len(received) < len(ours):
+            received.extend(d for d, _src in setup["peer"].wait())
+        to_node: list[bytes] = []
+        while len(to_node) < 2:
+            to_node.extend(d for _local, _src, d in setup["node"].wait().batch)
+    finally:
+        sender.close()
+    assert received == ours
+    assert to_node == [other_index, handshake_like]
+    assert setup["reader"].counters["gro_trains"] >= 1, "expected one GRO train"
+
+
 def test_split_gro_cuts_a_train_at_the_segment_size() -> None:
     gro = [(17, 104, struct.pack("=i", 4))]
     assert split_gro(b"aaaabbbbcc", gro) == [b"aaaa", b"bbbb", b"cc"]
