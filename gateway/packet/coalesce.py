@@ -90,6 +90,46 @@ def _flow(packet: bytes) -> tuple[bytes, int, int, int, int] | None:
     return key, protocol, l3, l4, size - l3 - l4
 
 
+def udp_template(first: bytes) -> tuple[bytes, bytes, bytes]:
+    """What a UDP run's later datagrams must repeat: see :func:`udp_continues`."""
+    if first[0] >> 4 == 4:
+        return first[:2], first[8:10], first[12:24]  # version+IHL+TOS; TTL+proto; addrs+ports
+    return first[:4], first[6:44], b""  # version+class+label; next header..ports
+
+
+def udp_continues(packet: bytes, template: tuple[bytes, bytes, bytes]) -> int:
+    """The payload length if ``packet`` is a mergeable UDP datagram of the run
+    ``template`` comes from (the fields :func:`_flow` keys on, and its checks), else -1.
+
+    Two slice compares instead of building the flow key: in a bulk UDP run this is the
+    check every datagram after the first takes.
+    """
+    size = len(packet)
+    head, middle, tail = template
+    if tail:  # IPv4
+        if (
+            size <= 28
+            or packet[:2] != head
+            or ((packet[2] << 8) | packet[3]) != size
+            or packet[6] & 0x7F != 0x40
+            or packet[7]
+            or packet[12:24] != tail
+            or packet[8:10] != middle
+            or ((packet[24] << 8) | packet[25]) != size - 20
+        ):
+            return -1
+        return size - 28
+    if (
+        size <= 48
+        or packet[:4] != head
+        or 40 + ((packet[4] << 8) | packet[5]) != size
+        or packet[6:44] != middle
+        or ((packet[44] << 8) | packet[45]) != size - 40
+    ):
+        return -1
+    return size - 48
+
+
 def plan(packets: list[bytes]) -> list[list[bytes]]:
     """Split ``packets`` into runs to write as one (super-)packet each, order kept."""
     groups: list[list[bytes]] = []
@@ -97,7 +137,16 @@ def plan(packets: list[bytes]) -> list[list[bytes]]:
     key: bytes = b""
     segment = total = next_seq = 0
     protocol = l3 = l4 = 0
+    template = (b"", b"", b"")
     for packet in packets:
+        if current is not None and protocol == _PROTO_UDP:
+            payload = udp_continues(packet, template)
+            if 0 <= payload <= segment and total + payload <= MAX_LENGTH:
+                current.append(packet)
+                total += payload
+                if payload < segment or len(current) >= MAX_SEGMENTS:
+                    current = None
+                continue
         flow = _flow(packet)
         if flow is None:
             groups.append([packet])
@@ -126,7 +175,9 @@ def plan(packets: list[bytes]) -> list[list[bytes]]:
         current = [packet]
         groups.append(current)
         total = l3 + l4 + segment
-        if protocol == _PROTO_TCP:
+        if protocol == _PROTO_UDP:
+            template = udp_template(packet)
+        elif protocol == _PROTO_TCP:
             if packet[l3 + 13] != _TCP_ACK:
                 current = None  # SYN/FIN/RST/URG/PSH...: write it alone
             else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.packet.coalesce import (
     GSO_TCPV4,
@@ -19,8 +21,11 @@ from gateway.packet.coalesce import (
     PLAIN_HEADER,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_LEN,
+    _flow,
     frame,
     plan,
+    udp_continues,
+    udp_template,
 )
 from gateway.packet.ip import (
     build_tcp,
@@ -191,3 +196,63 @@ def test_non_ip_and_short_packets_pass_through_in_order() -> None:
     junk = [b"", b"\x45", b"\x60" * 30, bytes(100)]
     packets = [*tcp_run(2), *junk, *tcp_run(2, seq=1000 + 2 * MSS)]
     assert [p for g in plan(packets) for p in g] == packets
+
+
+# IPv4: version/IHL, TOS, length, flags, TTL, protocol, addresses, ports, UDP length;
+# IPv6: version/class, payload length, next header, hop limit, addresses, ports, length.
+HEADER_FIELDS = [0, 1, 2, 3, 6, 7, 8, 9, 12, 19, 20, 23, 24, 25, 4, 5, 39, 40, 43, 44, 45]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    family=st.sampled_from(["v4", "v6"]),
+    size=st.integers(1, 300),
+    edits=st.lists(
+        st.tuples(
+            # Any header byte, and often the ones the run check looks at.
+            st.one_of(st.integers(0, 47), st.sampled_from(HEADER_FIELDS)),
+            st.integers(0, 255),
+        ),
+        max_size=3,
+    ),
+    cut=st.integers(-4, 4),
+)
+def test_the_udp_run_check_agrees_with_the_flow_key(
+    family: str, size: int, edits: list[tuple[int, int]], cut: int
+) -> None:
+    """plan()'s shortcut for a UDP run's later datagrams (two slice compares) says
+    "mergeable, payload n" exactly when the full flow key matches the run's."""
+    src, dst = (SRC, DST) if family == "v4" else (SRC6, DST6)
+    first = build_udp(src, dst, 40000, 5201, b"f" * 200)
+    packet = bytearray(build_udp(src, dst, 40000, 5201, b"p" * size))
+    for position, value in edits:
+        if position < len(packet):
+            packet[position] = value
+    mutated = bytes(packet[:len(packet) + cut] if cut < 0 else packet + bytes(cut))
+    flow, run = _flow(mutated), _flow(first)
+    assert run is not None
+    expected = flow[4] if flow is not None and flow[0] == run[0] else -1
+    assert udp_continues(mutated, udp_template(first)) == expected
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_the_udp_run_check_agrees_with_the_flow_key_for_every_one_byte_change(
+    family: str,
+) -> None:
+    src, dst = (SRC, DST) if family == "v4" else (SRC6, DST6)
+    first = build_udp(src, dst, 40000, 5201, b"f" * 200)
+    run = _flow(first)
+    assert run is not None
+    template = udp_template(first)
+    for size in (0, 1, 8, 20, 200, 201):
+        base = build_udp(src, dst, 40000, 5201, b"p" * size)
+        for position in range(48):
+            for flip in (0x01, 0x40, 0xFF):
+                packet = bytearray(base)
+                if position < len(packet):
+                    packet[position] ^= flip
+                for cut in (-1, 0, 1):
+                    mutated = bytes(packet[:cut] if cut < 0 else packet + bytes(cut))
+                    flow = _flow(mutated)
+                    expected = flow[4] if flow is not None and flow[0] == run[0] else -1
+                    assert udp_continues(mutated, template) == expected, (size, position, flip)
