@@ -12,11 +12,11 @@ State that is safe to drive from any thread (a client's data path behind its own
 cost no actor wake-ups and no thread switches.
 
 Wake-ups are coalesced with *timer slack* (:mod:`gateway.slack`): a deadline ``T`` seconds
-ahead may fire up to 1 % of ``T`` (at most 100 ms) late, snapped onto a 1/10/100 ms grid,
+ahead may fire up to 1 % of ``T`` (at most 100 ms) late, on a 100/10/1 ms grid,
 and every deadline already due then fires in the same wake-up. Thousands of idle clients'
 25 s keepalives and 60 s ICE checks would otherwise each wake the thread (~30 us of CPU
-each). A deadline due now (a new connection's first check) or a short one (a 250 ms
-retransmit: 1 ms) barely moves.
+each). A deadline due now (a new connection's first check) does not move, a short one
+(a 250 ms retransmit) by at most 2.5 ms.
 
 The thread waits on a ``Condition`` with a timeout computed from ``clock.monotonic()``.
 With the real clock that is exact. With a ``ManualClock`` the thread cannot notice the
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import pykka
 
 from actors.clock import Clock
-from gateway.slack import latest
+from gateway.slack import fire_at
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class Timer:
         self._clock = clock
         self._cond = threading.Condition()
         self._heap: list[_Entry] = []  # by deadline: what is due
-        self._by_latest: list[tuple[float, int, _Entry]] = []  # by latest: when to wake
+        self._by_wake: list[tuple[float, int, _Entry]] = []  # by wake-up time (deadline + slack)
         self._pending: dict[int, _Entry] = {}
         self._seq = itertools.count()
         self._stopping = False
@@ -109,14 +109,14 @@ class Timer:
         return self._push(deadline, None, call)
 
     def _push(self, deadline: float, ref: pykka.ActorRef | None, message: object) -> TimerHandle:
-        wake_by = latest(deadline, self._clock.monotonic())
+        wake_by = fire_at(deadline, self._clock.monotonic())
         with self._cond:
             entry = _Entry(deadline, next(self._seq), ref, message)
-            # The thread sleeps until the first "latest"; only an earlier one needs to wake
-            # it (owners re-arm often, mostly to later deadlines).
-            earlier = not self._by_latest or wake_by < self._by_latest[0][0]
+            # The thread sleeps until the first wake-up time; only an earlier one needs to
+            # wake it (owners re-arm often, mostly to later deadlines).
+            earlier = not self._by_wake or wake_by < self._by_wake[0][0]
             heapq.heappush(self._heap, entry)
-            heapq.heappush(self._by_latest, (wake_by, entry.seq, entry))
+            heapq.heappush(self._by_wake, (wake_by, entry.seq, entry))
             self._pending[entry.seq] = entry
             if earlier:
                 self._cond.notify_all()
@@ -141,12 +141,12 @@ class Timer:
                     return
                 due = self._pop_due()
                 if not due:
-                    by_latest = self._by_latest
-                    while by_latest and by_latest[0][2].cancelled:
-                        heapq.heappop(by_latest)  # fired or cancelled
+                    by_wake = self._by_wake
+                    while by_wake and by_wake[0][2].cancelled:
+                        heapq.heappop(by_wake)  # fired or cancelled
                     timeout = None
-                    if by_latest:
-                        timeout = max(0.0, by_latest[0][0] - self._clock.monotonic())
+                    if by_wake:
+                        timeout = max(0.0, by_wake[0][0] - self._clock.monotonic())
                     self._cond.wait(timeout)
                     continue
             for entry in due:  # outside the lock: a call may schedule again

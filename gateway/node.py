@@ -40,7 +40,7 @@ from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
 from gateway.ice.agent import Disconnected, IceAgent, Nominated, PeerReflexive
 from gateway.ice.candidate import Candidate, IceCredentials
-from gateway.slack import latest
+from gateway.slack import fire_at
 from gateway.stun.message import MessageClass
 from gateway.stun.message import parse as parse_stun
 from gateway.turn.allocation import (
@@ -795,7 +795,7 @@ class Node:
         # Far deadlines (idle checks every 60 s) move onto the slack grid, so that one
         # wake-up serves every connection due within it instead of one each. Computed once
         # per deadline: recomputed later, with less lead, it would land elsewhere.
-        slot = latest(deadline, now)
+        slot = fire_at(deadline, now)
         if slot != conn.scheduled:
             conn.scheduled = slot
             heapq.heappush(self._timers, (slot, next(self._timer_seq), conn.client_id))

@@ -24,8 +24,8 @@ _GRID_STEPS = (0.1, 0.01, 0.001)
 _ROUNDING = 1e-6  # of a grid step
 
 
-def latest(deadline: float, now: float) -> float:
-    """The instant at which ``deadline`` (seen at ``now``) fires; never earlier.
+def fire_at(deadline: float, now: float) -> float:
+    """When ``deadline`` (seen at ``now``) fires, slack included; never before it.
 
     The first point, inside the slack, of the coarsest grid that has one. A deadline
     already on the 100 ms grid stays put, so a deadline snapped once is not moved again by

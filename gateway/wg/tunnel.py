@@ -361,9 +361,10 @@ class Tunnel:
 
         The IP packets are appended to ``packets`` in order; every other result except
         ``DONE`` (WriteToNetwork, Dropped) is returned, in order. Transport data on the
-        current session takes an inlined path (about 0.5 us less per packet than a call
-        each); anything else (handshakes, another session, a due rekey, a failure) goes
-        through :meth:`decapsulate`, which also counts the drop.
+        current session takes an inlined copy of :meth:`decapsulate`'s checks, in the same
+        order and with the same drop reasons (about 0.5 us less per packet than a call
+        each); anything else (handshakes, another session, a due rekey) goes through
+        :meth:`decapsulate` itself.
         """
         others: list[TunnResult] = []
         unpack = _HEADER.unpack_from
@@ -377,21 +378,24 @@ class Tunnel:
                 kind, index, counter = unpack(datagram)
                 if kind == MSG_TRANSPORT and index == fast.local_index:
                     try:
-                        plaintext: bytes | None = fast.open(nonce(counter), datagram[16:], None)
+                        plaintext = fast.open(nonce(counter), datagram[16:], None)
                     except InvalidTag:
-                        plaintext = None
-                    if plaintext is not None and fast.replay.accept(counter):
-                        self._new_handshake_due_at = None
-                        self.rx_bytes += size
-                        if plaintext:
-                            if self._keepalive_due_at is None:
-                                self._keepalive_due_at = now + KEEPALIVE_TIMEOUT
-                            packet = self._ip_packet(plaintext)
-                            if isinstance(packet, Dropped):
-                                others.append(packet)
-                            else:
-                                packets.append(packet)
+                        others.append(self._drop("decrypt_failed"))
                         continue
+                    if not fast.replay.accept(counter):
+                        others.append(self._drop("replay"))
+                        continue
+                    self._new_handshake_due_at = None
+                    self.rx_bytes += size
+                    if plaintext:
+                        if self._keepalive_due_at is None:
+                            self._keepalive_due_at = now + KEEPALIVE_TIMEOUT
+                        packet = self._ip_packet(plaintext)
+                        if isinstance(packet, Dropped):
+                            others.append(packet)
+                        else:
+                            packets.append(packet)
+                    continue
             result = self.decapsulate(datagram, src, now, unix_now)
             fast = None  # the slow path may have changed sessions: look again
             if type(result) is WriteToTunnel:

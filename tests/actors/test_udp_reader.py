@@ -123,24 +123,34 @@ def test_a_failing_session_costs_its_batch_not_the_reader(setup: dict[str, Any])
     assert reader.is_alive()
 
 
+def _send_as_one_gso_run(setup: dict[str, Any], datagrams: list[bytes]) -> None:
+    """One send_many from a fresh socket: same-size runs leave as UDP GSO sends."""
+    sender = UdpSockets(mark=False, ipv6=False)
+    try:
+        sender.send_many(("127.0.0.1", setup["port"]), datagrams)
+    finally:
+        sender.close()
+    assert sender.gso, "the kernel refused UDP GSO"
+
+
+def _peer_datagrams(setup: dict[str, Any], count: int) -> list[bytes]:
+    """The next ``count`` datagrams the reader handed the client's route."""
+    received: list[bytes] = []
+    while len(received) < count:
+        received.extend(d for d, _src in setup["peer"].wait())
+    return received
+
+
 def test_gso_send_arrives_as_separate_datagrams_in_order(setup: dict[str, Any]) -> None:
     """send_many batches same-size runs (GSO); the reader splits GRO trains again."""
     # Ten of one size and a shorter last one: one GSO send.
     payloads = [_transport(bytes([n]) * 100) for n in range(10)] + [_transport(b"s" * 20)]
-    sender = UdpSockets(mark=False, ipv6=False)
-    try:
-        sender.send_many(("127.0.0.1", setup["port"]), payloads)
-        received: list[bytes] = []
-        while len(received) < len(payloads):
-            received.extend(d for d, _src in setup["peer"].wait())
-    finally:
-        sender.close()
-    assert received == payloads
-    assert sender.gso, "the kernel refused UDP GSO"
+    _send_as_one_gso_run(setup, payloads)
+    assert _peer_datagrams(setup, len(payloads)) == payloads
     assert setup["reader"].counters["gro_trains"] >= 1, "expected the run as one GRO train"
 
 
-def test_a_train_is_sorted_datagram_by_datagram_when_it_mixes_senders_kinds(
+def test_a_train_that_mixes_clients_and_kinds_is_sorted_datagram_by_datagram(
     setup: dict[str, Any],
 ) -> None:
     """The train fast path follows the first datagram's client only while type and
@@ -150,18 +160,11 @@ def test_a_train_is_sorted_datagram_by_datagram_when_it_mixes_senders_kinds(
     handshake_like = b"\x01\x00\x00\x00" + bytes(112)
     train = [*ours[:3], other_index, *ours[3:6], handshake_like, *ours[6:]]
     assert len({len(d) for d in train}) == 1  # one size: one GSO send, one GRO train
-    sender = UdpSockets(mark=False, ipv6=False)
-    try:
-        sender.send_many(("127.0.0.1", setup["port"]), train)
-        received: list[bytes] = []
-        while len(received) < len(ours):
-            received.extend(d for d, _src in setup["peer"].wait())
-        to_node: list[bytes] = []
-        while len(to_node) < 2:
-            to_node.extend(d for _local, _src, d in setup["node"].wait().batch)
-    finally:
-        sender.close()
-    assert received == ours
+    _send_as_one_gso_run(setup, train)
+    assert _peer_datagrams(setup, len(ours)) == ours
+    to_node: list[bytes] = []
+    while len(to_node) < 2:
+        to_node.extend(d for _local, _src, d in setup["node"].wait().batch)
     assert to_node == [other_index, handshake_like]
     assert setup["reader"].counters["gro_trains"] >= 1, "expected one GRO train"
 

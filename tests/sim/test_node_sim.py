@@ -28,7 +28,7 @@ from gateway.node import (
     TurnServer,
 )
 from gateway.packet.ip import build_udp
-from gateway.slack import latest
+from gateway.slack import fire_at
 from gateway.turn.channel_data import encode_channel_data
 from gateway.types import Address
 from gateway.wg.keys import StaticKeyPair
@@ -461,7 +461,7 @@ def test_timers_only_touch_due_connections() -> None:
         created.append(sim.now)
         sim.clock.tick(0.1)  # staggered creation: staggered candidate timeouts
     # Each candidate timeout may fire within its slack (gateway.slack), on the grid.
-    expiries = [latest(at + CANDIDATE_TIMEOUT, at) for at in created]
+    expiries = [fire_at(at + CANDIDATE_TIMEOUT, at) for at in created]
     assert expiries == sorted(expiries) and len(set(expiries)) == len(expiries)
     visited: list[object] = []
     original = IceAgent.handle_timeout

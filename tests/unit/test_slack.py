@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from gateway.slack import MAX_SLACK, SLACK_FRACTION, latest
+from gateway.slack import MAX_SLACK, SLACK_FRACTION, fire_at
 
 
 def _on_grid(value: float, step: float) -> bool:
@@ -16,7 +16,7 @@ def _on_grid(value: float, step: float) -> bool:
 @pytest.mark.parametrize("lead", [0.0, -1.0])
 def test_due_deadlines_get_no_slack(lead: float) -> None:
     now = 1000.0123
-    assert latest(now + lead, now) == now + lead
+    assert fire_at(now + lead, now) == now + lead
 
 
 def test_a_near_deadline_moves_by_less_than_a_millisecond() -> None:
@@ -24,7 +24,7 @@ def test_a_near_deadline_moves_by_less_than_a_millisecond() -> None:
     for _ in range(2000):
         now = rng.uniform(0, 1e6)
         deadline = now + rng.uniform(0.001, 0.09)
-        assert deadline <= latest(deadline, now) < deadline + 0.001
+        assert deadline <= fire_at(deadline, now) < deadline + 0.001
 
 
 def test_a_deadline_on_the_grid_stays_put_whatever_its_lead() -> None:
@@ -32,9 +32,9 @@ def test_a_deadline_on_the_grid_stays_put_whatever_its_lead() -> None:
     rng = random.Random(5)
     for _ in range(2000):
         now = rng.uniform(0, 1e6)
-        snapped = latest(now + rng.uniform(10.0, 120.0), now)
+        snapped = fire_at(now + rng.uniform(10.0, 120.0), now)
         for later in (now + 1.0, snapped - 5.0, snapped - 0.5, snapped - 0.01):
-            assert latest(snapped, later) == snapped
+            assert fire_at(snapped, later) == snapped
 
 
 def test_a_far_deadline_fires_late_by_at_most_the_slack_and_on_the_100_ms_grid() -> None:
@@ -42,7 +42,7 @@ def test_a_far_deadline_fires_late_by_at_most_the_slack_and_on_the_100_ms_grid()
     for _ in range(2000):
         now = rng.uniform(0, 1e6)
         deadline = now + rng.uniform(10.0, 120.0)
-        at = latest(deadline, now)
+        at = fire_at(deadline, now)
         assert deadline <= at <= deadline + MAX_SLACK
         assert _on_grid(at, 0.1)
 
@@ -52,7 +52,7 @@ def test_the_slack_is_a_fraction_of_the_lead_below_the_cap() -> None:
     for _ in range(2000):
         now = rng.uniform(0, 1e6)
         lead = rng.uniform(1.0, 9.9)
-        at = latest(now + lead, now)
+        at = fire_at(now + lead, now)
         assert now + lead <= at <= now + lead + lead * SLACK_FRACTION
         assert _on_grid(at, 0.01)
 
@@ -62,5 +62,5 @@ def test_deadlines_of_unrelated_owners_land_on_shared_instants() -> None:
     # serves them all, instead of one each.
     rng = random.Random(9)
     now = 5000.0
-    instants = {latest(now + 60.0 + rng.uniform(0, 60.0), now) for _ in range(5000)}
+    instants = {fire_at(now + 60.0 + rng.uniform(0, 60.0), now) for _ in range(5000)}
     assert len(instants) <= 601
