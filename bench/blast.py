@@ -331,6 +331,8 @@ class Step:
     sender_cpu_s: float
     gso: bool
     rx_packets: int
+    #: The sender's send calls: sent / sends is the load's datagrams per send (its GSO runs).
+    sends: int = 0
     note: str = ""
 
     @property
@@ -344,6 +346,10 @@ class Step:
     @property
     def loss_percent(self) -> float:
         return max(0.0, 100.0 * (self.sent - self.delivered) / self.sent) if self.sent else 0.0
+
+    @property
+    def datagrams_per_send(self) -> float:
+        return self.sent / self.sends if self.sends else 0.0
 
     def per_packet_us(self, seconds: float) -> float | None:
         return seconds / self.delivered * 1e6 if self.delivered else None
@@ -445,7 +451,7 @@ class Blast:
         return Step(direction, rate, int(result["sent"]), float(result["seconds"]),
                     after.datagrams - before.datagrams, cpu1[0] - cpu0[0], cpu1[1] - cpu0[1],
                     float(result["cpu_s"]), bool(result["gso"]),
-                    after.rx_packets - before.rx_packets,
+                    after.rx_packets - before.rx_packets, int(result.get("sends", 0)),
                     f"drops in the gateway namespace: {gw1.drops_since(gw0)}")
 
     def up(self, rate: int, seconds: float) -> Step:
@@ -547,6 +553,9 @@ def _record(results: Results, step: Step, log_fn: Callable[[str], None]) -> None
                 "UDP datagrams reaching a socket in the receiving namespace (/proc/net/snmp "
                 "InDatagrams + InErrors) / send time")
     results.add(f"{base}.loss_percent", step.loss_percent, "%")
+    results.add(f"{base}.datagrams_per_send", step.datagrams_per_send, "datagrams",
+                "the load's shape: datagrams per sendmsg of the sender (its GSO runs), "
+                "which the gateway's GRO socket receives as trains")
     results.add(f"{base}.gateway_cpu_us_per_packet", total, "us",
                 "gateway utime+stime over the step / delivered")
     results.add(f"{base}.gateway_user_us_per_packet", user, "us")
@@ -558,7 +567,8 @@ def _record(results: Results, step: Step, log_fn: Callable[[str], None]) -> None
     log_fn(f"  {step.direction:>4} {step.rate // 1000:>3}k: offered {step.offered_pps:>8,.0f}/s "
            f"delivered {step.delivered_pps:>8,.0f}/s loss {step.loss_percent:5.1f} % "
            f"gateway {us} us/pkt, {cores:.2f} cores; "
-           f"sender {step.sender_cpu_s / max(step.sent, 1) * 1e6:.1f} us/pkt; "
+           f"sender {step.sender_cpu_s / max(step.sent, 1) * 1e6:.1f} us/pkt, "
+           f"{step.datagrams_per_send:.1f} per send; "
            f"rx_packets {step.rx_packets}, {step.note}")
 
 

@@ -125,6 +125,8 @@ class Sender:
         self.size = size
         self.gso = gso
         self.per_send = self._per_send()
+        #: sendmsg/sendto calls made: sent / sends is the load's datagrams per send.
+        self.sends = 0
         self._cmsg = [(SOL_UDP, UDP_SEGMENT, struct.pack("=H", size))]
 
     def _per_send(self) -> int:
@@ -136,6 +138,7 @@ class Sender:
         if self.gso:
             try:
                 self._retry(self.sock.sendmsg, [data], self._cmsg, 0, self.dst)
+                self.sends += 1
                 return
             except OSError as exc:
                 if exc.errno not in _GSO_ERRORS:
@@ -146,6 +149,7 @@ class Sender:
         size = self.size
         for offset in range(0, len(data), size):
             self._retry(self.sock.sendto, data[offset:offset + size], self.dst)
+            self.sends += 1
 
     def _retry(self, op: Callable[..., int], *args: Any) -> None:
         """The simulated client's socket is non-blocking (shared file status): wait for room."""
@@ -236,7 +240,7 @@ def main() -> int:
         return 1
     cpu = _cpu()
     sent, elapsed = sender.run(float(config["rate"]), float(config["seconds"]))
-    _line(json.dumps({"sent": sent, "seconds": elapsed, "gso": sender.gso,
+    _line(json.dumps({"sent": sent, "seconds": elapsed, "gso": sender.gso, "sends": sender.sends,
                       "segments_per_send": sender.per_send, "cpu_s": _cpu() - cpu}))
     return 0
 
