@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 import struct
 
 import pytest
@@ -13,7 +14,9 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from bench.blast import Initiator, Session
 from bench.blast_sender import (
     MAX_GSO_BYTES,
+    TICK_S,
     PlainBatch,
+    Sender,
     TransportBatch,
     pad16,
     transport_message,
@@ -104,3 +107,59 @@ def test_message_matches_the_plain_aead_with_the_counter_nonce() -> None:
 def test_plain_batch_is_equal_sized_payloads() -> None:
     batch = PlainBatch(1252, 51)
     assert len(batch.fill(51)) == 51 * 1252 <= MAX_GSO_BYTES
+
+
+class CostlyClock:
+    """A fake clock on which each send takes ``call_s`` plus ``per_datagram_s`` each."""
+
+    def __init__(self, call_s: float, per_datagram_s: float) -> None:
+        self.now = 0.0
+        self.call_s = call_s
+        self.per_datagram_s = per_datagram_s
+        self.sends: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds > 0
+        self.now += seconds
+
+    def send(self, count: int) -> None:
+        self.sends.append(count)
+        self.now += self.call_s + self.per_datagram_s * count
+
+
+def run_costly(rate: float, seconds: float = 0.5) -> tuple[int, CostlyClock, Sender]:
+    fake = CostlyClock(call_s=4e-6, per_datagram_s=2e-6)
+    sender = Sender(socket.socket(socket.AF_INET, socket.SOCK_DGRAM), ("127.0.0.1", 9),
+                    PlainBatch(1252, 51).fill, 1252)
+    sender.sock.close()  # never used: sends go to the fake
+    sender.send = fake.send  # type: ignore[method-assign]
+    sent, _ = sender.run(rate, seconds, clock=fake.clock, sleep=fake.sleep)
+    return sent, fake, sender
+
+
+@pytest.mark.parametrize("rate", [40_000, 120_000, 160_000])
+def test_a_starved_sender_keeps_its_bursts_at_every_rate(rate: int) -> None:
+    # A send costs 4 us + 2 us per datagram: chasing the schedule send by send would settle
+    # at about rate * 4 us / (1 - rate * 2 us) datagrams per send (one at 160k/s).
+    sent, fake, sender = run_costly(rate)
+    assert sum(fake.sends) == sent
+    assert all(0 < n <= sender.per_send for n in fake.sends)
+    per_tick = rate * TICK_S
+    mean = sent / len(fake.sends)
+    # One burst per 1 ms tick, cut into per_send runs: the mean run is a tick's datagrams
+    # over the runs needed for them (40k: 40 in one; 160k: 160 in 49+49+49+13).
+    assert mean >= 0.9 * per_tick / -(-per_tick // sender.per_send)
+    assert abs(sent - rate * 0.5) <= rate * TICK_S + sender.per_send  # on schedule
+
+
+def test_an_overrun_tick_is_caught_up_by_the_next_burst_not_lost() -> None:
+    # 600k/s: a tick's 600 datagrams take 1.25 ms to send, so every burst overruns its
+    # tick. The sender must then run flat out in full runs (about 480k/s at this cost),
+    # never pausing while behind and never falling back to one datagram per send.
+    sent, fake, sender = run_costly(600_000, seconds=0.2)
+    capacity = 1 / (fake.per_datagram_s + fake.call_s / sender.per_send)
+    assert sent == pytest.approx(capacity * 0.2, rel=0.03)
+    assert sent / len(fake.sends) > 0.95 * sender.per_send
