@@ -50,6 +50,7 @@ DROP_NO_CLIENT = "no_client"  # no client registered for the destination
 DROP_PEER_ERROR = "peer_error"  # the client's data path raised (a bug; logged)
 DROP_WRITE_ERROR = "write_error"  # the device refused a write (EAGAIN, ENOBUFS, EINVAL, EIO)
 DROP_CLOSED = "closed"  # written after the device was closed
+DROP_KERNEL = "kernel"  # the kernel's queue towards our reads was full (device TX drops)
 
 # fd00:2021:1111::/107: 13 whole bytes, then the top 3 bits of byte 13 must be zero.
 _V6_PEERS_PREFIX = bytes.fromhex("fd0020211111") + bytes(7)
@@ -452,6 +453,9 @@ class TunActor(pykka.ThreadingActor):
         if self._writer is not None:
             tx_packets = self._writer.tx_packets
             dropped.update(self._writer.dropped)
+        kernel_drops = getattr(self._device, "kernel_drops", None)
+        if kernel_drops is not None and (count := kernel_drops()) is not None:
+            dropped[DROP_KERNEL] = count
         return {"rx_packets": rx_packets, "tx_packets": tx_packets, "dropped": dropped}
 
     # interface configuration

@@ -14,6 +14,7 @@ import errno
 import fcntl
 import logging
 import os
+import socket
 import stat
 import struct
 
@@ -28,7 +29,16 @@ TUN_MTU = 1280
 #: Big enough for one packet at our MTU plus headroom (Firezone reads into 1316 bytes).
 READ_SIZE = 1316
 
+#: The kernel's queue of packets waiting for our reads (the device's txqueuelen). The
+#: default of 500 holds 4 ms at 120k packets/s, less than a Python reader may spend off
+#: the CPU on a busy host; a full queue drops (``tx_dropped`` of the device). Later
+#: Firezone gateways set the same 10,000 (rust/bin-shared tun_device_manager/linux.rs).
+TUN_TX_QUEUE_LEN = 10_000
+
 TUNSETIFF = 0x400454CA
+SIOCGIFTXQLEN = 0x8942
+SIOCSIFTXQLEN = 0x8943
+_IFREQ_INT = struct.Struct("16si")
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
@@ -61,6 +71,11 @@ class LinuxTun:
 
     def fileno(self) -> int:
         return self._fd
+
+    def kernel_drops(self) -> int | None:
+        """Packets the kernel dropped on their way to our reads (the device's TX drops,
+        nearly all of them a full ``TUN_TX_QUEUE_LEN`` queue); None if unknown."""
+        return kernel_tx_drops(self.name)
 
     def read(self, max_size: int) -> bytes | None:
         try:
@@ -121,9 +136,50 @@ def open_tun(name: str = TUN_NAME, *, path: str = TUN_PATH, vnet_hdr: bool = Tru
     """Create the TUN device ``name`` (IFF_TUN | IFF_NO_PI, single queue, O_NONBLOCK).
 
     With ``vnet_hdr`` it asks for IFF_VNET_HDR too and falls back to a plain device when
-    the kernel refuses. Raises ``OSError`` (typically EPERM without CAP_NET_ADMIN);
-    callers treat it as fatal.
+    the kernel refuses. Its queue towards us gets ``TUN_TX_QUEUE_LEN`` (a failure there is
+    a warning). Raises ``OSError`` (typically EPERM without CAP_NET_ADMIN); callers treat
+    it as fatal.
     """
+    device = _open_device(name, path=path, vnet_hdr=vnet_hdr)
+    try:
+        set_tx_queue_len(name, TUN_TX_QUEUE_LEN)
+    except OSError as exc:
+        logger.warning("Cannot set the txqueuelen of %s to %d (%s); bursts beyond %d packets "
+                       "are dropped while the reader is busy", name, TUN_TX_QUEUE_LEN, exc,
+                       tx_queue_len(name))
+    return device
+
+
+def tx_queue_len(name: str) -> int:
+    """The device's txqueuelen (-1 when it cannot be read), in the caller's namespace."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            return int(_IFREQ_INT.unpack(
+                fcntl.ioctl(sock, SIOCGIFTXQLEN, _IFREQ_INT.pack(name.encode(), 0)))[1])
+    except OSError:
+        return -1
+
+
+def kernel_tx_drops(name: str, dev_table: str = "/proc/thread-self/net/dev") -> int | None:
+    """The TX ``drop`` column of ``name`` in the calling thread's namespace, or None."""
+    try:
+        with open(dev_table) as table:
+            for line in table:
+                interface, sep, counters = line.partition(":")
+                if sep and interface.strip() == name:
+                    return int(counters.split()[11])  # 8 receive columns, then bytes..drop
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def set_tx_queue_len(name: str, length: int) -> None:
+    """Set the device's txqueuelen; for a TUN that is the ring of packets awaiting reads."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        fcntl.ioctl(sock, SIOCSIFTXQLEN, _IFREQ_INT.pack(name.encode(), length))
+
+
+def _open_device(name: str, *, path: str, vnet_hdr: bool) -> LinuxTun:
     ensure_device_node(path)
     plain = IFF_TUN | IFF_NO_PI
     if vnet_hdr:

@@ -77,6 +77,17 @@ class Client:
         tun.ask(message, timeout=TIMEOUT)  # ask: handled before the test goes on
 
 
+class KernelCountingTun(FakeTun):
+    """A device that knows what the kernel dropped on the way to us (as LinuxTun does)."""
+
+    def __init__(self, drops: int) -> None:
+        super().__init__()
+        self.drops = drops
+
+    def kernel_drops(self) -> int | None:
+        return self.drops
+
+
 @pytest.fixture
 def device() -> Iterator[FakeTun]:
     fake = FakeTun()
@@ -158,6 +169,17 @@ def test_destinations_outside_the_peer_ranges_or_without_client_are_dropped(
     dropped = stats(tun)["dropped"]
     assert dropped["not_peer_range"] == len(outside)
     assert dropped["no_client"] == len(unknown)
+
+
+def test_the_kernels_drops_are_reported_when_the_device_counts_them() -> None:
+    plain, counting = FakeTun(), KernelCountingTun(17)
+    try:
+        assert "kernel" not in stats(TunActor.start(device_factory=lambda: plain))["dropped"]
+        assert stats(TunActor.start(device_factory=lambda: counting))["dropped"]["kernel"] == 17
+    finally:
+        pykka.ActorRegistry.stop_all()
+        plain.close()
+        counting.close()
 
 
 def test_malformed_packets_are_dropped_and_the_reader_keeps_going(

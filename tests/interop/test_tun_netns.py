@@ -15,7 +15,14 @@ from typing import Any
 import pykka
 import pytest
 
-from actors.io.tun_linux import READ_SIZE, TUN_NAME, LinuxTun, ensure_device_node, open_tun
+from actors.io.tun_linux import (
+    READ_SIZE,
+    TUN_NAME,
+    TUN_TX_QUEUE_LEN,
+    LinuxTun,
+    ensure_device_node,
+    open_tun,
+)
 from actors.netconfig import configure_interface
 from actors.tun import (
     ConfigureInterface,
@@ -68,6 +75,7 @@ def interface_state(ns: str) -> dict[str, Any]:
     ]
     return {
         "mtu": link["mtu"],
+        "txqlen": link["txqlen"],
         "up": "UP" in link["flags"],
         "addresses": sorted((a["local"], a["prefixlen"]) for a in link["addr_info"]),
         "rules": sorted(
@@ -80,6 +88,7 @@ def interface_state(ns: str) -> dict[str, Any]:
 
 EXPECTED_STATE = {
     "mtu": 1280,
+    "txqlen": TUN_TX_QUEUE_LEN,
     "up": True,
     "addresses": [(GATEWAY_V4, 32), (GATEWAY_V6, 128)],
     "rules": [
@@ -108,6 +117,27 @@ def test_netconfig_sets_up_addresses_mtu_rule_and_routes_idempotently(ns: str) -
     finally:
         device.close()
     assert [link["ifname"] for link in ip_json(ns, "link")] == ["lo"]  # gone with its fd
+
+
+def test_the_kernel_queue_holds_tx_queue_len_packets_and_counts_the_rest(ns: str) -> None:
+    """Nobody reads: the kernel keeps TUN_TX_QUEUE_LEN packets for us and drops the rest,
+    and the device reports those drops (what GetTunStats shows as ``kernel``)."""
+    device: LinuxTun = netns.in_netns(ns, open_tun)
+    try:
+        configure_in(ns)(GATEWAY_V4, GATEWAY_V6)
+        assert netns.in_netns(ns, device.kernel_drops) == 0
+        extra = 250
+        with udp_socket(ns, socket.AF_INET, ("0.0.0.0", 0)) as sock:
+            for _ in range(TUN_TX_QUEUE_LEN + extra):
+                sock.sendto(b"x", (CLIENT_V4, 5555))
+        dropped = netns.in_netns(ns, device.kernel_drops)
+        queued = 0
+        while device.read(READ_SIZE) is not None:
+            queued += 1
+        assert queued == TUN_TX_QUEUE_LEN
+        assert dropped == extra
+    finally:
+        device.close()
 
 
 def test_netconfig_without_the_device_only_warns(ns: str, caplog: pytest.LogCaptureFixture) -> None:
