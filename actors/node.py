@@ -564,6 +564,8 @@ class NodeActor(pykka.ThreadingActor):
             "portal": {"state": self.portal_state},
             "resets": self.resets,
             "ports": self._sockets.ports() if self._sockets is not None else {},
+            # (receive, send) bytes the kernel granted: what a burst may queue per socket.
+            "socket_buffers": self._sockets.buffer_sizes() if self._sockets is not None else {},
             "relays": self.node.relays(),
             "host_candidates": self.node.host_candidates(),
             "connections": connections,

@@ -228,6 +228,7 @@ def test_reset_rotates_the_key_stops_peers_and_rebinds(
     after = _status(harness["ref"])
     assert after["public_key"] != before["public_key"]
     assert after["ports"] != before["ports"]
+    assert after["socket_buffers"] == before["socket_buffers"] != {}  # rebound, same buffers
     assert after["relays"] == [] and after["connections"] == {} and after["peers"] == {}
     harness["portal"].tell.assert_any_call(KeyRotated(after["public_key"]))
     _wait_for(lambda: not peer_ref.is_alive())

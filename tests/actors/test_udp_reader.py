@@ -5,6 +5,7 @@ Also the syscall batching both ways: GSO sends and GRO trains on loopback.
 
 from __future__ import annotations
 
+import os
 import socket
 import struct
 import threading
@@ -14,8 +15,19 @@ from typing import Any
 
 import pytest
 
-from actors.io.udp import Datagrams, PeerRoute, UdpReader, UdpSockets, split_gro
+from actors.io.udp import (
+    SO_RCVBUFFORCE,
+    SO_SNDBUFFORCE,
+    SOCKET_BUFFER_BYTES,
+    Datagrams,
+    PeerRoute,
+    UdpReader,
+    UdpSockets,
+    _set_buffers,
+    split_gro,
+)
 from gateway.turn.channel_data import encode_channel_data
+from tests.support.interop import skip_or_fail
 
 INDEX = 0xABCDE << 8
 
@@ -217,3 +229,44 @@ def test_every_node_datagram_is_handed_over_on_the_readers_thread() -> None:
         reader.join(5)
         sockets.close()
         sender.close()
+
+
+def _host_limit(name: str) -> int:
+    with open(f"/proc/sys/net/core/{name}") as limit:
+        return int(limit.read())
+
+
+def test_buffers_go_past_the_hosts_limit_with_cap_net_admin() -> None:
+    if os.geteuid() != 0:
+        skip_or_fail("needs root (CAP_NET_ADMIN) for SO_RCVBUFFORCE")
+    # More than net.core.rmem_max/wmem_max allow a plain SO_RCVBUF/SO_SNDBUF to get.
+    size = max(_host_limit("rmem_max"), _host_limit("wmem_max")) + (1 << 20)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        _set_buffers(sock, size)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * size
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * size
+    sockets = UdpSockets(mark=False)
+    try:
+        granted = sockets.buffer_sizes()
+        assert set(granted) == {"ipv4", "ipv6"}
+        assert all(sizes == (2 * SOCKET_BUFFER_BYTES,) * 2 for sizes in granted.values())
+    finally:
+        sockets.close()
+
+
+class RefusesForcedSizes:
+    """A socket as an unprivileged process sees it: the FORCE options raise EPERM."""
+
+    def __init__(self) -> None:
+        self.set: dict[int, int] = {}
+
+    def setsockopt(self, level: int, option: int, value: int) -> None:
+        if option in (SO_RCVBUFFORCE, SO_SNDBUFFORCE):
+            raise PermissionError(1, "Operation not permitted")
+        self.set[option] = value
+
+
+def test_without_the_capability_buffers_fall_back_to_the_plain_options() -> None:
+    sock = RefusesForcedSizes()
+    _set_buffers(sock, 1 << 22)  # type: ignore[arg-type]
+    assert sock.set == {socket.SO_RCVBUF: 1 << 22, socket.SO_SNDBUF: 1 << 22}
