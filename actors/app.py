@@ -30,6 +30,7 @@ import pykka
 import pykka.debug
 
 from actors.clock import Clock, SystemClock
+from actors.gcpolicy import GcPolicy
 from actors.io.udp import UdpSockets
 from actors.messages import GetPortalStatus, PortalStatus
 from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
@@ -61,6 +62,8 @@ class Runtime:
     exit_code: int = int(ExitCode.OK)
     portal_state: str = "disconnected"
     closers: list[Callable[[], None]] = field(default_factory=list)
+    #: Installed by ``run`` (not by ``start``: in-process tests keep the plain collector).
+    gc_policy: GcPolicy | None = None
 
     def fail(self, reason: str, code: int) -> None:
         if not self.stopping.is_set():
@@ -106,6 +109,8 @@ class Runtime:
             "clients": clients,
             "tun": self.tun.ask(GetTunStats(), timeout=ASK_TIMEOUT),
             "counters": node["counters"],
+            "socket_buffers": node["socket_buffers"],
+            "gc": self.gc_policy.status() if self.gc_policy is not None else None,
         }
 
     def reset(self) -> dict[str, Any]:
@@ -252,6 +257,10 @@ def run(config: GatewayConfig, reload: Callable[[], GatewayConfig] | None = None
         log.error("start-up failed: %s", exc)
         pykka.ActorRegistry.stop_all(timeout=ASK_TIMEOUT)
         return int(ExitCode.FATAL)
+    runtime.gc_policy = GcPolicy(runtime.clock)
+    runtime.gc_policy.install()  # after start-up: its objects are frozen for good
+    runtime.gc_policy.start(runtime.timer)
+    runtime.closers.append(runtime.gc_policy.stop)
     started = False
     try:
         _start_servers(runtime)  # raises when another gateway owns the control socket
@@ -340,6 +349,13 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
             ("firezone_portal_joined", {}, 1.0 if status["portal"]["state"] == "joined" else 0.0),
             ("firezone_resets_total", {}, status["resets"]),
         ]
+        if status["gc"] is not None:
+            for generation, (count, longest) in enumerate(
+                zip(status["gc"]["collections"], status["gc"]["longest_pause_ms"], strict=True)
+            ):
+                labels = {"generation": str(generation)}
+                samples.append(("firezone_gc_collections_total", labels, count))
+                samples.append(("firezone_gc_longest_pause_seconds", labels, longest / 1e3))
         return samples
 
     metrics.add_collector(collect)

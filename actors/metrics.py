@@ -28,6 +28,9 @@ GATEWAY_METRICS: dict[str, tuple[str, str]] = {
     "firezone_portal_reconnects_total": (COUNTER, "Reconnections to the portal."),
     "firezone_portal_joined": (GAUGE, "1 while joined to the portal's gateway channel."),
     "firezone_resets_total": (COUNTER, "Resets (new WireGuard key, all connections dropped)."),
+    "firezone_gc_collections_total": (COUNTER, "Garbage collections, by generation (2 = full)."),
+    "firezone_gc_longest_pause_seconds": (
+        GAUGE, "Longest garbage collection so far, by generation: every thread waits for it."),
 }
 
 LabelKey = tuple[tuple[str, str], ...]

@@ -256,9 +256,11 @@ def _gateway_state(net: BenchNet, base: dict[str, int], results: Results, prefix
                    log: Any) -> None:
     status = proc_status(net.gateway_pid)
     clients: list[dict[str, Any]] | None = None
+    collector: dict[str, Any] | None = None
     try:  # the gateway asks every PeerActor in turn: slow with thousands
         answer = control_request(net.stack.control_socket, "status", timeout=120)
         clients = answer.get("clients")
+        collector = answer.get("gc")
         if clients is None:
             log(f"  status failed: {answer.get('error', answer)}")
     except ControlError as exc:
@@ -275,3 +277,14 @@ def _gateway_state(net: BenchNet, base: dict[str, int], results: Results, prefix
                 "gateway status: connections in idle mode (main steady state)")
     log(f"  RSS {status['rss_bytes'] / 2**20:.0f} MiB, {status['threads']} threads, gateway "
         f"reports {None if clients is None else len(clients)} clients ({idle} idle)")
+    if collector is not None:
+        results.add(f"{prefix}.gc_full_collections", collector["collections"][2], "count",
+                    "gateway status: full garbage collections since start (connect included)")
+        results.add(f"{prefix}.gc_longest_full_pause_ms", collector["longest_pause_ms"][2], "ms",
+                    "gateway status: the longest full collection; every thread waits for it")
+        results.add(f"{prefix}.gc_longest_young_pause_ms", max(collector["longest_pause_ms"][:2]),
+                    "ms", "gateway status: the longest generation 0/1 collection")
+        log(f"  garbage collector: {collector['collections'][2]} full collections, longest "
+            f"{collector['longest_pause_ms'][2]:.0f} ms (young: "
+            f"{max(collector['longest_pause_ms'][:2]):.0f} ms), "
+            f"{collector['frozen_objects']} objects frozen")

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from actors.io.udp import SOCKET_BUFFER_BYTES
 from devstack.stack import CIDR_RESOURCE, GATEWAY_TOKEN, Stack, stack
 from devstack.topology import RESOURCE
 from gateway.exit_codes import ExitCode
@@ -63,6 +64,7 @@ def test_health_ready_and_a_graceful_sigterm(world: Stack) -> None:
     assert _wait(lambda: _health(world, "/readyz") == "200", timeout=20), world.logs()
     metrics = world.topo.run("gateway", "curl", "-s", "http://127.0.0.1:18080/metrics").stdout
     assert "firezone_portal_joined 1" in metrics, metrics
+    assert 'firezone_gc_collections_total{generation="2"}' in metrics, metrics
     gateway.popen.send_signal(signal.SIGTERM)
     assert gateway.popen.wait(15) == 0, world.logs()
     output = "\n".join(gateway.lines)
@@ -141,6 +143,9 @@ def test_status_and_reset_over_the_control_socket(world: Stack) -> None:
                             capture_output=True, text=True, check=False)
     assert status.returncode == 0, status.stderr
     assert before["public_key"] in status.stdout and "joined" in status.stdout
+    assert before["gc"]["frozen_objects"] > 10_000  # the start-up heap, out of every walk
+    # As root the sockets get their buffers past the host's net.core limits.
+    assert before["socket_buffers"]["ipv4"] == [2 * SOCKET_BUFFER_BYTES] * 2
     reset = subprocess.run([*cli, "reset", "--control-socket", world.control_socket],
                            capture_output=True, text=True, check=False)
     assert reset.returncode == 0, reset.stderr
