@@ -4,15 +4,15 @@ The collector holds the GIL while it walks the objects of the generation it coll
 every thread stops: the UDP and TUN readers, the Timer, every actor. A full (generation 2)
 collection walks every tracked object, and a gateway holds about 110-160 per client (its
 PeerActor's thread, inbox and events, the ICE agent, the tunnel, counters ...). At 5,000
-clients a full collection walked ~780,000 objects and stopped the data path for 385-580 ms,
-and CPython runs one whenever a quarter more objects have become long-lived: ten times
-while 5,000 clients connected (bench/README.md).
+clients a full collection walked ~780,000 objects and stopped the data path for up to
+370 ms of CPU (410 ms and more of wall time), and CPython runs one whenever a quarter more
+objects have become long-lived: ten times while 5,000 clients connected (bench/README.md).
 
 The policy:
 
 * After every full collection the survivors are frozen (``gc.freeze``), so later
   collections skip them and each walks only what became long-lived since the previous one
-  (at most 45 ms while 5,000 clients connected). The start-up heap is frozen at install.
+  (longest 74-78 ms at 5,000 clients). The start-up heap is frozen at install.
 * Frozen objects that die by reference counting are freed at once as before. Only garbage
   in reference cycles among frozen objects (a departed client's session, say) waits:
   :meth:`GcPolicy.maybe_reclaim` unfreezes everything and runs one full collection once the
@@ -75,11 +75,9 @@ class Pauses:
     count: int = 0
     longest: float = 0.0
     last: float = 0.0
-    total: float = 0.0
 
     def add(self, seconds: float) -> None:
         self.count += 1
-        self.total += seconds
         self.last = seconds
         if seconds > self.longest:
             self.longest = seconds
