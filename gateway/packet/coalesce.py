@@ -43,6 +43,11 @@ MAX_SEGMENTS = 64
 MAX_LENGTH = 65535
 
 _VNET = struct.Struct("=BBHHHH")
+#: The header fields a TCP run's segments repeat (all but the IP ID, the checksums, the
+#: sequence number and the urgent pointer), read in one call; options are compared apart.
+_TCP4_RUN = struct.Struct("!HH2xHH2xQI4xIBBH")
+_TCP6_RUN = struct.Struct("!IHHQQQQI4xIBBH")
+_SEQ = struct.Struct("!I")
 _TCP_ACK, _TCP_PSH = 0x10, 0x08
 _PROTO_TCP, _PROTO_UDP = 6, 17
 
@@ -130,6 +135,33 @@ def udp_continues(packet: bytes, template: tuple[bytes, bytes, bytes]) -> int:
     return size - 48
 
 
+#: A TCP run's first segment as :func:`tcp_continues` needs it.
+TcpTemplate = tuple[struct.Struct, tuple[int, ...], int, int, bytes]
+
+
+def tcp_template(first: bytes, l3: int, l4: int) -> TcpTemplate:
+    """What a TCP run's later full-size segments must repeat of ``first`` (pure ACKs)."""
+    fields = _TCP4_RUN if l3 == 20 else _TCP6_RUN
+    return fields, fields.unpack_from(first), len(first), l3, first[l3 + 20:l3 + l4]
+
+
+def tcp_continues(packet: bytes, run: TcpTemplate, next_seq: int) -> bool:
+    """True if ``packet`` is the next full-size, ACK-only segment of ``run``: the same size
+    and header fields as its first segment, ``next_seq`` as its sequence number.
+
+    One struct read and a tuple compare instead of building the flow key. It accepts a
+    subset of what :func:`plan`'s full rules accept (a shorter last segment or PSH takes
+    those), so it only saves time: bulk TCP runs are mostly segments like this.
+    """
+    fields, expected, size, l3, options = run
+    return (
+        len(packet) == size
+        and fields.unpack_from(packet) == expected
+        and _SEQ.unpack_from(packet, l3 + 4)[0] == next_seq
+        and (not options or packet[l3 + 20:l3 + 20 + len(options)] == options)
+    )
+
+
 def plan(packets: list[bytes]) -> list[list[bytes]]:
     """Split ``packets`` into runs to write as one (super-)packet each, order kept."""
     groups: list[list[bytes]] = []
@@ -138,13 +170,27 @@ def plan(packets: list[bytes]) -> list[list[bytes]]:
     segment = total = next_seq = 0
     protocol = l3 = l4 = 0
     template = (b"", b"", b"")
+    run: TcpTemplate | None = None
     for packet in packets:
-        if current is not None and protocol == _PROTO_UDP:
-            payload = udp_continues(packet, template)
-            if 0 <= payload <= segment and total + payload <= MAX_LENGTH:
+        # A run's later packets: compared with its first instead of building a flow key.
+        if current is not None:
+            if protocol == _PROTO_UDP:
+                payload = udp_continues(packet, template)
+                if 0 <= payload <= segment and total + payload <= MAX_LENGTH:
+                    current.append(packet)
+                    total += payload
+                    if payload < segment or len(current) >= MAX_SEGMENTS:
+                        current = None
+                    continue
+            elif (
+                run is not None
+                and total + segment <= MAX_LENGTH
+                and tcp_continues(packet, run, next_seq)
+            ):
                 current.append(packet)
-                total += payload
-                if payload < segment or len(current) >= MAX_SEGMENTS:
+                total += segment
+                next_seq = (next_seq + segment) & 0xFFFFFFFF
+                if len(current) >= MAX_SEGMENTS:
                     current = None
                 continue
         flow = _flow(packet)
@@ -183,6 +229,7 @@ def plan(packets: list[bytes]) -> list[list[bytes]]:
             else:
                 seq = int.from_bytes(packet[l3 + 4:l3 + 8], "big")
                 next_seq = (seq + segment) & 0xFFFFFFFF
+                run = tcp_template(packet, l3, l4)
     return groups
 
 

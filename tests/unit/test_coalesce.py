@@ -24,6 +24,8 @@ from gateway.packet.coalesce import (
     _flow,
     frame,
     plan,
+    tcp_continues,
+    tcp_template,
     udp_continues,
     udp_template,
 )
@@ -256,3 +258,81 @@ def test_the_udp_run_check_agrees_with_the_flow_key_for_every_one_byte_change(
                     flow = _flow(mutated)
                     expected = flow[4] if flow is not None and flow[0] == run[0] else -1
                     assert udp_continues(mutated, template) == expected, (size, position, flip)
+
+
+def full_rules_accept(packet: bytes, first: bytes, next_seq: int) -> bool:
+    """plan()'s general rules for a TCP run's next segment, restricted to what its fast
+    path takes: same size as the first, flags exactly ACK, the same IPv4 fragment field."""
+    run, flow = _flow(first), _flow(packet)
+    assert run is not None
+    if flow is None or flow[0] != run[0] or len(packet) != len(first):
+        return False
+    l3 = flow[2]
+    return (
+        int.from_bytes(packet[l3 + 4:l3 + 8], "big") == next_seq
+        and packet[l3 + 13] == 0x10
+        and (l3 == 40 or packet[6:8] == first[6:8])
+    )
+
+
+def tcp_pair(family: str, options: bytes) -> tuple[bytes, bytes, int]:
+    """A run's first segment and the next one, with ``options`` in both."""
+    src, dst = (SRC, DST) if family == "v4" else (SRC6, DST6)
+    l3 = 20 if family == "v4" else 40
+    first, second = (
+        build_tcp(src, dst, 40000, 5201, seq=seq, ack=77, payload=b"p" * 100)
+        for seq in (1000, 1100)
+    )
+    if options:
+        def with_options(packet: bytes) -> bytes:
+            head = bytearray(packet[:l3 + 20])
+            head[l3 + 12] = (20 + len(options)) // 4 << 4
+            total = len(packet) + len(options)
+            if l3 == 20:
+                struct.pack_into("!H", head, 2, total)
+            else:
+                struct.pack_into("!H", head, 4, total - 40)
+            return bytes(head) + options + packet[l3 + 20:]
+        first, second = with_options(first), with_options(second)
+    return first, second, 1100
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+@pytest.mark.parametrize("options", [b"", b"\x01\x01\x08\x0a" + bytes(range(8))])
+def test_the_tcp_fast_path_agrees_with_the_full_rules_for_every_one_byte_change(
+    family: str, options: bytes
+) -> None:
+    """plan()'s shortcut for a TCP run's next segment (one struct read) accepts exactly
+    what the flow key, sequence, flag and size rules accept in its case, and nothing more:
+    every byte of the header is changed three ways, and the packet cut or extended."""
+    first, second, next_seq = tcp_pair(family, options)
+    l3 = 20 if family == "v4" else 40
+    run = tcp_template(first, l3, (first[l3 + 12] >> 4) * 4)
+    assert tcp_continues(second, run, next_seq)  # the common case takes the fast path
+    assert not tcp_continues(second, run, next_seq + 1)
+    for position in range(l3 + 20 + len(options) + 2):
+        for flip in (0x01, 0x40, 0xFF):
+            packet = bytearray(second)
+            packet[position] ^= flip
+            for cut in (-1, 0, 1):
+                mutated = bytes(packet[:cut] if cut < 0 else packet + bytes(cut))
+                assert tcp_continues(mutated, run, next_seq) == full_rules_accept(
+                    mutated, first, next_seq), (position, flip, cut)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    family=st.sampled_from(["v4", "v6"]),
+    edits=st.lists(st.tuples(st.integers(0, 71), st.integers(0, 255)), min_size=1, max_size=4),
+)
+def test_the_tcp_fast_path_never_accepts_what_the_full_rules_reject(
+    family: str, edits: list[tuple[int, int]]
+) -> None:
+    first, second, next_seq = tcp_pair(family, b"\x01\x01\x08\x0a" + bytes(range(8)))
+    l3 = 20 if family == "v4" else 40
+    run = tcp_template(first, l3, (first[l3 + 12] >> 4) * 4)
+    packet = bytearray(second)
+    for position, value in edits:
+        packet[position] = value
+    mutated = bytes(packet)
+    assert tcp_continues(mutated, run, next_seq) == full_rules_accept(mutated, first, next_seq)
