@@ -25,6 +25,7 @@ in an actor, and neither the reader nor the Timer ever waits for a busy actor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -50,6 +51,7 @@ from actors.messages import (
 )
 from actors.peer import (
     Authorize,
+    ForgetClient,
     NewSession,
     PeerFailed,
     PeerHandle,
@@ -60,7 +62,7 @@ from actors.peer import (
     UpdateResource,
     start_peer,
 )
-from actors.resolver import Resolver
+from actors.resolver import IPAddress, Resolver
 from actors.timer import CallTimer, Timer
 from actors.tun import ConfigureInterface, TunWriter
 from gateway.ice.candidate import IceCredentials
@@ -77,6 +79,7 @@ from gateway.node import (
     RelayedPath,
     TurnServer,
 )
+from gateway.peer import dns_nat_allowed
 from gateway.portal.messages import (
     AllowAccess,
     AuthorizeFlow,
@@ -120,6 +123,17 @@ class Reset:
 @dataclass(frozen=True, slots=True)
 class GetNodeStatus:
     pass
+
+
+@dataclass(frozen=True, slots=True)
+class _LegacyResolved:
+    """A legacy request's domain was looked up; the request is handled now, as 1.4 does
+    (resolve first, then accept and allow, gateway-messages.md §1.3/§1.4)."""
+
+    request: RequestConnection | AllowAccess
+    addresses: tuple[IPAddress, ...]
+    #: ``resets`` when asked: after a reset the request was for a key that is gone.
+    generation: int
 
 
 @dataclass(slots=True)
@@ -275,6 +289,8 @@ class NodeActor(pykka.ThreadingActor):
                 self._on_fatal(message.reason, message.exit_code)
         elif isinstance(message, GetNodeStatus):
             return self._status()
+        elif isinstance(message, _LegacyResolved):
+            self._on_legacy_resolved(message, now)
         else:
             log.warning("NodeActor: unexpected message %s", type(message).__name__)
         return None
@@ -397,6 +413,41 @@ class NodeActor(pykka.ThreadingActor):
         self._send_portal(FlowAuthorized(msg.ref))
 
     def _on_request_connection(self, msg: RequestConnection, now: float) -> None:
+        if msg.client.domain is None:
+            self._accept_request(msg, (), now)
+        else:
+            self._resolve_then(msg, msg.client.domain.name)
+
+    def _on_allow_access(self, msg: AllowAccess) -> None:
+        if msg.payload is None:
+            self._allow(msg, ())
+        else:
+            self._resolve_then(msg, msg.payload.name)
+
+    def _resolve_then(self, request: RequestConnection | AllowAccess, domain: str) -> None:
+        """Look ``domain`` up off-thread; the request continues as ``_LegacyResolved``."""
+        ref, generation = self.actor_ref, self.resets
+
+        def done(addresses: list[IPAddress]) -> None:
+            with contextlib.suppress(pykka.ActorDeadError):
+                ref.tell(_LegacyResolved(request, tuple(addresses), generation))
+
+        self._resolver.resolve(domain, done)
+
+    def _on_legacy_resolved(self, msg: _LegacyResolved, now: float) -> None:
+        if msg.generation != self.resets:
+            log.info("%s dropped: the gateway reset while its domain was looked up",
+                     type(msg.request).__name__)
+        elif isinstance(msg.request, RequestConnection):
+            self._accept_request(msg.request, msg.addresses, now)
+        else:
+            self._allow(msg.request, msg.addresses)
+
+    def _accept_request(
+        self, msg: RequestConnection, addresses: tuple[IPAddress, ...], now: float
+    ) -> None:
+        """Accept a legacy connection, allow access, and answer ``connection_ready`` only
+        if the DNS-resource NAT could be set up (gateway-messages.md §1.3)."""
         client = msg.client
         result = self.node.accept_connection(
             client.id,
@@ -411,17 +462,26 @@ class NodeActor(pykka.ThreadingActor):
         assert isinstance(result, ConnectionCreated)
         self._start_session(result)
         peer = self._peers[client.id]
+        domain = client.domain
+        if domain is not None and not dns_nat_allowed(msg.resource, domain.name):
+            # 1.4 adds the resource, fails the NAT set-up and removes the client's state;
+            # the connection stays (it fails without remote candidates) and nothing is sent.
+            log.warning("request_connection from %s: %s is not a name of resource %s; "
+                        "no access and no reply", client.id, domain.name, msg.resource.id)
+            peer.ref.tell(ForgetClient())
+            return
         peer.ref.tell(
             Authorize(msg.resource, msg.expires_at, str(client.peer.ipv4), str(client.peer.ipv6))
         )
-        if client.domain is not None:
+        if domain is not None:
             peer.ref.tell(
-                SetupDnsResource(msg.resource.id, client.domain.name, client.domain.proxy_ips)
+                SetupDnsResource(msg.resource.id, domain.name, domain.proxy_ips, addresses)
             )
         creds = result.local_credentials
         self._send_portal(ConnectionReady(msg.ref, PortalIceCredentials(creds.ufrag, creds.pwd)))
 
-    def _on_allow_access(self, msg: AllowAccess) -> None:
+    def _allow(self, msg: AllowAccess, addresses: tuple[IPAddress, ...]) -> None:
+        """Legacy ``allow_access``: no reply; a failed NAT set-up is logged (§1.4)."""
         peer = self._peers.get(msg.client_id)
         if peer is None:
             log.warning("allow_access for %s without a connection; ignored", msg.client_id)
@@ -431,7 +491,9 @@ class NodeActor(pykka.ThreadingActor):
         )
         if msg.payload is not None:
             request = msg.payload
-            peer.ref.tell(SetupDnsResource(msg.resource.id, request.name, request.proxy_ips))
+            peer.ref.tell(
+                SetupDnsResource(msg.resource.id, request.name, request.proxy_ips, addresses)
+            )
 
     def _refetch_relays(self) -> None:
         """No relay known: reconnect the portal with the same key to get a fresh ``init``."""

@@ -39,6 +39,7 @@ from gateway.wg.ratelimit import HandshakeRateLimiter
 
 __all__ = [
     "Authorize",
+    "ForgetClient",
     "GetPeerStatus",
     "NewSession",
     "PeerActor",
@@ -83,11 +84,18 @@ class Authorize:
 
 @dataclass(frozen=True, slots=True)
 class SetupDnsResource:
-    """Legacy DNS set-up (``request_connection``/``allow_access`` with a ResolveRequest)."""
+    """Legacy DNS set-up (``request_connection``/``allow_access`` with a ResolveRequest),
+    with the addresses the NodeActor resolved before it accepted the request."""
 
     resource_id: uuid.UUID
     domain: str
     proxy_ips: tuple[IPAddress, ...]
+    addresses: tuple[IPAddress, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetClient:
+    """Drop the client's authorizations and NAT state (a legacy request that failed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,7 +240,12 @@ class PeerActor(pykka.ThreadingActor):
         elif isinstance(message, UpdateResource):
             session.update_resource_locked(message.resource)
         elif isinstance(message, SetupDnsResource):
-            self._resolve(message.resource_id, message.domain, message.proxy_ips, False)
+            session.resolved_locked(
+                message.resource_id, message.domain, message.proxy_ips, message.addresses,
+                False, now,
+            )
+        elif isinstance(message, ForgetClient):
+            session.forget_client_locked()
         elif isinstance(message, Resolved):
             session.resolved_locked(
                 message.resource_id, message.domain, message.proxy_ips, message.addresses,

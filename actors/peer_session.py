@@ -229,6 +229,13 @@ class PeerSession:
         if packet is not None and self._tunnel is not None:
             self._encapsulate_and_send(packet, now, self._clock.unix())
 
+    def forget_client_locked(self) -> None:
+        """Drop every authorization and translation; the WireGuard session stays."""
+        if self._client is not None:
+            self.log.info("client state dropped")
+            self._tun.tell(UnregisterClient(self.client_id))
+            self._client = None
+
     def close_locked(self) -> None:
         """The owner stops: no more data, no more timers, the TUN forgets the client."""
         self._closed = True

@@ -153,6 +153,14 @@ class _Translation:
         return at - since >= NO_INCOMING_WINDOW
 
 
+def dns_nat_allowed(resource: Resource, domain: str) -> bool:
+    """Whether ``domain``'s proxy IPs may be translated for ``resource`` (§8.1): it is a
+    DNS resource and the domain matches its address pattern. The only ways an
+    authorized resource's NAT set-up fails, so a legacy ``request_connection`` can know
+    before its reply (gateway-messages.md §1.3)."""
+    return isinstance(resource, DnsResource) and matches(resource.address, domain.rstrip("."))
+
+
 class ClientOnGateway:
     """One client's authorizations, filters and DNS-resource NAT (dataplane.md §4-§8). Sans-IO."""
 
@@ -258,11 +266,9 @@ class ClientOnGateway:
         not match its pattern. An empty ``resolved`` succeeds without installing anything.
         """
         auth = self._resources.get(resource_id)
-        if auth is None or not isinstance(auth.resource, DnsResource):
+        if auth is None or not dns_nat_allowed(auth.resource, domain):
             return False
         domain = domain.rstrip(".")
-        if not matches(auth.resource.address, domain):
-            return False
         real_v4 = [ip.packed for ip in resolved if ip.version == 4]
         real_v6 = [ip.packed for ip in resolved if ip.version == 6]
         proxies_v4 = [ip.packed for ip in proxy_ips if ip.version == 4]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 import threading
@@ -19,6 +20,7 @@ from actors.messages import Connect, KeyRotated, PortalIngress, SendToPortal
 from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
 from actors.peer import (
     Authorize,
+    ForgetClient,
     NewSession,
     PeerFailed,
     PeerHandle,
@@ -72,6 +74,25 @@ class FakeRelay:
         self.sock.close()
 
 
+class Lookups:
+    """The resolver's lookups: recorded, held while ``gate`` is clear, answered with
+    ``addresses`` (no real DNS: this machine has none)."""
+
+    def __init__(self) -> None:
+        self.domains: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.asked = threading.Event()
+        self.addresses = [ipaddress.ip_address("93.184.216.34"),
+                          ipaddress.ip_address("2606:2800:220:1::1")]
+
+    def resolve(self, domain: str) -> list[Any]:
+        self.domains.append(domain)
+        self.asked.set()
+        assert self.gate.wait(5)
+        return list(self.addresses)
+
+
 @pytest.fixture
 def relay() -> Iterator[FakeRelay]:
     fake = FakeRelay()
@@ -90,14 +111,16 @@ def harness(clock: ManualClock) -> Iterator[dict[str, Any]]:
         # The data path records its batches in the same inbox as the actor's messages.
         return PeerHandle(Recorder.start(inbox), lambda batch: inbox.append(("data", batch)))
 
-    resolver = Resolver()
+    lookups = Lookups()
+    resolver = Resolver(lookups.resolve)
     ref = NodeActor.start(
         clock=clock, rng=__import__("random").Random(1), timer=timer, tun=tun,
         tun_writer=mock.Mock(), sockets_factory=lambda: UdpSockets(mark=False, ipv6=False),
         resolver=resolver, peer_factory=peer_factory,
     )
     ref.tell(AttachPortal(portal))
-    yield {"ref": ref, "portal": portal, "tun": tun, "peers": peers}
+    yield {"ref": ref, "portal": portal, "tun": tun, "peers": peers, "lookups": lookups}
+    lookups.gate.set()
     ref.stop()
     resolver.shutdown()
 
@@ -255,22 +278,78 @@ def _wait_for(condition: Any, timeout: float = 5.0) -> None:
     raise AssertionError("condition not met")
 
 
-def test_legacy_request_connection_answers_connection_ready(
+LEGACY_CLIENT = uuid.UUID("2e5c0210-3ac0-49cd-bfc9-8005046291de")
+
+
+def _legacy_request(fixtures: Path, address: str) -> PortalIngress:
+    """request_connection_with_domain.json (domain download.httpbin) for a resource with
+    the given address pattern."""
+    frame = json.loads((fixtures / "request_connection_with_domain.json").read_text())
+    frame["payload"]["resource"]["address"] = address
+    return PortalIngress(parse_ingress(frame["event"], frame["payload"]))
+
+
+def test_legacy_request_connection_answers_after_the_lookup_with_the_nat_in_place(
     harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
 ) -> None:
+    """1.4 resolves the domain first, then accepts, allows and sets up the NAT, then
+    answers connection_ready (gateway-messages.md §1.3)."""
     _with_relay(harness, portal_fixtures, relay)
-    harness["ref"].tell(_ingress(portal_fixtures, "request_connection_with_domain.json"))
-    _status(harness["ref"])
+    lookups = harness["lookups"]
+    lookups.gate.clear()
+    harness["ref"].tell(_legacy_request(portal_fixtures, "*.httpbin"))
+    assert lookups.asked.wait(5)
+    assert lookups.domains == ["download.httpbin"]
+    status = _status(harness["ref"])
+    assert str(LEGACY_CLIENT) not in status["connections"]  # nothing before the answer
+    assert _sent(harness["portal"], ConnectionReady) == []
+    lookups.gate.set()
+    _wait_for(lambda: _sent(harness["portal"], ConnectionReady) != [])
     (ready,) = _sent(harness["portal"], ConnectionReady)
     frame = json.loads((portal_fixtures / "request_connection_with_domain.json").read_text())
     assert ready.ref == frame["payload"]["ref"]
     # Random local credentials of the right shape (ufrag 4, password 22), never the client's.
     assert len(ready.ice_credentials.username) == 4 and len(ready.ice_credentials.password) == 22
-    client_id = uuid.UUID("2e5c0210-3ac0-49cd-bfc9-8005046291de")
-    seen = harness["peers"][client_id]
+    seen = harness["peers"][LEGACY_CLIENT]
     _wait_for(lambda: len(seen) >= 3)
     assert [type(m) for m in seen[:3]] == [NewSession, Authorize, SetupDnsResource]
-    assert seen[2].domain == "download.httpbin" and len(seen[2].proxy_ips) == 8
+    setup = seen[2]
+    assert setup.domain == "download.httpbin" and len(setup.proxy_ips) == 8
+    assert list(setup.addresses) == lookups.addresses
+
+
+def test_legacy_request_connection_for_a_name_outside_the_resource_gets_no_reply(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    """The fixture as the portal sent it: download.httpbin is not a name of ?.httpbin, so
+    the NAT set-up fails; 1.4 removes the client's state and sends nothing (the connection
+    it accepted stays, and fails later without candidates)."""
+    _with_relay(harness, portal_fixtures, relay)
+    harness["ref"].tell(_ingress(portal_fixtures, "request_connection_with_domain.json"))
+    _wait_for(lambda: harness["peers"].get(LEGACY_CLIENT) is not None)
+    seen = harness["peers"][LEGACY_CLIENT]
+    _wait_for(lambda: len(seen) >= 2)
+    assert [type(m) for m in seen] == [NewSession, ForgetClient]
+    assert str(LEGACY_CLIENT) in _status(harness["ref"])["connections"]
+    assert _sent(harness["portal"], ConnectionReady) == []
+
+
+def test_a_reset_during_the_lookup_drops_the_legacy_request(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The portal asked on behalf of the old key: after a reset the request is void."""
+    _with_relay(harness, portal_fixtures, relay)
+    lookups = harness["lookups"]
+    lookups.gate.clear()
+    harness["ref"].tell(_legacy_request(portal_fixtures, "*.httpbin"))
+    assert lookups.asked.wait(5)
+    harness["ref"].tell(Reset("test"))
+    _status(harness["ref"])
+    lookups.gate.set()
+    _wait_for(lambda: "reset while its domain was looked up" in caplog.text)
+    assert _sent(harness["portal"], ConnectionReady) == []
+    assert LEGACY_CLIENT not in harness["peers"]
 
 
 def test_legacy_allow_access_adds_a_resource_without_a_reply(
@@ -287,10 +366,11 @@ def test_legacy_allow_access_adds_a_resource_without_a_reply(
         "expires_at": None, "payload": {"name": "a.httpbin", "proxy_ips": ["100.96.0.1"]},
         "client_ipv4": "100.93.74.51", "client_ipv6": "fd00:2021:1111::f:853b",
     })))
-    _status(harness["ref"])
     seen = harness["peers"][CLIENT_ID]
     _wait_for(lambda: len(seen) >= 4)
     assert [type(m) for m in seen[2:4]] == [Authorize, SetupDnsResource]
+    assert harness["lookups"].domains == ["a.httpbin"]  # looked up first, then applied
+    assert list(seen[3].addresses) == harness["lookups"].addresses
     sent_after = [c.args[0] for c in harness["portal"].tell.call_args_list[replies_before:]]
     assert not any(isinstance(m, SendToPortal) and not isinstance(
         m.message, BroadcastIceCandidates) for m in sent_after), "allow_access gets no reply"

@@ -21,12 +21,14 @@ from actors.backpressure import InFlight
 from actors.io.udp import FromNetwork
 from actors.peer import (
     Authorize,
+    ForgetClient,
     GetPeerStatus,
     NewSession,
     PeerFailed,
     PeerIdle,
     RemoveResource,
     SetPath,
+    SetupDnsResource,
     start_peer,
 )
 from actors.resolver import Resolver
@@ -34,7 +36,7 @@ from actors.timer import Timer, Wake
 from actors.tun import RegisterClient, UnregisterClient
 from gateway.node import DirectPath, RelayedPath
 from gateway.packet.ip import build_udp
-from gateway.resources import CidrResource, PortRangeFilter
+from gateway.resources import CidrResource, DnsResource, PortRangeFilter
 from gateway.turn.channel_data import decode_channel_data
 from gateway.wg.keys import StaticKeyPair
 from gateway.wg.ratelimit import HandshakeRateLimiter
@@ -186,6 +188,35 @@ def test_tun_packets_are_encrypted_to_the_nominated_path(world: dict[str, Any]) 
 def test_removing_the_last_resource_unregisters_the_client(world: dict[str, Any]) -> None:
     world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
     world["ref"].tell(RemoveResource(RESOURCE.id))
+    status = _sync(world)
+    told = [c.args[0] for c in world["tun"].tell.call_args_list]
+    assert isinstance(told[-1], UnregisterClient) and told[-1].client_id == CLIENT_ID
+    assert status["resources"] == []
+
+
+def test_a_legacy_dns_setup_translates_to_the_addresses_looked_up_before(
+    world: dict[str, Any],
+) -> None:
+    """request_connection/allow_access: the NodeActor resolved the domain before it
+    accepted; the peer installs the translation at once (no lookup of its own)."""
+    dns = DnsResource(uuid.uuid4(), "*.httpbin", "httpbin", ())
+    proxy, real = ipaddress.ip_address("100.96.0.1"), ipaddress.ip_address("10.204.0.9")
+    world["ref"].tell(Authorize(dns, None, CLIENT_V4, CLIENT_V6))
+    world["ref"].tell(SetupDnsResource(dns.id, "a.httpbin", (proxy,), (real,)))
+    _handshake(world)
+    clock, client = world["clock"], world["client"]
+    out = client.encapsulate(build_udp(CLIENT_V4, str(proxy), 4000, 53, b"query"),
+                             clock.monotonic(), clock.unix())
+    assert isinstance(out, WriteToNetwork)
+    _deliver(world, [out.datagram])
+    _sync(world)
+    written = [p for c in world["writer"].write_batch.call_args_list for p in c.args[0]]
+    assert [ipaddress.ip_address(p[16:20]) for p in written] == [real]
+
+
+def test_forget_client_drops_every_authorization(world: dict[str, Any]) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    world["ref"].tell(ForgetClient())
     status = _sync(world)
     told = [c.args[0] for c in world["tun"].tell.call_args_list]
     assert isinstance(told[-1], UnregisterClient) and told[-1].client_id == CLIENT_ID
