@@ -356,6 +356,13 @@ class Node:
         for server in allocation.server_addresses():
             self._server_to_relay[server] = relay.relay_id
         self._refresh_relay_servers()
+        # Connections that chose this relay while it was being replaced had nowhere to
+        # bind their channels; the allocation buffers the binds until it is made.
+        for conn in self._connections.values():
+            if conn.relay_id == relay.relay_id and conn.path is None:
+                for candidate in conn.agent.remote_candidates:
+                    if candidate.kind != "host":
+                        allocation.bind_channel(candidate.address, now)
         self._drain_allocation(allocation, now)
 
     def _refresh_relay_servers(self) -> None:
@@ -443,6 +450,9 @@ class Node:
         now: float,
     ) -> UpsertResult:
         usable = [rid for rid, a in self._allocations.items() if not a.is_freed]
+        # A relay whose replacement waits for the old allocation's delete is still a
+        # known relay (snownet.md §5.1: entries exist before the allocation succeeds).
+        usable += [rid for rid in self._deferred if rid not in self._allocations]
         if not usable:
             self.counters["no_turn_servers"] += 1
             log.warning("no TURN servers connected; cannot create connection for %s", client_id)
@@ -468,9 +478,10 @@ class Node:
             self._add_local(conn, host)
         for srflx in self._srflx_candidates.values():
             self._queue_added(client_id, srflx)  # signalled only; we send from the base
-        allocation = self._allocations[relay_id]
-        for address in allocation.relay_addresses():
-            self._add_local(conn, Candidate.relay(address, relay_id))
+        allocation = self._allocations.get(relay_id)  # None while it is being replaced
+        if allocation is not None:
+            for address in allocation.relay_addresses():
+                self._add_local(conn, Candidate.relay(address, relay_id))
         self._drain_agent(conn, now)
         self._flush_candidate_events()
         self.counters["connections_created"] += 1

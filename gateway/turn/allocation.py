@@ -163,6 +163,8 @@ class Allocation:
         self._transmits: deque[Transmit] = deque()
         self._events: deque[AllocationEvent] = deque()
         self.is_freed = False
+        #: Replaced while still being made (see :meth:`deallocate`).
+        self._retiring = False
         self.counters: Counter[str] = Counter()
 
         self._send_bindings(now)
@@ -273,6 +275,10 @@ class Allocation:
             self._drop("allocate_success_incomplete")
             return
         del self._requests[msg.transaction_id]
+        if self._retiring:
+            logger.info("relay %s: deleting the allocation a replaced ALLOCATE made", self.relay_id)
+            self._send_delete(now, reallocate=False)
+            return
         new: dict[int, Address] = {}
         for addr in relayed:
             new.setdefault(_family(addr), addr)
@@ -328,6 +334,9 @@ class Allocation:
         self, request: _Request, msg: StunMessage, error: tuple[int, str], now: float
     ) -> None:
         code, reason = error
+        if self._retiring and request.method == Method.ALLOCATE:
+            del self._requests[msg.transaction_id]  # refused: it made nothing to delete
+            return
         if code in (401, 438):
             offered_realm = msg.realm()
             nonce = msg.nonce()
@@ -540,11 +549,26 @@ class Allocation:
             self._send_bindings(now)
 
     def deallocate(self, now: float) -> None:
-        """Delete the allocation on the relay (REFRESH with LIFETIME 0); local state goes now."""
+        """Delete the allocation on the relay (REFRESH with LIFETIME 0); local state goes now.
+
+        One still being made is retired instead: BINDINGs and unauthenticated ALLOCATEs in
+        flight are forgotten (the relay keeps nothing for them) and nothing new is asked,
+        but an authenticated ALLOCATE in flight is awaited (``busy``), so that should it
+        have made an allocation, that is deleted at once with these credentials: a relay
+        that binds allocations to the username (coturn) lets no one else delete it.
+        """
         if self._relays and self._active is not None and self._key is not None:
             self._invalidate()
             self._buffered_bindings.clear()
             self._send_delete(now, reallocate=False)
+            return
+        self._retiring = True
+        self._buffered_bindings.clear()
+        self._allocate_retry_at = None
+        self._requests = {
+            tid: r for tid, r in self._requests.items()
+            if r.method == Method.ALLOCATE and r.carried_nonce
+        }
 
     # ---- timers ---------------------------------------------------------------------------
 

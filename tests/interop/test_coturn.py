@@ -217,3 +217,34 @@ def test_dual_stack_relay(tmp_path: Path) -> None:
     finally:
         harness.close()
         server.stop()
+
+
+def test_credentials_replaced_mid_allocate_leave_nothing_behind(
+    harness: Harness, coturn: CoturnServer
+) -> None:
+    """The portal salts TURN credentials on every init. An allocation replaced while its
+    authenticated ALLOCATE is at coturn deletes whatever that ALLOCATE made (coturn binds
+    an allocation to its username and lets no other one delete it), so the new
+    credentials can allocate on the same socket."""
+
+    def authenticated_allocate_sent() -> bool:
+        return any(m.nonce() is not None for m in harness.sent_requests(Method.ALLOCATE))
+
+    harness.run_until(authenticated_allocate_sent)
+    assert not harness.alloc.relay_addresses()  # its answer has not been read yet
+    harness.alloc.deallocate(time.monotonic())
+    harness.run_until(lambda: not harness.alloc.busy)
+    # The ALLOCATE's success is answered with a delete (coturn refuses REFRESH's
+    # REQUESTED-TRANSPORT with 420 the first time, so the delete goes twice).
+    deletes = [m for m in harness.sent_requests(Method.REFRESH) if m.lifetime() == 0]
+    assert deletes, "the allocation the ALLOCATE made was deleted by its maker"
+
+    username, password = coturn.credentials("gateway-rotated")
+    harness.alloc = Allocation(
+        relay_id="coturn", servers=harness.servers, username=username, password=password,
+        software=SOFTWARE, rng=random.Random(8), now=time.monotonic(),
+    )
+    # coturn frees a deleted allocation on its next tick, so the first ALLOCATE may still
+    # get 437 (and its clean-up 441) and is retried 1 s later. An allocation left behind
+    # would stay for its whole lifetime (600 s) and the retries would run out.
+    harness.run_until(lambda: bool(harness.alloc.relay_addresses()), timeout=10)

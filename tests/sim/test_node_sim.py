@@ -54,6 +54,7 @@ class Sim:
         self.block_direct = block_direct
         self.wire: deque[tuple[Address, Address, bytes]] = deque()
         self.relay = SimTurnServer(RELAY, "1700000000:user", "secret-password", self._send)
+        self.more_relays: list[SimTurnServer] = []
         self.node = Node(rng=self.rng, now=self.now)
         self.gw_tunnel: Tunnel | None = None
         self.gw_path: DirectPath | RelayedPath | None = None
@@ -146,8 +147,10 @@ class Sim:
     def _deliver(self, src: Address, dst: Address, payload: bytes) -> None:
         if self._blocked(src, dst):
             return
-        if dst == RELAY or dst in self.relay.relayed_addresses():
-            self.relay.receive(src, dst, payload)
+        relay = next((r for r in (self.relay, *self.more_relays)
+                      if dst == r.address or dst in r.relayed_addresses()), None)
+        if relay is not None:
+            relay.receive(src, dst, payload)
         elif dst == GATEWAY:
             wg = self.node.handle_datagram(GATEWAY, src, payload, self.now)
             if wg is not None and self.gw_tunnel is not None:
@@ -378,32 +381,95 @@ def test_reuse_resignals_candidates_and_accepts_new_ones_for_a_while() -> None:
     assert sim.node.counters["candidates_after_nomination"] == 1
 
 
+FIRST = TurnServer("relay-1", (RELAY,), "1700000000:user", "secret-password")
+ROTATED = TurnServer("relay-1", (RELAY,), "1700000001:user", "other-password")
+
+
+def _rotating_sim(*, block_direct: bool = False) -> Sim:
+    """A relay that knows both credential sets, bound to usernames like coturn."""
+    sim = Sim(block_direct=block_direct)
+    sim.relay = SimTurnServer(RELAY, FIRST.username, FIRST.password, sim._send,
+                              accounts={ROTATED.username: ROTATED.password})
+    return sim
+
+
+def _relay_answers(sim: Sim) -> list[tuple[int, str | None, int | None, int]]:
+    return [entry for entry in sim.relay.log if entry[3] != 401]  # 401 = the nonce round
+
+
 def test_changed_credentials_replace_the_allocation_after_deleting_the_old_one() -> None:
     """A fresh init carries new TURN credentials for the same relay (the portal salts them
     every time): the old allocation is deleted (REFRESH lifetime 0) before the new one."""
-    from gateway.stun.message import Method, parse
+    from gateway.stun.message import Method
 
-    sim = Sim()
+    sim = _rotating_sim()
     sim.add_relay()
-    sent: list[tuple[int, int | None]] = []
-    original = sim.relay.receive
-
-    def spy(src: Address, dst: Address, data: bytes) -> None:
-        if dst == RELAY and data[:1] in (b"\x00", b"\x01"):
-            msg = parse(data)
-            sent.append((msg.method, msg.lifetime()))
-        original(src, dst, data)
-
-    sim.relay.receive = spy  # type: ignore[method-assign]
-    renewed = TurnServer("relay-1", (RELAY,), "1700000000:user", "secret-password")
-    sim.node.update_relays([], [renewed], sim.now)  # same credentials: kept, nothing sent
+    before = len(sim.relay.log)
+    sim.node.update_relays([], [FIRST], sim.now)  # same credentials: kept, nothing sent
     sim.pump()
-    assert sent == []
-    changed = TurnServer("relay-1", (RELAY,), "1700000001:user", "other-password")
-    sim.node.update_relays([], [changed], sim.now)
+    assert len(sim.relay.log) == before
+    sim.node.update_relays([], [ROTATED], sim.now)
     sim.pump()
-    assert sent[0] == (Method.REFRESH, 0), sent
-    assert (Method.ALLOCATE, None) in sent[1:]
+    assert _relay_answers(sim)[-2:] == [
+        (Method.REFRESH, FIRST.username, 0, 0), (Method.ALLOCATE, ROTATED.username, None, 0)]
+    assert sim.relay.owners == {GATEWAY: ROTATED.username}
+    assert [r["state"] for r in sim.node.relays()] == ["allocated"]
+
+
+def test_new_credentials_during_the_first_allocate_leave_no_allocation_behind() -> None:
+    """The second init can come while the first ALLOCATE is at the relay: should it
+    succeed, the allocation is deleted with the credentials that made it (the relay lets
+    no other username delete it), and only then the new one is made."""
+    from gateway.stun.message import MessageClass, Method, parse
+
+    sim = _rotating_sim()
+    sim.node.update_relays([], [FIRST], sim.now)
+    held = None
+    for _ in range(100):  # deliver until the relay's answer to the real ALLOCATE
+        sim._drain_node()
+        src, dst, payload = sim.wire.popleft()
+        if src == RELAY and dst == GATEWAY:
+            msg = parse(payload)
+            if msg.method == Method.ALLOCATE and msg.cls == MessageClass.SUCCESS:
+                held = (src, dst, payload)
+                break
+        sim._deliver(src, dst, payload)
+    assert held is not None
+    sim.node.update_relays([], [ROTATED], sim.now)  # the success is still on its way
+    sim.wire.appendleft(held)
+    sim.pump()
+    sim.run_until(lambda: bool(sim.node.relays()[0]["relay_addresses"]), limit=15)
+    answers = _relay_answers(sim)
+    assert (Method.REFRESH, FIRST.username, 0, 0) in answers  # deleted by its maker
+    assert all(code == 0 for *_, code in answers), answers  # no 437, no 441
+    assert sim.relay.owners == {GATEWAY: ROTATED.username}
+    assert len(sim.relay.allocations) == 1
+
+
+def test_new_credentials_before_the_relay_answered_anything_start_at_once() -> None:
+    from gateway.stun.message import Method
+
+    sim = _rotating_sim()
+    sim.node.update_relays([], [FIRST], sim.now)  # only a BINDING is out
+    sim.node.update_relays([], [ROTATED], sim.now)
+    sim.pump()
+    assert [e for e in _relay_answers(sim) if e[0] == Method.ALLOCATE] == [
+        (Method.ALLOCATE, ROTATED.username, None, 0)]
+    assert sim.relay.owners == {GATEWAY: ROTATED.username}
+
+
+def test_a_relay_being_replaced_is_still_chosen_and_its_connection_gets_relayed() -> None:
+    """While the old allocation's delete is in flight the relay is still a known relay
+    (snownet.md §5.1): authorize_flow gets its connection, not NoTurnServers, and the
+    connection's relay candidates come once the new allocation is made."""
+    sim = _rotating_sim(block_direct=True)
+    sim.add_relay()
+    sim.node.update_relays([], [ROTATED], sim.now)  # the delete is on its way, not done
+    assert isinstance(sim.authorize(), ConnectionCreated)  # authorize pumps the network
+    assert sim.relay.owners == {GATEWAY: ROTATED.username}
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    assert isinstance(sim.gw_path, RelayedPath) and sim.gw_path.server == RELAY
+    _exchange(sim)
 
 
 def test_idle_connections_use_the_idle_check_timings() -> None:

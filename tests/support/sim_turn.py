@@ -1,8 +1,10 @@
 """A tiny in-memory TURN relay for simulations (RFC 8656, only what Firezone uses).
 
-Binding, Allocate (401 with nonce first, long-term credentials verified), Refresh,
-ChannelBind and ChannelData in both directions. One relayed address per client 5-tuple.
-It is a test double, deliberately small; the interop tests cover real coturn.
+Binding, Allocate (401 with nonce first, long-term credentials verified), Refresh (LIFETIME
+0 deletes), ChannelBind and ChannelData in both directions. One relayed address per client
+5-tuple, owned by the username that made it: like coturn, another username gets 437 for an
+ALLOCATE and 441 for anything else on that 5-tuple. It is a test double, deliberately
+small; the interop tests cover real coturn.
 """
 
 from __future__ import annotations
@@ -42,14 +44,21 @@ class _Allocation:
 
 
 class SimTurnServer:
-    def __init__(self, address: Address, username: str, password: str, send: Send) -> None:
+    def __init__(
+        self, address: Address, username: str, password: str, send: Send,
+        *, accounts: dict[str, str] | None = None,
+    ) -> None:
         self.address = address
-        self._key = long_term_key(username, "firezone", password)
-        self._username = username
+        #: username -> long-term key; ``accounts`` adds more (the portal rotates them).
+        self._keys = {name: long_term_key(name, "firezone", secret)
+                      for name, secret in {username: password, **(accounts or {})}.items()}
         self._send = send
         self._ports = itertools.count(50000)
         self.allocations: dict[Address, _Allocation] = {}
         self.by_relayed: dict[Address, _Allocation] = {}
+        self.owners: dict[Address, str] = {}
+        #: Authenticated requests as (method, username, lifetime, answer code or 0).
+        self.log: list[tuple[int, str | None, int | None, int]] = []
 
     def relayed_addresses(self) -> set[Address]:
         return set(self.by_relayed)
@@ -84,15 +93,26 @@ class SimTurnServer:
             reply.add_xor_address(Attr.XOR_MAPPED_ADDRESS, src)
             self._send(self.address, src, encode(reply))
             return
-        if msg.username() != self._username or msg.nonce() is None:
+        username = msg.username()
+        key = self._keys.get(username or "")
+        if key is None or msg.nonce() is None:
+            self.log.append((msg.method, username, msg.lifetime(), 401))
             error = new_response(msg, MessageClass.ERROR).add_error_code(401, "Unauthorized")
             error.add_str(Attr.REALM, "firezone").add_str(Attr.NONCE, "sim-nonce")
             self._send(self.address, src, encode(error))
             return
-        if not verify_integrity(data, self._key):
+        if not verify_integrity(data, key):
             error = new_response(msg, MessageClass.ERROR).add_error_code(401, "Unauthorized")
             self._send(self.address, src, encode(error))
             return
+        owner = self.owners.get(src)
+        if owner is not None and owner != username:
+            code = 437 if msg.method == Method.ALLOCATE else 441
+            self.log.append((msg.method, username, msg.lifetime(), code))
+            error = new_response(msg, MessageClass.ERROR).add_error_code(code, "Mismatch")
+            self._send(self.address, src, encode(error, integrity_key=key))
+            return
+        self.log.append((msg.method, username, msg.lifetime(), 0))
         reply = new_response(msg, MessageClass.SUCCESS)
         if msg.method == Method.ALLOCATE:
             allocation = self.allocations.get(src)
@@ -101,11 +121,15 @@ class SimTurnServer:
                 allocation = _Allocation(src, relayed)
                 self.allocations[src] = allocation
                 self.by_relayed[relayed] = allocation
+                self.owners[src] = username or ""
             reply.add_xor_address(Attr.XOR_RELAYED_ADDRESS, allocation.relayed)
             reply.add_xor_address(Attr.XOR_MAPPED_ADDRESS, src)
             reply.add_u32(Attr.LIFETIME, 600)
         elif msg.method == Method.REFRESH:
             lifetime = msg.lifetime()
+            if lifetime == 0 and (gone := self.allocations.pop(src, None)) is not None:
+                self.by_relayed.pop(gone.relayed, None)
+                self.owners.pop(src, None)
             reply.add_u32(Attr.LIFETIME, 600 if lifetime is None else lifetime)
         elif msg.method == Method.CHANNEL_BIND:
             allocation = self.allocations[src]
@@ -113,4 +137,4 @@ class SimTurnServer:
             peer = msg.xor_address(Attr.XOR_PEER_ADDRESS)
             assert number is not None and peer is not None
             allocation.channels[number] = peer
-        self._send(self.address, src, encode(reply, integrity_key=self._key))
+        self._send(self.address, src, encode(reply, integrity_key=key))
