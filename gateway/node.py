@@ -340,6 +340,7 @@ class Node:
             if relay_id not in seen:
                 allocation.refresh(now)
                 self._drain_allocation(allocation, now)
+        self._flush_candidate_events()  # a removed relay's invalidations, in this step
 
     def _start_allocation(self, relay: TurnServer, now: float) -> None:
         log.info("allocating on relay %s at %s", relay.relay_id, relay.addresses)
@@ -382,8 +383,8 @@ class Node:
         relayed = set(allocation.relay_addresses())
         for conn in list(self._connections.values()):
             for address in relayed:
-                conn.agent.invalidate_local_candidate(address)
-                self._queue_invalidated(conn.client_id, Candidate.relay(address, relay_id))
+                if conn.agent.invalidate_local_candidate(address):  # only if it was given
+                    self._queue_invalidated(conn.client_id, Candidate.relay(address, relay_id))
             if isinstance(conn.path, RelayedPath) and conn.path.relay_id == relay_id:
                 self._fail(conn, f"relay {relay_id} gone: {reason}")
             else:
@@ -954,8 +955,8 @@ class Node:
                 return
             candidate = Candidate.relay(event.address, relay_id)
             for conn in list(self._connections.values()):
-                conn.agent.invalidate_local_candidate(event.address)
-                self._queue_invalidated(conn.client_id, candidate)
+                if conn.agent.invalidate_local_candidate(event.address):
+                    self._queue_invalidated(conn.client_id, candidate)
                 if isinstance(conn.path, RelayedPath) and conn.path.relay_id == relay_id:
                     self._fail(conn, f"relay candidate {event.address} invalidated")
         elif isinstance(event, AllocationFailed):

@@ -265,11 +265,16 @@ class IceAgent:
                 self._add_pair(c, remote, self._pair_time(now))
         return True
 
-    def invalidate_local_candidate(self, address: Address, now: float | None = None) -> None:
-        """Forget local candidates at ``address`` and their pairs (e.g. a relay went away)."""
-        self._local_candidates = [c for c in self._local_candidates if c.address != address]
+    def invalidate_local_candidate(self, address: Address, now: float | None = None) -> bool:
+        """Forget local candidates at ``address`` and their pairs (e.g. a relay went away);
+        False if there was none, so nobody need be told it is gone."""
+        kept = [c for c in self._local_candidates if c.address != address]
+        if len(kept) == len(self._local_candidates):
+            return False
+        self._local_candidates = kept
         doomed = [key for key, pair in self._pairs.items() if pair.local.address == address]
         self._remove_pairs(doomed, self._pair_time(now))
+        return True
 
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
         """Add a trickled remote candidate; False if duplicate or unusable."""

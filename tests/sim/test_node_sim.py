@@ -17,6 +17,7 @@ from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.node import (
     CANDIDATE_TIMEOUT,
     CandidatesAdded,
+    CandidatesInvalidated,
     ConnectionCreated,
     ConnectionFailed,
     ConnectionReused,
@@ -470,6 +471,32 @@ def test_a_relay_being_replaced_is_still_chosen_and_its_connection_gets_relayed(
     sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
     assert isinstance(sim.gw_path, RelayedPath) and sim.gw_path.server == RELAY
     _exchange(sim)
+
+
+def test_a_removed_relay_is_invalidated_only_where_its_candidates_were_given() -> None:
+    """A connection gets only its chosen relay's candidates (snownet.md §4.1), so removing
+    another relay tells its client nothing (gateway-messages.md §2.4)."""
+    sim = Sim()
+    other_address: Address = ("10.0.0.5", 3478)
+    sim.more_relays.append(SimTurnServer(other_address, "1700000000:u2", "pw2", sim._send))
+    sim.add_relay()
+    sim.node.update_relays([], [TurnServer("relay-2", (other_address,), "1700000000:u2",
+                                           "pw2")], sim.now)
+    sim.pump()
+    assert all(r["relay_addresses"] for r in sim.node.relays())
+    sim.authorize()
+    (conn,) = sim.node.connections()
+    chosen = conn.relay_id
+    other = "relay-2" if chosen == "relay-1" else "relay-1"
+    sim.events.clear()
+    sim.node.update_relays([other], [], sim.now)
+    sim.pump()
+    assert [e for e in sim.events if isinstance(e, CandidatesInvalidated)] == []
+    sim.node.update_relays([chosen], [], sim.now)
+    sim.pump()
+    (invalidated,) = [e for e in sim.events if isinstance(e, CandidatesInvalidated)]
+    assert invalidated.client_id == CLIENT_ID
+    assert [line.split()[-1] for line in invalidated.candidates] == ["relay"]
 
 
 def test_idle_connections_use_the_idle_check_timings() -> None:
