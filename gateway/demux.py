@@ -34,8 +34,9 @@ def _plausible_wireguard(data: bytes, kind: int) -> bool:
         return False
     n = len(data)
     if kind == 4:
-        # Transport: header, ciphertext of a 16-byte-padded plaintext, tag.
-        return n >= _WG_TRANSPORT_MIN_LEN and (n - _WG_TRANSPORT_MIN_LEN) % 16 == 0
+        # Transport: header, ciphertext, tag. Not necessarily a multiple of 16: boringtun,
+        # the Firezone client's WireGuard, does not pad the plaintext.
+        return n >= _WG_TRANSPORT_MIN_LEN
     if kind == 1:
         return n == _WG_INITIATION_LEN
     if kind == 2:

@@ -35,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
+from gateway.demux import MAX_DATAGRAM_PAYLOAD
 from gateway.turn.channel_data import decode_channel_data
 from gateway.types import Address
 
@@ -384,6 +385,10 @@ class UdpReader(threading.Thread):
         receiver index (their first 8 bytes) are the same follow it without a lookup each;
         any other goes through :meth:`_sort`."""
         first = train[0]
+        if len(first) > MAX_DATAGRAM_PAYLOAD:  # only the last may be shorter: one by one
+            for datagram in train:
+                self._sort(sock, datagram, ancdata, src, peer_batches, node_batch)
+            return
         self._sort(sock, first, ancdata, src, peer_batches, node_batch)
         batch = None
         if len(first) >= 32 and first[:4] == _TRANSPORT_TYPE:
@@ -405,6 +410,9 @@ class UdpReader(threading.Thread):
         node_batch: list[tuple[Address, Address, bytes]],
     ) -> None:
         """Put one datagram on its client's batch (fast paths) or on the node's."""
+        if len(data) > MAX_DATAGRAM_PAYLOAD:  # dropped before any processing (§3.1 step 1)
+            self.counters["oversized"] += 1
+            return
         first = data[0] if data else 0
         # Fast path: WireGuard transport data (type 4 + three zero bytes) for a known index.
         if first == 4 and len(data) >= 32 and data[1:4] == b"\x00\x00\x00":

@@ -181,6 +181,23 @@ def test_a_train_that_mixes_clients_and_kinds_is_sorted_datagram_by_datagram(
     assert setup["reader"].counters["gro_trains"] >= 1, "expected one GRO train"
 
 
+def test_datagrams_over_1336_bytes_are_dropped_before_any_fast_path(
+    setup: dict[str, Any],
+) -> None:
+    """dataplane.md §3.1 step 1: larger datagrams are dropped before any processing, also
+    a known client's transport data and the segments of a GRO train."""
+    oversized = _transport(b"o" * (1337 - 16))
+    small = _transport(b"s" * 100)
+    setup["send"](oversized)
+    setup["send"](small)
+    assert _peer_datagrams(setup, 1) == [small]
+    assert setup["reader"].counters["oversized"] == 1
+    train = [_transport(bytes([n]) * 1400) for n in range(4)] + [_transport(b"t" * 50)]
+    _send_as_one_gso_run(setup, train)
+    assert _peer_datagrams(setup, 1) == [train[-1]]  # only the short last one is small
+    assert setup["reader"].counters["oversized"] == 5
+
+
 def test_split_gro_cuts_a_train_at_the_segment_size() -> None:
     gro = [(17, 104, struct.pack("=i", 4))]
     assert split_gro(b"aaaabbbbcc", gro) == [b"aaaa", b"bbbb", b"cc"]

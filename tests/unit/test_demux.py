@@ -44,10 +44,16 @@ def test_wireguard_messages() -> None:
 
 
 def test_wireguard_implausible_lengths_and_headers() -> None:
-    for kind, length in ((1, 147), (2, 93), (3, 60), (4, 31), (4, 33), (4, 40), (5, 148)):
+    for kind, length in ((1, 147), (2, 93), (3, 60), (4, 31), (5, 148)):
         assert classify(_wg(kind, length), PEER, RELAYS) is DatagramKind.GARBAGE, (kind, length)
     assert classify(b"\x01\x00\x01\x00" + b"\x00" * 144, PEER, RELAYS) is DatagramKind.GARBAGE
     assert classify(_wg(0, 148), PEER, RELAYS) is DatagramKind.GARBAGE
+
+
+def test_unpadded_transport_data_is_wireguard() -> None:
+    """boringtun (the Firezone client) does not pad transport plaintexts to 16 bytes."""
+    for length in (32, 33, 40, 1000, MAX_DATAGRAM_PAYLOAD):
+        assert classify(_wg(4, length), PEER, RELAYS) is DatagramKind.WIREGUARD, length
 
 
 def test_size_limits() -> None:
