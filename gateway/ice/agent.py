@@ -12,8 +12,9 @@ as soon as the pair exists (pacing ``Ta`` defaults to 0), and while checks go un
 the next one follows after an RTO of 250, 500, 1000, 1500, 1500 ... ms (each a new
 transaction; a late answer to any of the last few still counts). Once answered, the pair
 is re-checked every max RTO (1.5 s, idle 60 s): these re-checks are the consent and
-keepalive traffic. A pair whose ``max_retransmits + 1`` consecutive checks stay unanswered
-for one more RTO fails (≈10.75 s default, 300 s idle).
+keepalive traffic. A pair whose last ``max_retransmits`` consecutive checks stay unanswered
+for one more RTO fails (str0m's count: 9.25 s after a new pair's first check, 10.75 s
+after a connected pair's last answer, 300 s when idle).
 
 Pair states::
 
@@ -489,7 +490,7 @@ class IceAgent:
         if self._remote_key is None:
             return
         expired = [p for p in self._pairs.values() if p.due is not None and p.due <= now
-                   and p.unanswered > self._timings.max_retransmits]
+                   and p.unanswered >= self._timings.max_retransmits]
         for pair in expired:
             self._fail(pair, now, reselect=False)
         if expired:
