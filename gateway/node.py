@@ -736,8 +736,11 @@ class Node:
         except ValueError:
             self.counters["bad_local_address"] += 1
             return False
-        if ip.is_unspecified or ip.is_multicast or ip.is_link_local or (
-            isinstance(ip, ipaddress.IPv4Address) and ip == ipaddress.IPv4Address("255.255.255.255")
+        # Invalid for ICE (snownet.md §4.1): unspecified, multicast, IPv4 broadcast and IPv4
+        # link-local; an IPv6 link-local address is a host candidate like any other.
+        if ip.is_unspecified or ip.is_multicast or (
+            isinstance(ip, ipaddress.IPv4Address)
+            and (ip.is_link_local or ip == ipaddress.IPv4Address("255.255.255.255"))
         ):
             self.counters["invalid_host_candidate"] += 1
             return False

@@ -352,6 +352,19 @@ def test_oversized_and_garbage_datagrams_are_counted_not_raised() -> None:
     assert sim.node.counters["garbage_datagram"] >= 1
 
 
+def test_host_candidates_are_learned_from_any_local_address_but_the_invalid_ones() -> None:
+    """snownet.md §4.1: unspecified, multicast, IPv4 broadcast and IPv4 link-local local
+    addresses make no host candidate (the datagram is dropped); IPv6 link-local does."""
+    node = Node(rng=random.Random(1), now=0.0)
+    for local in (("fe80::1", 40000), ("10.0.0.3", 40000)):
+        node.handle_datagram(local, CLIENT, b"\x17garbage", 0.0)
+    for local in (("169.254.1.1", 40000), ("0.0.0.0", 40000), ("224.0.0.1", 40000),
+                  ("255.255.255.255", 40000), ("ff02::1", 40000), ("::", 40000)):
+        node.handle_datagram(local, CLIENT, b"\x17garbage", 0.0)
+    assert node.host_candidates() == ["10.0.0.3:40000", "[fe80::1]:40000"]
+    assert node.counters["invalid_host_candidate"] == 6
+
+
 def _drain(node: Node) -> list[object]:
     out = []
     while (event := node.poll_event()) is not None:
