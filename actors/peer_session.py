@@ -191,7 +191,9 @@ class PeerSession:
                 now=now,
                 icmp_prohibited=self._icmp_prohibited,
             )
-            self._tun.tell(RegisterClient(self.client_id, ipv4, ipv6, self.from_tun))
+        # Every authorization's addresses reach this client from the TUN (dataplane.md §4),
+        # though its own packets must keep coming from the first ones (anti-spoofing).
+        self._tun.tell(RegisterClient(self.client_id, ipv4, ipv6, self.from_tun))
         self._client.add_resource(resource, expires_at, now)
         self.log.info("access to resource %s granted", resource.id)
 
@@ -262,6 +264,7 @@ class PeerSession:
             elif isinstance(result, Dropped):
                 self.counters[result.reason] += 1
         if packets:
+            self._note_data(now)  # decrypted IP packets are data, filtered or not (§8.1)
             if client is None:
                 self.counters["no_client_state"] += len(packets)
             else:
@@ -285,7 +288,6 @@ class PeerSession:
             # Drop: counted by the core
         if to_tun:
             self._tun_writer.write_batch(to_tun)
-            self._note_data(now)
 
     def _from_tun(self, packets: list[bytes], now: float) -> None:
         tunnel, client = self._tunnel, self._client
@@ -304,7 +306,7 @@ class PeerSession:
                     datagrams.append(result.datagram)
         if datagrams:
             self._send_many(datagrams)
-        self._note_data(now)
+            self._note_data(now)  # only encapsulated IP packets are data (§8.1)
         self._drain_tunnel_events()
 
     def _encapsulate_and_send(self, packet: bytes, now: float, unix_now: float) -> None:

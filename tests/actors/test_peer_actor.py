@@ -279,6 +279,39 @@ def test_idle_after_ten_seconds_without_data_and_active_again_on_data(
     assert told == [PeerIdle(CLIENT_ID, True), PeerIdle(CLIENT_ID, False)]
 
 
+def test_only_ip_packets_that_cross_the_tunnel_count_as_data(world: dict[str, Any]) -> None:
+    """snownet.md §8.1: data = an IP packet encapsulated or decapsulated. A TUN packet
+    dropped before encryption keeps an idle connection idle; a decrypted packet the filter
+    then drops does not."""
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    _handshake(world)
+    _tell_datagrams(world, [world["first_transport"]])
+    _sync(world)
+    clock = world["clock"]
+    clock.tick(10.5)
+    world["ref"].tell(Wake())
+    assert _sync(world)["idle"]
+    _tun_deliver(world)([b"\x45" + bytes(10)])  # malformed: dropped before encryption
+    assert _sync(world)["idle"]
+    denied = world["client"].encapsulate(build_udp(CLIENT_V4, "10.204.0.2", 4000, 5999, b"x"),
+                                         clock.monotonic(), clock.unix())
+    _tell_datagrams(world, [denied.datagram])  # port 5999 is not allowed: filtered
+    status = _sync(world)
+    assert not status["idle"]
+    assert status["drops"]["not_allowed"] == 1
+
+
+def test_every_authorization_registers_its_addresses_with_the_tun(
+    world: dict[str, Any],
+) -> None:
+    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
+    world["ref"].tell(Authorize(RESOURCE, None, "100.64.0.8", "fd00:2021:1111::8"))
+    _sync(world)
+    registered = [(m.ipv4, m.ipv6) for c in world["tun"].tell.call_args_list
+                  if isinstance(m := c.args[0], RegisterClient)]
+    assert registered == [(CLIENT_V4, CLIENT_V6), ("100.64.0.8", "fd00:2021:1111::8")]
+
+
 def _established(world: dict[str, Any]) -> None:
     world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
     _handshake(world)
