@@ -45,12 +45,14 @@ class Resolver:
         resolve_fn: Callable[[str], list[IPAddress]] = system_resolve,
         *,
         timeout: float = RESOLVE_TIMEOUT,
-        workers: int = 8,
         max_in_flight: int = 1000,
     ) -> None:
         self._resolve_fn = resolve_fn
         self._timeout = timeout
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="Resolver")
+        # A worker per lookup in flight (started only when needed): with fewer, lookups that
+        # hang (a blackholed domain a client keeps asking for) would hold the pool and make
+        # every other client's lookups time out empty (dataplane.md §7.2: 1000 concurrent).
+        self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="Resolver")
         self._max_in_flight = max_in_flight
         self._in_flight = 0
         self._lock = threading.Lock()
