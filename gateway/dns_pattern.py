@@ -1,21 +1,21 @@
 """Domain patterns of DNS resources (gateway-messages.md §0.2, dataplane.md §8.1).
 
-``*`` is exactly one label (a leading ``*.`` also matches the apex), ``**`` is zero or
-more labels, ``?`` is exactly one character within a label; case-insensitive; names are
-compared without a trailing dot.
+A glob over labels, as 1.4 matches them (the ``glob`` crate on the name with dots read as
+path separators, rust/connlib/tunnel/src/dns.rs): ``**`` is zero or more whole labels;
+within a label ``*`` is any run of characters, ``?`` one character and ``[...]`` a
+character class, none of them crossing a dot; a leading ``*.`` also matches the apex;
+case-insensitive; names are compared without a trailing dot. A ``**`` that is not a whole
+label makes the pattern invalid (the glob crate refuses it), and it matches nothing.
 """
 
 from __future__ import annotations
 
+from fnmatch import fnmatchcase
 from functools import lru_cache
 
 
 def _label_matches(pattern: str, label: str) -> bool:
-    if pattern == "*":
-        return True
-    if len(pattern) != len(label):
-        return False
-    return all(p == "?" or p == c for p, c in zip(pattern, label, strict=True))
+    return pattern == "*" or fnmatchcase(label, pattern)
 
 
 @lru_cache(maxsize=1024)
@@ -29,6 +29,8 @@ def matches(pattern: str, domain: str) -> bool:
     parts = _split(pattern)
     if not domain or not pattern or "" in labels:
         return False
+    if any("**" in part and part != "**" for part in parts):
+        return False  # not a valid glob
     if parts[0] == "*" and parts[1:] == labels:
         return True  # "*.example.com" also matches "example.com"
     return _match(parts, labels)
