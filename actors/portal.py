@@ -10,6 +10,11 @@ actor what happened, tagged with the connection *generation*. Each ``OpenSocket`
 ``CloseSocket`` starts a new generation, so frames and errors from a replaced socket
 (e.g. after a key rotation) are ignored.
 
+The channel's ``CloseSocket`` (every reconnect) aborts the socket: no close frame (spec
+§5), and an attempt still connecting is cut short, so it cannot reach the portal after
+its replacement. Only the actor's end (its stop, or a crash) closes gracefully, with a
+close frame, so the portal marks the gateway offline at once (README, "Graceful stop").
+
 The channel starts disconnected: nothing is opened until :class:`Connect` (or
 :class:`KeyRotated`) brings the public key.
 """
@@ -124,7 +129,8 @@ class PortalActor(pykka.ThreadingActor):
         self._teardown()
 
     def _teardown(self) -> None:
-        self._close_socket()
+        """The socket will not come back: a close frame tells the portal so at once."""
+        self._close_socket(graceful=True)
         if self._wake is not None:
             self._wake.arm(None)
 
@@ -215,12 +221,16 @@ class PortalActor(pykka.ThreadingActor):
             listener = _GenerationListener(self.actor_ref, self._generation)
             self._conn = self._factory(action.url, self._user_agent, listener)
 
-    def _close_socket(self) -> None:
+    def _close_socket(self, *, graceful: bool = False) -> None:
+        """Abort the socket (a reconnect), or close it with a close frame (the stop)."""
         self._generation += 1
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
-                conn.close()
+                if graceful:
+                    conn.close()
+                else:
+                    conn.abort()
             except Exception as exc:
                 log.debug("closing portal socket: %s", exc)
 

@@ -21,6 +21,7 @@ from gateway.portal.keys import parse_key
 
 _SCHEMES: Final = {"http": "ws", "ws": "ws", "https": "wss", "wss": "wss"}
 _DEFAULT_BOOKKEEPING_PORT: Final = 443  # §1.3: 443 even for ws:// without explicit port
+_DEFAULT_PORTS: Final = {"ws": 80, "wss": 443}  # §1.3: the port actually connected to
 _FORM_SAFE: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789*-._")
 REDACTED: Final = "<redacted>"
 
@@ -73,6 +74,28 @@ class LoginUrl:
     def redacted(self) -> str:
         return self._redacted
 
+    @property
+    def host(self) -> str:
+        """The host to resolve and connect to (IPv6 literals without brackets)."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """The TCP port: the URL's explicit port or the scheme default (80/443), §1.3."""
+        parts = urlsplit(self.url)
+        return parts.port if parts.port is not None else _DEFAULT_PORTS[parts.scheme]
+
+    @property
+    def secure(self) -> bool:
+        """``wss``: the connection needs TLS (SNI and certificate checks on :attr:`host`)."""
+        return urlsplit(self.url).scheme == "wss"
+
+    @property
+    def host_header(self) -> str:
+        """The upgrade request's ``Host``: the host name only, never a port (§2)."""
+        host = self.host
+        return f"[{host}]" if ":" in host else host
+
     def __repr__(self) -> str:
         return f"LoginUrl({self._redacted!r})"
 
@@ -87,6 +110,8 @@ class LoginUrlPrototype:
     token: str = field(repr=False)
     external_id: str
     name: str
+    #: §1.3 bookkeeping, what the start-up resolution uses: the host, and the explicit
+    #: port or 443 (even for ``ws://``). Connections use :attr:`LoginUrl.port`.
     host: str
     port: int
 

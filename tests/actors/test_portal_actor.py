@@ -27,7 +27,7 @@ from gateway.exit_codes import ExitCode
 from gateway.portal.login_url import LoginUrlPrototype
 from gateway.portal.messages import FlowAuthorized, Init
 from tests.support.clock import ManualClock
-from tests.support.portal import FakeWebSocketFactory, Recorder, next_of
+from tests.support.portal import FakeWebSocket, FakeWebSocketFactory, Recorder, next_of
 
 KEY_A = "fiAjSBWDgQfD1CFJkTwOf4zg+1QhH0eTT+oLaVIMpH8="
 KEY_B = "OR2dYCLwMEtwqtjOxSm4SU7BbHJDfM8ZCqK7HKXXxDw="
@@ -199,6 +199,38 @@ def test_key_rotation_reconnects_with_new_key(rig: Rig) -> None:
     new.push("init", INIT)
     next_of(rig.inbox, PortalIngress)
     assert rig.inbox.empty()
+
+
+def _dropped(sock: FakeWebSocket) -> bool:
+    return sock.aborted and not sock.closed_gracefully
+
+
+def test_reconnects_drop_the_socket_without_a_close_frame(rig: Rig) -> None:
+    """Spec §5 step 3: a reconnect (new key, same key, missed heartbeat) just drops the
+    socket; only the actor's stop closes it with a close frame (README: graceful stop)."""
+    rig.join()
+    rig.portal.tell(KeyRotated(KEY_B))
+    rig.status()
+    assert _dropped(rig.factory.sockets[0])
+    second = rig.factory.last
+    second.listener.on_open()
+    rig.status()
+    second.reply_ok(second.frames()[0]["ref"])
+    rig.portal.tell(Connect(KEY_B))  # same key while joined: a forced reconnect
+    rig.status()
+    assert _dropped(second)
+    third = rig.factory.last
+    third.listener.on_open()
+    rig.status()
+    third.reply_ok(third.frames()[0]["ref"])
+    rig.wake_after(30)
+    rig.wake_after(5)  # heartbeat unanswered
+    assert _dropped(third)
+    rig.wake_after(60)
+    fourth = rig.factory.last
+    assert fourth is not third and not fourth.closed
+    rig.portal.stop(timeout=5)
+    assert fourth.closed_gracefully and not fourth.aborted
 
 
 def test_send_failure_is_a_transient_disconnect(rig: Rig) -> None:

@@ -25,14 +25,20 @@ class FakeWebSocket:
     sent: list[str] = field(default_factory=list)
     closed: bool = False
     fail_sends: bool = False
+    #: How it ended: ``abort`` (a reconnect: no close frame, spec §5) or ``close``.
+    aborted: bool = False
+    closed_gracefully: bool = False
 
     def send(self, text: str) -> None:
         if self.closed or self.fail_sends:
             raise ConnectionError("fake socket closed")
         self.sent.append(text)
 
+    def abort(self) -> None:
+        self.aborted = self.closed = True
+
     def close(self) -> None:
-        self.closed = True
+        self.closed_gracefully = self.closed = True
 
     @property
     def public_key(self) -> str:
