@@ -33,9 +33,13 @@ Errors:
   ``phx_join`` (``AUTH_REJECTED``: the portal refuses this gateway; a restart will not
   change its mind, see :mod:`gateway.exit_codes`).
 * transient (state ``backoff``, event :class:`Disconnected`): everything else: other HTTP
-  statuses, TCP/TLS errors, end of stream, ``phx_close``, ``disconnect`` with any other
-  reason, a missed heartbeat, no join reply within 10 s. Reconnects use the last URL
-  after one backoff step (:mod:`gateway.backoff`).
+  statuses (3xx included: redirects are never followed), TCP/TLS errors, end of stream,
+  ``phx_close``, ``disconnect`` with any other reason, a missed heartbeat, no join reply
+  within 10 s, a truncated (or empty) JSON frame. Reconnects use the last URL after one
+  backoff step (:mod:`gateway.backoff`). Every transient error drops the socket without
+  a close frame (:class:`CloseSocket`, §5).
+* dropped (logged, counted in ``malformed_frames``): frames that are complete but not
+  valid JSON, or not a valid message.
 
 Deviations from 1.4.x (documented choices):
 
@@ -109,7 +113,7 @@ class OpenSocket:
 
 @dataclass(frozen=True, slots=True)
 class CloseSocket:
-    """Drop the current websocket, if any."""
+    """Drop the current websocket, if any: no close frame is sent (§5 step 3)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +154,22 @@ class Fatal:
 PortalEvent: TypeAlias = Ingress | Joined | Disconnected | Fatal
 
 _CANDIDATE_MESSAGES = (BroadcastIceCandidates, BroadcastInvalidatedIceCandidates)
+_LITERALS: Final = ("true", "false", "null")
+
+
+def _ends_early(text: str, error: json.JSONDecodeError) -> bool:
+    """Whether the input ran out before the JSON was complete (serde_json's EOF class).
+
+    §3.3 treats that as an IO-level error (the frame was cut), not as a bad frame: the
+    error sits at the end of the input (which covers an empty frame), inside a string
+    that never ends, or on a literal cut short. Anything else is a syntax error.
+    """
+    rest = text[error.pos :].strip()
+    if not rest or error.msg.startswith("Unterminated string"):
+        return True
+    return error.msg == "Expecting value" and (
+        rest == "-" or any(literal.startswith(rest) for literal in _LITERALS)
+    )
 
 
 class PhoenixChannel:
@@ -263,7 +283,10 @@ class PhoenixChannel:
         try:
             frame = json.loads(text)
         except json.JSONDecodeError as exc:
-            self._malformed(f"frame is not JSON ({exc.msg} at offset {exc.pos})")
+            if _ends_early(text, exc):
+                self._transient(f"truncated frame from the portal ({exc.msg})", now)
+            else:
+                self._malformed(f"frame is not JSON ({exc.msg} at offset {exc.pos})")
             return
         if not isinstance(frame, dict):
             self._malformed("frame is not a JSON object")

@@ -601,3 +601,47 @@ def test_logs_never_contain_the_token(caplog: pytest.LogCaptureFixture) -> None:
     h.run_until_deadline()
     h.channel.handle_connection_failed(ConnectionFailure(401, "Invalid token"), h.now)
     assert "tok&" not in caplog.text and "token=tok" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "  \n",
+        '{"topic":"gateway","event":"init","payload":{"interface":',
+        '{"topic":"gateway","event":"ini',  # cut inside a string
+        '{"topic":"gateway","event":"init","payload":{},"ref":nu',  # cut inside a literal
+        "[1, 2",
+    ],
+)
+def test_truncated_frames_are_a_transient_connection_error(text: str) -> None:
+    """§3.3: JSON that ends early is an IO-level error (reconnect with backoff), not a bad
+    frame to drop: the rest of the stream can no longer be trusted."""
+    h = Harness()
+    h.join()
+    h.channel.handle_text_frame(text, h.now)
+    assert h.channel.state == "backoff" and h.channel.malformed_frames == 0
+    (event,) = h.events()
+    assert isinstance(event, Disconnected) and "truncated" in event.reason
+    assert h.actions() == [CloseSocket()]
+    h.run_until_deadline()
+    (action,) = h.actions()
+    assert isinstance(action, OpenSocket) and _public_key_param(action) == KEY_A
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"topic" "gateway"}',
+        '{"topic": "gateway",, "event": "init"}',
+        '{"topic": "gateway", "event": "init", "payload": {}, "ref": null} t',  # extra data
+        '{"topic": "gateway", "event": "init", "payload": {}, "ref": nope}',
+        "\x00",
+    ],
+)
+def test_complete_but_invalid_json_is_still_dropped(text: str) -> None:
+    h = Harness()
+    h.join()
+    h.channel.handle_text_frame(text, h.now)
+    assert h.channel.state == "joined" and h.events() == [] and h.actions() == []
+    assert h.channel.malformed_frames == 1
