@@ -127,6 +127,19 @@ def _gateway_name(config: GatewayConfig) -> str:
         return str(uuid.uuid4())
 
 
+def resolve_api_host(prototype: LoginUrlPrototype) -> None:
+    """Resolve the portal's host once at start-up (phoenix-channel.md §1.3).
+
+    As in 1.4, a name that does not resolve now stops the gateway (``run`` exits 1); every
+    connection attempt resolves again, and failures then are transient (retried with
+    backoff). The result is not kept: addresses may change while the gateway runs.
+    """
+    try:
+        socket.getaddrinfo(prototype.host, prototype.port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as exc:
+        raise OSError(f"cannot resolve the portal host {prototype.host!r}: {exc}") from exc
+
+
 def start(config: GatewayConfig, *, firezone_id: str) -> Runtime:
     """Start every actor; raises on a fatal start-up error (the caller maps exit codes)."""
     from actors.io.tun_linux import open_tun
@@ -136,6 +149,7 @@ def start(config: GatewayConfig, *, firezone_id: str) -> Runtime:
     prototype = LoginUrlPrototype.build(
         config.api_url, config.token, firezone_id, _gateway_name(config)
     )
+    resolve_api_host(prototype)  # before the timer and every actor: a failure is fatal
     clock = SystemClock()
     rng = random.SystemRandom()
     timer = Timer(clock)
