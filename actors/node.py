@@ -403,8 +403,8 @@ class NodeActor(pykka.ThreadingActor):
         if isinstance(result, NoTurnServers):
             self._refetch_relays()
             return
-        if isinstance(result, ConnectionCreated):
-            self._start_session(result)
+        if isinstance(result, ConnectionCreated) and not self._start_session(result):
+            return  # no PeerActor: no access and no reply (the client asks again)
         peer = self._peers.get(client.id)
         if peer is None:
             log.error("authorize_flow for %s: no peer after upsert", client.id)
@@ -460,7 +460,8 @@ class NodeActor(pykka.ThreadingActor):
             self._refetch_relays()
             return
         assert isinstance(result, ConnectionCreated)
-        self._start_session(result)
+        if not self._start_session(result):
+            return
         peer = self._peers[client.id]
         domain = client.domain
         if domain is not None and not dns_nat_allowed(msg.resource, domain.name):
@@ -503,24 +504,33 @@ class NodeActor(pykka.ThreadingActor):
 
     # ------------------------------------------------------------------ peers
 
-    def _start_session(self, created: ConnectionCreated) -> None:
+    def _start_session(self, created: ConnectionCreated) -> bool:
+        """Give the client's PeerActor the new session (starting the actor if needed);
+        False, and the connection forgotten, when its thread cannot be started."""
         peer = self._peers.get(created.client_id)
         if peer is None:
             assert self._sockets is not None
             inflight = InFlight(PEER_INFLIGHT)
-            handle = self._peer_factory(
-                client_id=created.client_id,
-                node=self.actor_ref,
-                tun=self._tun,
-                tun_writer=self._tun_writer,
-                sockets=self._sockets,
-                clock=self._clock,
-                rng=self._rng,
-                timer=self._timer,
-                resolver=self._resolver,
-                net_inflight=inflight,
-                icmp_prohibited=self._icmp_prohibited,
-            )
+            try:
+                handle = self._peer_factory(
+                    client_id=created.client_id,
+                    node=self.actor_ref,
+                    tun=self._tun,
+                    tun_writer=self._tun_writer,
+                    sockets=self._sockets,
+                    clock=self._clock,
+                    rng=self._rng,
+                    timer=self._timer,
+                    resolver=self._resolver,
+                    net_inflight=inflight,
+                    icmp_prohibited=self._icmp_prohibited,
+                )
+            except RuntimeError as exc:  # "can't start new thread": RLIMIT_NPROC, memory
+                # One client refused, not every client dropped with the process.
+                log.error("cannot start a PeerActor for %s (%s); flow refused",
+                          created.client_id, exc)
+                self.node.remove_connection(created.client_id, "no thread for its PeerActor")
+                return False
             peer = _Peer(handle.ref, inflight, handle.deliver)
             self._peers[created.client_id] = peer
         if peer.route_key is not None:
@@ -536,6 +546,7 @@ class NodeActor(pykka.ThreadingActor):
         )
         peer.route_key = created.local_index >> INDEX_SHIFT
         self._routes[peer.route_key] = PeerRoute(peer.deliver)
+        return True
 
     def _publish_relay_route(self, client_id: uuid.UUID, path: Path) -> None:
         peer = self._peers[client_id]

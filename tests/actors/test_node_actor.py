@@ -396,3 +396,42 @@ def test_candidates_and_relays_presence_reach_the_node(
     assert status["relays"] == []
     invalidated = _sent(harness["portal"], BroadcastInvalidatedIceCandidates)
     assert all(m.client_ids == (CLIENT_ID,) for m in invalidated)
+
+
+def test_a_peer_whose_thread_cannot_start_refuses_that_flow_only(
+    clock: ManualClock, portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    """One thread per client: past RLIMIT_NPROC (or memory) starting a PeerActor fails.
+    That one flow gets no reply and no connection; the node keeps serving the others."""
+    portal = mock.Mock()
+    started: list[uuid.UUID] = []
+
+    def peer_factory(*, client_id: uuid.UUID, **_kwargs: object) -> PeerHandle:
+        if client_id == CLIENT_ID:
+            raise RuntimeError("can't start new thread")
+        started.append(client_id)
+        inbox: list[object] = []
+        return PeerHandle(Recorder.start(inbox), lambda batch: None)
+
+    resolver = Resolver(Lookups().resolve)
+    ref = NodeActor.start(
+        clock=clock, rng=__import__("random").Random(1), timer=mock.Mock(), tun=mock.Mock(),
+        tun_writer=mock.Mock(), sockets_factory=lambda: UdpSockets(mark=False, ipv6=False),
+        resolver=resolver, peer_factory=peer_factory,
+    )
+    try:
+        ref.tell(AttachPortal(portal))
+        harness = {"ref": ref, "portal": portal}
+        _with_relay(harness, portal_fixtures, relay)
+        ref.tell(_ingress(portal_fixtures, "authorize_flow.json"))
+        assert str(CLIENT_ID) not in _status(ref)["connections"]
+        assert _sent(portal, FlowAuthorized) == []
+        other = json.loads((portal_fixtures / "authorize_flow.json").read_text())["payload"]
+        other["client"]["id"] = str(uuid.uuid4())
+        ref.tell(PortalIngress(parse_ingress("authorize_flow", other)))
+        assert other["client"]["id"] in _status(ref)["connections"]  # the node lives on
+        assert len(_sent(portal, FlowAuthorized)) == 1
+        assert started == [uuid.UUID(other["client"]["id"])]
+    finally:
+        ref.stop()
+        resolver.shutdown()
