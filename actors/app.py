@@ -67,7 +67,7 @@ class Runtime:
 
     def fail(self, reason: str, code: int) -> None:
         if not self.stopping.is_set():
-            log.error("fatal: %s", reason)
+            log.error("Eventloop failed: %s", reason)  # the 1.4 gateway's words (§6)
             self.exit_code = code
             self.stopping.set()
 
@@ -300,7 +300,6 @@ def run(config: GatewayConfig, reload: Callable[[], GatewayConfig] | None = None
 
 
 def _start_servers(runtime: Runtime) -> None:
-    from actors.control import ControlServer
     from actors.health import HealthServer
     from actors.metrics import new_gateway_metrics
 
@@ -310,11 +309,7 @@ def _start_servers(runtime: Runtime) -> None:
     health = HealthServer(config.health_check_addr, runtime.is_ready, metrics.render)
     health.start()
     runtime.closers.append(health.stop)
-    control = ControlServer(
-        config.control_socket, {"status": runtime.status, "reset": runtime.reset}
-    )
-    control.start()  # another live gateway on this socket is fatal: two would fight
-    runtime.closers.append(control.stop)
+    _start_control(runtime)
     if config.network_change_reset:
         from actors.netmon import NetworkMonitor
 
@@ -328,6 +323,26 @@ def _start_servers(runtime: Runtime) -> None:
             runtime.closers.append(monitor.stop)
         except OSError as exc:
             log.warning("network change monitor unavailable: %s", exc)
+
+
+def _start_control(runtime: Runtime) -> None:
+    """The ``status``/``reset`` socket. Another live gateway on it is fatal (two would
+    fight over the TUN and the portal identity); any other failure (no right to create
+    the directory, as for a non-root CAP_NET_ADMIN service the 1.4 units run) only costs
+    those two commands: the 1.4 gateway has no control socket at all."""
+    from actors.control import ControlError, ControlServer, ControlSocketBusy
+
+    control = ControlServer(
+        runtime.config.control_socket, {"status": runtime.status, "reset": runtime.reset}
+    )
+    try:
+        control.start()
+    except ControlSocketBusy:
+        raise
+    except ControlError as exc:
+        log.warning("%s; running without status and reset", exc)
+        return
+    runtime.closers.append(control.stop)
 
 
 def _register_collectors(metrics: Any, runtime: Runtime) -> None:

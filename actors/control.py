@@ -34,6 +34,10 @@ class ControlError(OSError):
     """The control socket cannot be served or reached (an OSError: it is an IO failure)."""
 
 
+class ControlSocketBusy(ControlError):
+    """Another live gateway answers on the control socket: two would fight over the TUN."""
+
+
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     handlers: Handlers
@@ -104,7 +108,8 @@ class ControlServer:
     def start(self) -> None:
         """Bind (replacing a stale socket) and serve on the ``ControlServer`` thread.
 
-        Raises :class:`ControlError` if another process answers on ``path`` or binding fails.
+        Raises :class:`ControlSocketBusy` if another process answers on ``path``, and
+        :class:`ControlError` if binding fails.
         """
         directory = self._path.parent
         try:
@@ -125,6 +130,8 @@ class ControlServer:
             server.server_bind()
             os.chmod(self._path, 0o600)
             server.server_activate()
+        except ControlError:
+            raise  # already says what is wrong (another gateway, a file in the way)
         except OSError as exc:
             raise ControlError(
                 f"cannot serve the control socket {self._path}: {exc.strerror or exc}"
@@ -155,7 +162,7 @@ class ControlServer:
             return
         finally:
             probe.close()
-        raise ControlError(
+        raise ControlSocketBusy(
             f"another gateway is already running (it answers on {self._path}); stop it first"
         )
 

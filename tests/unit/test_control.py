@@ -9,11 +9,13 @@ import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
-from actors.control import ControlError, ControlServer, control_request
+from actors import app
+from actors.control import ControlError, ControlServer, ControlSocketBusy, control_request
 
 STATUS = {"portal": {"state": "joined", "joined_since": 1.0, "reconnects": 0}, "clients": []}
 
@@ -119,7 +121,7 @@ def test_refuses_to_start_when_another_gateway_answers(
     server: ControlServer, sock_path: str, calls: Calls
 ) -> None:
     second = ControlServer(sock_path, {"status": calls.status})
-    with pytest.raises(ControlError, match="already running"):
+    with pytest.raises(ControlSocketBusy, match="already running"):
         second.start()
     assert control_request(sock_path, "status") == STATUS  # the first one is untouched
 
@@ -146,3 +148,29 @@ def test_refuses_to_replace_a_regular_file(sock_path: str, calls: Calls) -> None
         assert Path(sock_path).read_text() == "precious"
     finally:
         Path(sock_path).unlink()
+
+
+def _runtime(path: str) -> SimpleNamespace:
+    """What app._start_control needs of a Runtime."""
+    return SimpleNamespace(config=SimpleNamespace(control_socket=path), closers=[],
+                           status=lambda: STATUS, reset=lambda: {"ok": True})
+
+
+def test_a_control_socket_that_cannot_be_made_only_costs_status_and_reset(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A non-root CAP_NET_ADMIN service may not create /run/firezone-gateway: the 1.4
+    gateway has no control socket, so this one runs on without it."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runtime = _runtime(str(blocker / "control.sock"))  # its directory cannot exist
+    app._start_control(runtime)  # type: ignore[arg-type]
+    assert runtime.closers == []
+    assert "running without status and reset" in caplog.text
+
+
+def test_another_gateway_on_the_control_socket_is_still_fatal(
+    server: ControlServer, sock_path: str
+) -> None:
+    with pytest.raises(ControlSocketBusy):
+        app._start_control(_runtime(sock_path))  # type: ignore[arg-type]
