@@ -48,8 +48,34 @@ def test_capabilities_and_credentials(service: dict[str, list[str]]) -> None:
     assert service["AmbientCapabilities"] == ["CAP_NET_ADMIN"]
     assert service["CapabilityBoundingSet"] == ["CAP_NET_ADMIN"]
     assert service["LoadCredential"] == ["FIREZONE_TOKEN:/etc/firezone/gateway-token"]
-    assert service["EnvironmentFile"] == ["-/etc/firezone/gateway-env"]
     assert service["User"] == ["firezone"]
+
+
+def test_environment_files(service: dict[str, list[str]]) -> None:
+    """Upstream's pair (operations.md §8.3), both optional; the operator's file is read last,
+    so its settings win over the installer's preset (systemd: later assignments win)."""
+    assert service["EnvironmentFile"] == [
+        "-/etc/firezone/gateway-preset-env",
+        "-/etc/firezone/gateway-env",
+    ]
+
+
+#: Threads the gateway needs per connected client (one Pykka PeerActor each) and the
+#: clients a unit must allow at least (bench/README.md measures 5,000).
+CLIENTS = 5_000
+
+
+def _allows(limits: list[str], threads: int) -> bool:
+    (value,) = limits
+    return value == "infinity" or int(value) >= threads
+
+
+@pytest.mark.parametrize("key", ["LimitNPROC", "TasksMax"])
+def test_thread_limits_do_not_cap_the_clients(service: dict[str, list[str]], key: str) -> None:
+    """Both count every thread; systemd's default TasksMax is 15 % of kernel.pid_max (4915
+    with 32768), and upstream's LimitNPROC=512 stops the gateway at about 500 clients."""
+    assert key in service, f"{key} unset: the default may cap the clients"
+    assert _allows(service[key], threads=2 * CLIENTS), service[key]
 
 
 def test_restart_policy(service: dict[str, list[str]]) -> None:
