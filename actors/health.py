@@ -1,5 +1,6 @@
 """HTTP health endpoint: ``/healthz`` (alive), ``/readyz`` (joined to the portal), ``/metrics``.
 
+Each answers GET and HEAD; other methods get 405, other paths 404 (operations.md §3).
 Runs on its own named thread, independent of the portal connection, like the real
 gateway's. A bind failure is logged and the gateway carries on without it.
 """
@@ -98,6 +99,13 @@ def _poke(server: _Server) -> None:
         socket.create_connection((host, int(port)), timeout=0.2).close()
 
 
+#: Every path we serve. Like the reference's axum router (``get(...)`` per route): GET and
+#: HEAD (the same answer without a body) on these, 405 for other methods, 404 elsewhere
+#: whatever the method.
+PATHS = ("/healthz", "/readyz", "/metrics")
+ALLOW = "GET, HEAD"
+
+
 def _make_handler(
     is_ready: Callable[[], bool], metrics: Callable[[], str]
 ) -> type[BaseHTTPRequestHandler]:
@@ -106,8 +114,11 @@ def _make_handler(
         server_version = "firezone-gateway"
         sys_version = ""
 
+        def _path(self) -> str:
+            return self.path.split("?", 1)[0]
+
         def do_GET(self) -> None:
-            path = self.path.split("?", 1)[0]
+            path = self._path()
             if path == "/healthz":
                 self._reply(200, b"")
             elif path == "/readyz":
@@ -124,13 +135,22 @@ def _make_handler(
             else:
                 self._reply(404, b"not found\n")
 
-        def _not_allowed(self) -> None:
-            self._reply(405, b"method not allowed\n", extra={"Allow": "GET"})
+        # HEAD is GET without the body (``_reply`` leaves it out), headers included.
+        do_HEAD = do_GET
+
+        def _other_method(self) -> None:
+            # The request body is never read: close the connection rather than parse it
+            # as the next request.
+            self.close_connection = True
+            if self._path() in PATHS:
+                self._reply(405, b"method not allowed\n", extra={"Allow": ALLOW})
+            else:
+                self._reply(404, b"not found\n")
 
         def __getattr__(self, name: str) -> Any:
-            # Every method but GET (do_POST, do_HEAD, do_BREW, ...) gets 405.
+            # Every other method (do_POST, do_PUT, do_BREW, ...): 405 or 404 by path.
             if name.startswith("do_"):
-                return self._not_allowed
+                return self._other_method
             raise AttributeError(name)
 
         def _reply(
@@ -145,6 +165,8 @@ def _make_handler(
             self.send_header("Content-Length", str(len(body)))
             for key, value in (extra or {}).items():
                 self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
             self.end_headers()
             if self.command != "HEAD":
                 self.wfile.write(body)

@@ -79,11 +79,67 @@ def test_unknown_path_404(server: HealthServer) -> None:
     assert _body(server, "/nope")[0] == 404
 
 
-@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "HEAD", "BREW"])
-def test_other_methods_405(server: HealthServer, method: str) -> None:
-    response = _request(server, method, "/healthz")
+@pytest.mark.parametrize("method", ["GET", "HEAD", "POST", "PUT", "DELETE", "BREW"])
+def test_unknown_path_is_404_whatever_the_method(server: HealthServer, method: str) -> None:
+    """The reference router has no fallback: an unrouted path is 404, not 405."""
+    assert _request(server, method, "/nope").status == 404
+    assert _request(server, method, "/healthz/extra").status == 404
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "BREW"])
+def test_other_methods_405(server: HealthServer, method: str, path: str) -> None:
+    response = _request(server, method, path)
     assert response.status == 405
-    assert response.getheader("Allow") == "GET"
+    assert response.getheader("Allow") == "GET, HEAD"
+
+
+def _head(server: HealthServer, path: str) -> tuple[int, bytes, dict[str, str]]:
+    """A HEAD request, then a GET on the same connection: a stray body would be read as
+    the GET's status line."""
+    assert server.address is not None
+    conn = http.client.HTTPConnection(*server.address, timeout=5)
+    conn.request("HEAD", path)
+    response = conn.getresponse()
+    body = response.read()  # http.client reads no body for HEAD, whatever the headers say
+    headers = {k.lower(): v for k, v in response.getheaders()}
+    conn.request("GET", "/healthz")
+    follow_up = conn.getresponse()
+    assert (follow_up.status, follow_up.read()) == (200, b"")
+    conn.close()
+    return response.status, body, headers
+
+
+def test_head_healthz_is_200_without_body(server: HealthServer) -> None:
+    status, body, headers = _head(server, "/healthz")
+    assert (status, body, headers["content-length"]) == (200, b"", "0")
+
+
+def test_head_readyz_and_metrics_answer_like_get(
+    server: HealthServer, readiness: Readiness
+) -> None:
+    assert _head(server, "/readyz")[0] == 503
+    readiness.ready = True
+    assert _head(server, "/readyz")[0] == 200
+    status, _, headers = _head(server, "/metrics")
+    assert status == 200
+    assert headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert headers["content-length"] == str(len(b"firezone_portal_joined 1\n"))
+
+
+def test_405_with_a_body_does_not_poison_the_connection(server: HealthServer) -> None:
+    """The unread request body must not be parsed as a next request."""
+    assert server.address is not None
+    with socket.create_connection(server.address, timeout=5) as sock:
+        sock.sendall(
+            b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 23\r\n\r\n"
+            b"GET /nope HTTP/1.1\r\n\r\n"
+        )
+        received = b""
+        while chunk := sock.recv(4096):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 405 ")
+    assert b"404" not in received
 
 
 def test_failing_readiness_and_metrics(readiness: Readiness) -> None:
