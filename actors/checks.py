@@ -12,6 +12,7 @@ the accept rules in that chain too.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -69,20 +70,43 @@ def check_privileges(euid: int | None = None, status_path: str = "/proc/self/sta
 
 
 def check_tun(path: str = TUN_PATH) -> str | None:
-    """None when the TUN clone device is usable, else what is wrong and how to fix it."""
+    """None when the TUN clone device is usable, else what is wrong and how to fix it.
+
+    A missing node is created first, as the gateway itself would before opening it
+    (dataplane.md §2.1 step 1, operations.md §7), so only a device that still cannot be
+    opened stops start-up.
+    """
+    from actors.io import tun_linux  # the module attribute: tests replace it
+
+    try:
+        tun_linux.ensure_device_node(path)
+    except OSError as exc:
+        return (
+            f"{path} is missing and cannot be created ({exc.strerror or exc}): load the `tun` "
+            f"kernel module (modprobe tun), or pass the device to the container "
+            f"(--device {path})"
+        )
     try:
         mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return (
-            f"{path} is missing: load the `tun` kernel module (modprobe tun), or pass the "
-            f"device to the container (--device {path})"
-        )
     except OSError as exc:
         return f"cannot inspect {path}: {exc.strerror}"
     if not stat.S_ISCHR(mode):
         return f"{path} is not a character device"
-    if not os.access(path, os.R_OK | os.W_OK):
-        return f"cannot open {path} for reading and writing (root or CAP_NET_ADMIN needed)"
+    try:
+        # Opening the clone device without TUNSETIFF creates nothing; it is what the
+        # gateway does first, under the same permissions and device policy (a cgroup or
+        # systemd DeviceAllow= refusal shows only here, not in access()).
+        os.close(os.open(path, os.O_RDWR | os.O_CLOEXEC))
+    except OSError as exc:
+        if exc.errno in (errno.ENODEV, errno.ENXIO):
+            return (
+                f"cannot open {path} ({exc.strerror}): the `tun` kernel module is not "
+                "loaded (modprobe tun)"
+            )
+        return (
+            f"cannot open {path} for reading and writing ({exc.strerror}): root or "
+            "CAP_NET_ADMIN needed, and containers must be given the device"
+        )
     return None
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import subprocess
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from actors.checks import (
     check_tun,
     has_cap_net_admin,
 )
+from actors.io import tun_linux
+from tests.support.interop import skip_or_fail
 
 STATUS = "Name:\tpython\nCapInh:\t0000000000000000\nCapPrm:\t{0}\nCapEff:\t{0}\n"
 
@@ -49,14 +53,65 @@ def test_check_privileges(tmp_path: Path) -> None:
     assert check_privileges(euid=1000, status_path=str(tmp_path / "none")) == PRIVILEGE_MESSAGE
 
 
-def test_check_tun(tmp_path: Path) -> None:
-    missing = check_tun(str(tmp_path / "tun"))
-    assert missing is not None and "missing" in missing and "--device" in missing
+def _cannot_mknod(path: str = "") -> None:
+    raise PermissionError(errno.EPERM, "Operation not permitted", path)
+
+
+def test_check_tun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     regular = tmp_path / "file"
     regular.write_text("")
     assert "not a character device" in (check_tun(str(regular)) or "")
     if os.path.exists("/dev/null"):
         assert check_tun("/dev/null") is None  # a character device we may open
+    monkeypatch.setattr(tun_linux, "ensure_device_node", _cannot_mknod)
+    missing = check_tun(str(tmp_path / "tun"))
+    assert missing is not None and "missing" in missing and "--device" in missing
+    assert "Operation not permitted" in missing  # why it could not be created
+
+
+def test_check_tun_creates_a_missing_device_node(tmp_path: Path) -> None:
+    """The check makes the node the gateway would make (dataplane.md §2.1 step 1) instead
+    of refusing to start: parent directory 0751, character device 10:200."""
+    path = tmp_path / "dev" / "net" / "tun"
+    problem = check_tun(str(path))
+    if problem is not None and "cannot be created" in problem:
+        skip_or_fail(f"mknod needs root or CAP_MKNOD: {problem}")
+    info = path.stat()
+    assert stat.S_ISCHR(info.st_mode)
+    assert (os.major(info.st_rdev), os.minor(info.st_rdev)) == (10, 200)
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o751
+    if problem is not None:  # created; opening needs the tun driver
+        assert "modprobe tun" in problem, problem
+        skip_or_fail(f"no tun driver: {problem}")
+    assert check_tun(str(path)) is None  # present now: nothing more to do
+
+
+def test_check_tun_uses_the_gateways_mknod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not a copy: the check runs ``ensure_device_node`` itself, on the path checked."""
+    calls: list[str] = []
+    monkeypatch.setattr(tun_linux, "ensure_device_node", calls.append)
+    check_tun(str(tmp_path / "tun"))
+    assert calls == [str(tmp_path / "tun")]
+
+
+@pytest.mark.parametrize(
+    ("error", "fragment"),
+    [
+        (errno.ENODEV, "modprobe tun"),
+        (errno.ENXIO, "modprobe tun"),
+        (errno.EPERM, "cannot open"),
+        (errno.EACCES, "cannot open"),
+    ],
+)
+def test_check_tun_fails_when_the_device_cannot_be_opened(
+    monkeypatch: pytest.MonkeyPatch, error: int, fragment: str
+) -> None:
+    def refuse(path: str, flags: int, mode: int = 0o777) -> int:
+        raise OSError(error, os.strerror(error), path)
+
+    monkeypatch.setattr(checks.os, "open", refuse)
+    problem = check_tun("/dev/null")
+    assert problem is not None and fragment in problem and os.strerror(error) in problem
 
 
 def _fake_proc(tmp_path: Path, values: dict[str, str]) -> Path:
