@@ -21,14 +21,21 @@ from gateway.config import DEFAULT_CONTROL_SOCKET, ConfigError, GatewayConfig
 from gateway.exit_codes import ExitCode
 
 PROG = "firezone-gateway"
-VERSION = f"{PROG} {__version__} (compatible with {COMPATIBLE_FIREZONE_VERSION})"
+#: ``-V`` prints what the reference prints (operations.md §1): deployments that check the
+#: version of a drop-in replacement compare it with ``firezone-gateway 1.4.0``. Our own
+#: package version is in ``--help``.
+VERSION = f"{PROG} {COMPATIBLE_FIREZONE_VERSION}"
 COMMANDS = ("run", "status", "reset")
 
 
 def _run_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"{PROG} [run]",
-        description="Run the Firezone-compatible gateway. Other commands: status, reset.",
+        description=(
+            f"Run the Firezone-compatible gateway (pyfz-gateway {__version__}, speaking the "
+            f"protocol of Firezone gateway {COMPATIBLE_FIREZONE_VERSION}). Other commands: "
+            "status, reset."
+        ),
         epilog="Precedence: flag > environment > config file > default.",
     )
     parser.add_argument("-V", "--version", action="version", version=VERSION)

@@ -5,6 +5,7 @@ All rules live in :mod:`gateway.config`; this module only does the IO around it.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,8 +13,9 @@ from typing import Any
 
 import yaml
 
-from gateway.config import ConfigError, GatewayConfig, build_config
+from gateway.config import ConfigError, GatewayConfig, build_config, span_directive_warnings
 
+log = logging.getLogger(__name__)
 DEFAULT_CONFIG_PATH = "/etc/firezone/gateway.yaml"
 #: systemd's ``LoadCredential=FIREZONE_TOKEN:…`` puts the token here.
 CREDENTIAL_NAME = "FIREZONE_TOKEN"
@@ -84,10 +86,15 @@ def load_config(
     environ = dict(os.environ if env is None else env)
     explicit = config_path if config_path is not None else environ.get("FIREZONE_CONFIG")
     file_values = read_config_file(explicit or DEFAULT_CONFIG_PATH, required=bool(explicit))
-    return build_config(
+    config = build_config(
         file_values=file_values,
         env=_token_path_as_file(environ),
         flags=flags,
         read_token_file=read_token_file,
         credential_token=read_credential(environ),
     )
+    # Before logging is configured (start-up) this reaches stderr through logging's
+    # last-resort handler; on SIGHUP it goes to the gateway's log.
+    for warning in span_directive_warnings(config.log_filter):
+        log.warning("%s", warning)
+    return config

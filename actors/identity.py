@@ -24,6 +24,9 @@ class IdentityError(OSError):
 def resolve_firezone_id(configured: str | None, state_dir: Path) -> str:
     """``configured`` if non-empty, else ``state_dir/gateway_id`` as is, else a new UUIDv4.
 
+    Both are used exactly, untrimmed (operations.md §2): the id is hashed into
+    ``external_id``, so a byte of difference would make the portal see another gateway.
+
     A new id is written (lowercase, hyphenated, no newline) atomically, creating the
     directory. Raises :class:`IdentityError` naming the directory when that fails.
     """
@@ -31,7 +34,9 @@ def resolve_firezone_id(configured: str | None, state_dir: Path) -> str:
         return configured
     path = state_dir / ID_FILE
     try:
-        existing = path.read_text(encoding="utf-8")
+        # Bytes, not read_text(): universal newlines would turn "\r\n" into "\n" and so
+        # change the id (and the portal's external_id) that the file holds.
+        existing = path.read_bytes().decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         if not isinstance(exc, FileNotFoundError):
             log.warning("cannot read %s (%s); generating a new Firezone ID", path, exc)

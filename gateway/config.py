@@ -3,7 +3,9 @@
 Pure: the caller (``actors/config_loader.py``) reads the YAML file, the environment and any
 token file and passes their contents in, so every rule here is testable without a disk.
 
-Environment variables (empty values count as unset, like the real gateway's ``FIREZONE_ID``):
+Environment variables (empty values count as unset, like the real gateway's ``FIREZONE_ID``;
+``FIREZONE_ID`` and ``FIREZONE_NO_TELEMETRY`` are used exactly as given, as clap does, so
+only ``""`` is unset there):
 
 ======================================  ==========================  =======================
 variable                                key                         default
@@ -16,7 +18,7 @@ variable                                key                         default
 ``FIREZONE_NO_TELEMETRY`` (true/false)  telemetry (negated)         false (nothing is sent)
 ``HEALTH_CHECK_ADDR``                   health_check_addr           0.0.0.0:8080
 ``RUST_LOG``                            log_filter                  info
-``FIREZONE_LOG_FORMAT`` / ``LOG_FORMAT``  log_format                human
+``FIREZONE_LOG_FORMAT``                 log_format                  human
 ``FIREZONE_CONTROL_SOCKET``             control_socket              /run/firezone-gateway/…
 ``FIREZONE_STATE_DIR``                  state_dir                   /var/lib/firezone
 ``FIREZONE_TUN_NAME``                   tun_name                    tun-firezone
@@ -30,6 +32,9 @@ variable                                key                         default
 Booleans from the environment must be exactly ``true`` or ``false`` (clap's parser in the
 real gateway rejects ``1``). The token may also come from ``token_file`` (any layer) or a
 systemd credential, which the loader passes as ``credential_token``.
+
+``LOG_FORMAT`` is not read: the 1.4-era installer writes it (``google-cloud``) but the 1.4
+binary ignores it (operations.md §1); ``FIREZONE_LOG_FORMAT`` (1.4.18) is the variable.
 """
 
 from __future__ import annotations
@@ -97,9 +102,14 @@ class LogFilter:
 
     default: str | None  # one of LOG_LEVELS; None when the spec names no bare level
     directives: tuple[tuple[str, str], ...]  # (target as written, level)
+    #: Span/field directives, (as written, the ``TARGET=LEVEL`` applied instead or None when
+    #: nothing was): we have no spans, so only their target and level can apply.
+    span_directives: tuple[tuple[str, str | None], ...] = ()
 
 
 _TARGET_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:\-]*$")
+#: ``target[span{field=value}]=level``: EnvFilter's span part, brackets not nested.
+_SPAN_RE = re.compile(r"^(?P<target>[^\[\]=]*)\[[^\[\]]*\]\s*(?P<level>=[^\[\]]*)?$")
 _LEVEL_ALIASES = {"warning": "warn", "critical": "error", "none": "off"}
 
 
@@ -110,35 +120,69 @@ def _parse_level(text: str) -> str | None:
 
 
 def parse_log_filter(spec: str) -> LogFilter:
-    """Parse ``info,gateway.wg=debug,wire::api=trace`` (EnvFilter syntax without spans).
+    """Parse ``info,gateway.wg=debug,wire::api=trace`` (tracing's EnvFilter syntax).
 
     A bare level sets the default; a bare target enables everything for it (``trace``), as
-    in tracing's EnvFilter. Span/field filters (``target[span]``) are rejected.
+    in tracing's EnvFilter. A span/field directive (``snownet[connection]=debug``, valid
+    for the Rust gateway) applies as its target and level; one without a target applies
+    nothing. Both are listed in ``span_directives`` so the caller can warn.
     """
     default: str | None = None
     directives: list[tuple[str, str]] = []
+    spans: list[tuple[str, str | None]] = []
+
+    def bad(part: str) -> ConfigError:
+        return ConfigError(
+            "log_filter", f"expected LEVEL or TARGET=LEVEL, got {part!r} in {spec!r}"
+        )
+
     for raw in spec.split(","):
         part = raw.strip()
         if not part:
+            continue
+        if "[" in part or "]" in part:
+            match = _SPAN_RE.match(part)
+            if match is None:
+                raise bad(part)
+            target = match["target"].strip()
+            level = _parse_level(match["level"][1:]) if match["level"] else "trace"
+            if level is None or (target and not _TARGET_RE.match(target)):
+                raise bad(part)
+            if target:
+                directives.append((target, level))
+            spans.append((part, f"{target}={level}" if target else None))
             continue
         target, sep, level_text = part.partition("=")
         target = target.strip()
         if sep:
             level = _parse_level(level_text)
             if level is None or not _TARGET_RE.match(target):
-                raise ConfigError(
-                    "log_filter", f"expected LEVEL or TARGET=LEVEL, got {part!r} in {spec!r}"
-                )
+                raise bad(part)
             directives.append((target, level))
         elif (level := _parse_level(target)) is not None:
             default = level
         elif _TARGET_RE.match(target):
             directives.append((target, "trace"))
         else:
-            raise ConfigError(
-                "log_filter", f"expected LEVEL or TARGET=LEVEL, got {part!r} in {spec!r}"
+            raise bad(part)
+    return LogFilter(default=default, directives=tuple(directives), span_directives=tuple(spans))
+
+
+def span_directive_warnings(spec: str) -> list[str]:
+    """One warning per span/field directive of ``spec``, saying what applies instead."""
+    warnings = []
+    for written, applied in parse_log_filter(spec).span_directives:
+        if applied is None:
+            warnings.append(
+                f"log filter directive {written!r} ignored: span and field filters are not "
+                "supported and it names no target"
             )
-    return LogFilter(default=default, directives=tuple(directives))
+        else:
+            warnings.append(
+                f"log filter directive {written!r}: span and field filters are not "
+                f"supported; applying {applied!r} instead"
+            )
+    return warnings
 
 
 # --- value coercion -------------------------------------------------------------------------
@@ -191,6 +235,13 @@ def _api_url(key: str, value: Any) -> str:
 
 def _optional_str(key: str, value: Any) -> str | None:
     text = _expect_str(key, value).strip()
+    return text or None
+
+
+def _firezone_id(key: str, value: Any) -> str | None:
+    """As given, untrimmed: it is hashed into ``external_id``, and any change of it makes
+    the portal see a new gateway (operations.md §2). Only ``""`` means unset."""
+    text = _expect_str(key, value)
     return text or None
 
 
@@ -265,7 +316,7 @@ def _seconds(key: str, value: Any) -> float:
 _COERCE: dict[str, Callable[[str, Any], Any]] = {
     "token": _token,
     "api_url": _api_url,
-    "firezone_id": _optional_str,
+    "firezone_id": _firezone_id,
     "name": _optional_str,
     "log_filter": _log_filter,
     "log_format": _log_format,
@@ -294,7 +345,6 @@ ENV_VARS: dict[str, str] = {
     "HEALTH_CHECK_ADDR": "health_check_addr",
     "RUST_LOG": "log_filter",
     "FIREZONE_LOG_FORMAT": "log_format",
-    "LOG_FORMAT": "log_format",
     "FIREZONE_CONTROL_SOCKET": "control_socket",
     "FIREZONE_STATE_DIR": "state_dir",
     "FIREZONE_TUN_NAME": "tun_name",
@@ -306,21 +356,34 @@ ENV_VARS: dict[str, str] = {
 }
 
 
+#: Variables the reference parses with clap and uses exactly as given (operations.md §1-2):
+#: no trimming, and only an empty value is unset (a blank one is a value: an odd id, or a
+#: boolean clap rejects).
+EXACT_ENV_VARS = frozenset({"FIREZONE_ID", "FIREZONE_NO_TELEMETRY"})
+
+
+def _env_is_set(var: str, raw: str | None) -> bool:
+    if raw is None:
+        return False
+    return raw != "" if var in EXACT_ENV_VARS else raw.strip() != ""
+
+
 def env_to_values(env: Mapping[str, str]) -> dict[str, Any]:
     """Map the real gateway's variables (and our ``FIREZONE_*`` extras) to config keys.
 
-    Empty values are unset. ``FIREZONE_NO_TELEMETRY`` is negated into ``telemetry`` and must
-    be ``true`` or ``false``. Other values stay strings; :func:`build_config` validates them.
+    Empty values are unset (blank ones too, except :data:`EXACT_ENV_VARS`).
+    ``FIREZONE_NO_TELEMETRY`` is negated into ``telemetry`` and must be exactly ``true`` or
+    ``false``. Other values stay strings; :func:`build_config` validates them.
     """
     values: dict[str, Any] = {}
     for var, key in ENV_VARS.items():
         raw = env.get(var)
-        if raw is None or raw.strip() == "" or key in values:
+        if raw is None or not _env_is_set(var, raw) or key in values:
             continue
         if var == "FIREZONE_NO_TELEMETRY":
-            if raw.strip() not in ("true", "false"):
+            if raw not in ("true", "false"):
                 raise ConfigError(key, f"expected true or false, got {raw!r} (from {var})")
-            values[key] = raw.strip() == "false"
+            values[key] = raw == "false"
         else:
             values[key] = raw
     return values
@@ -328,7 +391,7 @@ def env_to_values(env: Mapping[str, str]) -> dict[str, Any]:
 
 def _env_source(env: Mapping[str, str], key: str) -> str:
     for var, k in ENV_VARS.items():
-        if k == key and env.get(var, "").strip():
+        if k == key and _env_is_set(var, env.get(var)):
             return var
     return "environment"
 

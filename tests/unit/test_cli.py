@@ -68,17 +68,19 @@ def run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RunRecorder:
     return recorder
 
 
-def test_version(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["--version"]) == 0
-    assert capsys.readouterr().out.strip() == (
-        f"firezone-gateway {__version__} (compatible with {COMPATIBLE_FIREZONE_VERSION})"
-    )
-    assert cli.main(["run", "-V"]) == 0
+@pytest.mark.parametrize("argv", [["--version"], ["-V"], ["run", "-V"], ["run", "--version"]])
+def test_version_is_the_references(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """Exactly ``firezone-gateway 1.4.0`` (operations.md §1), what a drop-in is checked by."""
+    assert COMPATIBLE_FIREZONE_VERSION == "1.4.0"
+    assert cli.main(argv) == 0
+    assert capsys.readouterr().out == "firezone-gateway 1.4.0\n"
 
 
 def test_help_exits_zero(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["--help"]) == 0
-    assert "--health-check-addr" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--health-check-addr" in out
+    assert f"pyfz-gateway {__version__}" in " ".join(out.split())  # our own version
 
 
 def test_run_passes_flags(run: RunRecorder) -> None:
@@ -190,6 +192,45 @@ def test_bad_no_telemetry_env_is_usage_error(
     monkeypatch.setenv("FIREZONE_NO_TELEMETRY", "1")
     assert cli.main(["tok"]) == ExitCode.USAGE
     assert "FIREZONE_NO_TELEMETRY" in capsys.readouterr().err
+
+
+def test_installer_log_format_does_not_stop_the_gateway(
+    run: RunRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The 1.4-era systemd installer writes LOG_FORMAT=google-cloud; 1.4 never reads it."""
+    monkeypatch.setenv("LOG_FORMAT", "google-cloud")
+    assert cli.main(["tok"]) == 0
+    assert run.configs[0].log_format == "human"
+
+
+@pytest.mark.parametrize("value", [" true", "false "])
+def test_no_telemetry_env_is_not_trimmed(
+    run: RunRecorder,
+    monkeypatch: pytest.MonkeyPatch,
+    value: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("FIREZONE_NO_TELEMETRY", value)
+    assert cli.main(["tok"]) == ExitCode.USAGE
+    assert "FIREZONE_NO_TELEMETRY" in capsys.readouterr().err
+
+
+def test_rust_log_span_directive_starts_the_gateway(
+    run: RunRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tracing's EnvFilter accepts span directives; they must not exit with 2."""
+    monkeypatch.setenv("RUST_LOG", "info,snownet[connection]=debug")
+    assert cli.main(["tok"]) == 0
+    assert run.configs[0].log_filter == "info,snownet[connection]=debug"
+
+
+def test_firezone_id_reaches_the_gateway_untrimmed(
+    run: RunRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert cli.main(["tok", "-i", " flag-id "]) == 0
+    monkeypatch.setenv("FIREZONE_ID", "env-id\n")
+    assert cli.main(["tok"]) == 0
+    assert [c.firezone_id for c in run.configs] == [" flag-id ", "env-id\n"]
 
 
 # --- status and reset ------------------------------------------------------------------------

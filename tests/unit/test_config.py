@@ -14,6 +14,7 @@ from gateway.config import (
     build_config,
     env_to_values,
     parse_log_filter,
+    span_directive_warnings,
 )
 
 TOKEN = "SFMyNTY.g2gDbQAAACRhYmNkZWYtdG9rZW4.c2lnbmF0dXJl"
@@ -111,10 +112,32 @@ def test_empty_env_values_are_unset() -> None:
     assert config.name is None
 
 
-def test_firezone_log_format_wins_over_log_format() -> None:
-    env = {"FIREZONE_TOKEN": TOKEN, "LOG_FORMAT": "human", "FIREZONE_LOG_FORMAT": "json"}
-    assert _build(env=env).log_format == "json"
-    assert _build(env={"FIREZONE_TOKEN": TOKEN, "LOG_FORMAT": "json"}).log_format == "json"
+@pytest.mark.parametrize("value", ["google-cloud", "", "json", "human", "xml"])
+def test_log_format_env_is_not_read(value: str) -> None:
+    """The 1.4-era installer writes LOG_FORMAT=google-cloud; the 1.4 binary ignores it
+    (operations.md §1), so it neither fails start-up nor picks the format."""
+    assert "LOG_FORMAT" not in ENV_VARS
+    env = {"FIREZONE_TOKEN": TOKEN, "LOG_FORMAT": value}
+    assert _build(env=env).log_format == "human"
+    assert _build(env={**env, "FIREZONE_LOG_FORMAT": "json"}).log_format == "json"
+    assert _build({"log_format": "json"}, env).log_format == "json"  # file still applies
+
+
+@pytest.mark.parametrize("firezone_id", [" id-a ", "id-a\n", "id-a\r\n", " ", "\t\n"])
+def test_firezone_id_is_used_exactly_as_given(firezone_id: str) -> None:
+    """Untrimmed from every layer (operations.md §2): it is hashed into external_id."""
+    token = {"token": TOKEN}
+    assert _build(token, {"FIREZONE_ID": firezone_id}).firezone_id == firezone_id
+    assert _build(token, flags={"firezone_id": firezone_id}).firezone_id == firezone_id
+    assert _build({**token, "firezone_id": firezone_id}).firezone_id == firezone_id
+
+
+def test_only_an_empty_firezone_id_is_unset() -> None:
+    token = {"token": TOKEN}
+    assert _build(token, {"FIREZONE_ID": ""}).firezone_id is None
+    assert _build({**token, "firezone_id": "f"}, {"FIREZONE_ID": ""}).firezone_id == "f"
+    assert _build({**token, "firezone_id": "f"}, {"FIREZONE_ID": " "}).firezone_id == " "
+    assert _build({**token, "firezone_id": ""}).firezone_id is None
 
 
 def test_env_to_values_maps_real_gateway_variables() -> None:
@@ -203,7 +226,7 @@ def _error(**kwargs: Any) -> ConfigError:
         ("env", "setup_host", "1", "expected true or false, got '1'"),
         ("file", "icmp_prohibited", 3, "expected true or false"),
         ("file", "log_filter", "info,gateway=loud", "log_filter: expected LEVEL or TARGET=LEVEL"),
-        ("env", "log_filter", "foo[span]=debug", "TARGET=LEVEL"),
+        ("env", "log_filter", "foo[span=debug", "TARGET=LEVEL"),
         ("file", "log_format", "xml", "expected human or json, got 'xml'"),
         ("env", "log_format", "pretty", "expected human or json"),
         ("file", "tun_name", "a-very-long-interface-name", "interface name"),
@@ -232,6 +255,21 @@ def test_no_telemetry_env_accepts_only_true_false() -> None:
     error = _error(env={"FIREZONE_TOKEN": TOKEN, "FIREZONE_NO_TELEMETRY": "1"})
     assert error.key == "telemetry"
     assert "FIREZONE_NO_TELEMETRY" in str(error)
+
+
+@pytest.mark.parametrize("value", [" true", "true ", "false\n", "\tfalse", " ", "TRUE"])
+def test_no_telemetry_env_is_not_trimmed(value: str) -> None:
+    """clap's boolean parser takes exactly ``true`` or ``false`` (operations.md §1)."""
+    error = _error(env={"FIREZONE_TOKEN": TOKEN, "FIREZONE_NO_TELEMETRY": value})
+    assert error.key == "telemetry"
+    assert f"got {value!r} (from FIREZONE_NO_TELEMETRY)" in str(error)
+
+
+def test_no_telemetry_env_values() -> None:
+    env = {"FIREZONE_TOKEN": TOKEN}
+    assert _build(env={**env, "FIREZONE_NO_TELEMETRY": "true"}).telemetry is False
+    assert _build(env={**env, "FIREZONE_NO_TELEMETRY": "false"}).telemetry is True
+    assert _build(env={**env, "FIREZONE_NO_TELEMETRY": ""}) == DEFAULTS  # empty = unset
 
 
 def test_unknown_file_key() -> None:
@@ -283,8 +321,64 @@ def test_parse_log_filter() -> None:
     assert parse_log_filter("").default is None
 
 
-@pytest.mark.parametrize("spec", ["info,=debug", "a b=info", "x=verbose", "x[y]=info", "9x"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "info,=debug",
+        "a b=info",
+        "x=verbose",
+        "9x",
+        # malformed span directives are still errors
+        "x[y=info",
+        "x]y=info",
+        "x[y]z=info",
+        "x[y][z]=info",
+        "x[y]=verbose",
+        "x[y]=",
+        "9x[y]=info",
+    ],
+)
 def test_parse_log_filter_rejects(spec: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_log_filter(spec)
     assert info.value.key == "log_filter"
+
+
+@pytest.mark.parametrize(
+    ("directive", "applied"),
+    [
+        ("snownet[connection]=debug", ("snownet", "debug")),
+        ("snownet[connection{id=7}]=DEBUG", ("snownet", "debug")),
+        ("firezone_tunnel[{cid}]=trace", ("firezone_tunnel", "trace")),
+        ("wire::api[send] = warn", ("wire::api", "warn")),
+        ("str0m[x]", ("str0m", "trace")),  # no level: everything, like a bare target
+    ],
+)
+def test_span_directives_apply_their_target_and_level(
+    directive: str, applied: tuple[str, str]
+) -> None:
+    """Valid EnvFilter syntax for the Rust gateway (operations.md §4): we have no spans, so
+    the directive applies to its whole target instead of stopping the gateway."""
+    parsed = parse_log_filter(f"info,{directive},pykka=warn")
+    assert parsed.default == "info"
+    assert parsed.directives == (applied, ("pykka", "warn"))
+    assert parsed.span_directives == ((directive, f"{applied[0]}={applied[1]}"),)
+    (warning,) = span_directive_warnings(f"info,{directive}")
+    assert repr(directive) in warning and repr(f"{applied[0]}={applied[1]}") in warning
+    config = _build(env={"FIREZONE_TOKEN": TOKEN, "RUST_LOG": f"info,{directive}"})
+    assert config.log_filter == f"info,{directive}"
+
+
+def test_span_directive_without_target_applies_nothing() -> None:
+    parsed = parse_log_filter("warn,[connection]=debug")
+    assert (parsed.default, parsed.directives) == ("warn", ())
+    assert parsed.span_directives == (("[connection]=debug", None),)
+    (warning,) = span_directive_warnings("warn,[connection]=debug")
+    assert "ignored" in warning
+
+
+def test_plain_directives_unchanged_and_not_warned() -> None:
+    spec = "info,gateway.wg=debug,wire::api::send,pykka=warning"
+    parsed = parse_log_filter(spec)
+    assert parsed.span_directives == ()
+    assert span_directive_warnings(spec) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -116,3 +117,31 @@ def test_example_yaml_documents_every_key_with_its_default() -> None:
     documented["token"] = "t"
     config = build_config(file_values=documented, env={}, flags={})
     assert config == GatewayConfig(token="t")
+
+
+def test_example_yaml_names_only_variables_that_are_read() -> None:
+    """Each ``env`` line names a variable the gateway reads (e.g. not LOG_FORMAT, which the
+    1.4 gateway ignores, operations.md §1)."""
+    for line in EXAMPLE.read_text().splitlines():
+        if line.startswith("#   env "):
+            variables = line.removeprefix("#   env ").split(", flag")[0]
+            for var in re.findall(r"\b[A-Z][A-Z0-9_]{2,}\b", variables):
+                assert var in ENV_VARS, line
+
+
+def test_span_directive_is_loaded_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """RUST_LOG=snownet[connection]=debug is valid for the Rust gateway: start, and warn."""
+    env = {"FIREZONE_TOKEN": "t", "RUST_LOG": "info,snownet[connection]=debug"}
+    with caplog.at_level(logging.WARNING, logger="actors.config_loader"):
+        config = load_config(config_path=None, flags={}, env=env)
+    assert config.log_filter == "info,snownet[connection]=debug"
+    (record,) = caplog.records
+    assert "'snownet[connection]=debug'" in record.getMessage()
+    assert "applying 'snownet=debug'" in record.getMessage()
+
+
+def test_plain_filter_loads_without_warning(caplog: pytest.LogCaptureFixture) -> None:
+    env = {"FIREZONE_TOKEN": "t", "RUST_LOG": "info,snownet=debug"}
+    with caplog.at_level(logging.WARNING, logger="actors.config_loader"):
+        load_config(config_path=None, flags={}, env=env)
+    assert caplog.records == []

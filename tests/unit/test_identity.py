@@ -31,6 +31,23 @@ def test_existing_file_used_as_is(tmp_path: Path) -> None:
     assert resolve_firezone_id(None, tmp_path) == "custom-id\n"
 
 
+@pytest.mark.parametrize(
+    "content",
+    [b"custom-id\r\n", b"custom-id\r", b"\tcustom id \n\n", b"  ", "caf\u00e9-id".encode()],
+)
+def test_existing_file_bytes_used_exactly(tmp_path: Path, content: bytes) -> None:
+    """No newline translation and no trimming: the id is the file's bytes (UTF-8)."""
+    (tmp_path / "gateway_id").write_bytes(content)
+    assert resolve_firezone_id(None, tmp_path) == content.decode("utf-8")
+    assert (tmp_path / "gateway_id").read_bytes() == content  # left alone
+
+
+@pytest.mark.parametrize("configured", [" id ", "id\n", "id\r\n", " ", "\t"])
+def test_configured_id_used_exactly(tmp_path: Path, configured: str) -> None:
+    assert resolve_firezone_id(configured, tmp_path) == configured
+    assert not (tmp_path / "gateway_id").exists()
+
+
 def test_empty_file_is_replaced(tmp_path: Path) -> None:
     (tmp_path / "gateway_id").write_text("")
     new = resolve_firezone_id(None, tmp_path)
