@@ -594,7 +594,7 @@ class NodeActor(pykka.ThreadingActor):
         sockets = self._sockets
         while (tx := node.poll_transmit()) is not None:
             if sockets is not None:
-                sockets.send(tx.dst, tx.payload)
+                sockets.send(tx.dst, tx.payload, tx.src)  # ICE: from the pair's base
         while (event := node.poll_event()) is not None:
             if isinstance(event, CandidatesAdded):
                 self._send_portal(BroadcastIceCandidates((event.client_id,), event.candidates))

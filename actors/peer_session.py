@@ -320,14 +320,14 @@ class PeerSession:
         if path is None:
             self._pending.append(datagram)
         elif isinstance(path, DirectPath):
-            self._sockets.send(path.remote, datagram)
+            self._sockets.send(path.remote, datagram, path.local)
         elif isinstance(path, RelayedPath):
             self._sockets.send(path.server, encode_channel_data(path.channel, datagram))
 
     def _send_many(self, datagrams: list[bytes]) -> None:
         path = self._path
         if isinstance(path, DirectPath):
-            self._sockets.send_many(path.remote, datagrams)
+            self._sockets.send_many(path.remote, datagrams, path.local)
         elif isinstance(path, RelayedPath):
             channel = path.channel
             self._sockets.send_many(

@@ -34,6 +34,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD
 from gateway.turn.channel_data import decode_channel_data
@@ -149,37 +150,50 @@ class UdpSockets:
             out["ipv6"] = self.v6.getsockname()[1]
         return out
 
-    def send(self, dst: Address, payload: bytes) -> None:
-        """Send one datagram; errors are counted, never raised (the path may be gone)."""
+    def send(self, dst: Address, payload: bytes, src: Address | None = None) -> None:
+        """Send one datagram, from local address ``src`` if given (snownet.md §7: a direct
+        path sends from its base); errors are counted, never raised (the path may be gone).
+        """
         sock = self.v6 if ":" in dst[0] else self.v4
         if sock is None:
             self.counters["send_no_socket"] += 1
             return
+        source = _source_control(src, dst)
         try:
-            sock.sendto(payload, dst)
+            if source is None:
+                sock.sendto(payload, dst)
+            else:
+                sock.sendmsg([payload], [source], 0, dst)
         except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
+            if source is not None and exc.errno in _SOURCE_REFUSALS:
+                self.counters["send_source_refused"] += 1  # no longer ours: kernel's choice
+                self.send(dst, payload)
+            elif exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                 self.counters["send_would_block"] += 1
             else:
                 self.counters[f"send_error_{exc.errno}"] += 1
 
-    def send_many(self, dst: Address, payloads: list[bytes]) -> None:
-        """Send datagrams in order; runs of equal size go out as one GSO ``sendmsg``."""
+    def send_many(self, dst: Address, payloads: list[bytes], src: Address | None = None) -> None:
+        """Send datagrams in order (from ``src``, as :meth:`send`); runs of equal size go
+        out as one GSO ``sendmsg``."""
         if len(payloads) < 2 or not self.gso:
             for payload in payloads:
-                self.send(dst, payload)
+                self.send(dst, payload, src)
             return
         sock = self.v6 if ":" in dst[0] else self.v4
         if sock is None:
             self.counters["send_no_socket"] += len(payloads)
             return
         try:
-            send_segmented(sock, dst, payloads, self.counters)
+            send_segmented(sock, dst, payloads, self.counters, _source_control(src, dst))
+        except SourceRefused as exc:
+            self.counters["send_source_refused"] += 1
+            self.send_many(dst, payloads[exc.sent:])  # EINVAL may also mean GSO: see there
         except GsoRefused as exc:
             log.warning("UDP GSO refused (%s); sending one datagram per call from now on", exc)
             self.gso = False
             for payload in payloads[exc.sent:]:
-                self.send(dst, payload)
+                self.send(dst, payload, src)
 
     def close(self) -> None:
         for sock in (self.v4, self.v6):
@@ -212,6 +226,35 @@ def _local_address(
     return (sock.getsockname()[0], port)
 
 
+#: What the kernel answers a source address that is not (or no longer) one of ours: the
+#: route lookup with that source fails (ENETUNREACH, or EINVAL/EADDRNOTAVAIL). A truly
+#: unreachable destination fails the retry without source the same way, and is counted.
+_SOURCE_REFUSALS = (errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH)
+_IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst (the source to use), addr
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr (the source to use), ifindex
+
+
+@lru_cache(maxsize=256)
+def _pktinfo(ip: str) -> tuple[int, int, bytes] | None:
+    """The control message that makes a send leave from local address ``ip``."""
+    try:
+        if ":" in ip:
+            packed = socket.inet_pton(socket.AF_INET6, ip)
+            return socket.IPPROTO_IPV6, IPV6_PKTINFO, _IN6_PKTINFO.pack(packed, 0)
+        packed = socket.inet_pton(socket.AF_INET, ip)
+        return socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, packed, bytes(4))
+    except OSError:
+        return None
+
+
+def _source_control(src: Address | None, dst: Address) -> tuple[int, int, bytes] | None:
+    """IP_PKTINFO/IPV6_PKTINFO for sending from ``src`` to ``dst``; None: kernel's choice
+    (no source, another family, or unspecified)."""
+    if src is None or (":" in src[0]) != (":" in dst[0]) or src[0] in ("0.0.0.0", "::"):
+        return None
+    return _pktinfo(src[0])
+
+
 _INDEX = struct.Struct("<I")
 _TRANSPORT_TYPE = b"\x04\x00\x00\x00"
 _SEGMENT = struct.Struct("=H")
@@ -219,22 +262,37 @@ _GRO_SIZE = struct.Struct("=i")
 _GSO_REFUSALS = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
-class GsoRefused(OSError):
-    """The kernel does not do UDP GSO here; ``sent`` datagrams had gone out before."""
+class _SendRefused(OSError):
+    """A send the kernel refused for good; ``sent`` datagrams had gone out before."""
 
     def __init__(self, cause: OSError, sent: int) -> None:
         super().__init__(cause.errno, cause.strerror)
         self.sent = sent
 
 
+class GsoRefused(_SendRefused):
+    """The kernel does not do UDP GSO here."""
+
+
+class SourceRefused(_SendRefused):
+    """The source address was refused (or, with GSO, EINVAL that may mean either)."""
+
+
 def send_segmented(
-    sock: socket.socket, dst: Address, payloads: list[bytes], counters: Counter[str]
+    sock: socket.socket,
+    dst: Address,
+    payloads: list[bytes],
+    counters: Counter[str],
+    source: tuple[int, int, bytes] | None = None,
 ) -> None:
-    """Send ``payloads`` in order to ``dst``, each run of equal sizes as one GSO ``sendmsg``.
+    """Send ``payloads`` in order to ``dst``, each run of equal sizes as one GSO ``sendmsg``,
+    with the ``source`` control message (IP_PKTINFO) if given.
 
     Transient errors are counted (the datagrams are lost, as UDP may lose them); a refusal
-    of GSO itself raises :class:`GsoRefused` so the caller can fall back for good.
+    of the source raises :class:`SourceRefused`, of GSO itself :class:`GsoRefused` (the
+    kernel answers EINVAL to both, so the caller retries without the source first).
     """
+    extra = [source] if source is not None else []
     start, count = 0, len(payloads)
     while start < count:
         size = len(payloads[start])
@@ -246,11 +304,16 @@ def send_segmented(
             end += 1  # the last segment of a GSO send may be shorter
         try:
             if end - start == 1:
-                sock.sendto(payloads[start], dst)
+                if extra:
+                    sock.sendmsg([payloads[start]], extra, 0, dst)
+                else:
+                    sock.sendto(payloads[start], dst)
             else:
-                control = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size))]
+                control = [(SOL_UDP, UDP_SEGMENT, _SEGMENT.pack(size)), *extra]
                 sock.sendmsg([b"".join(payloads[start:end])], control, 0, dst)
         except OSError as exc:
+            if extra and exc.errno in _SOURCE_REFUSALS:
+                raise SourceRefused(exc, start) from exc
             if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
                 counters["send_would_block"] += end - start
             elif end - start > 1 and exc.errno in _GSO_REFUSALS:

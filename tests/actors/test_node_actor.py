@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import random
 import socket
 import threading
 import uuid
@@ -37,7 +38,16 @@ from gateway.portal.messages import (
     FlowAuthorized,
     parse_ingress,
 )
-from gateway.stun.message import Attr, MessageClass, encode, new_response, parse
+from gateway.stun.message import (
+    Attr,
+    MessageClass,
+    Method,
+    encode,
+    new_request,
+    new_response,
+    parse,
+    short_term_key,
+)
 from tests.support.clock import ManualClock
 
 CLIENT_ID = uuid.UUID("3abd725a-733b-4801-ac16-72f26cd98a24")
@@ -435,3 +445,28 @@ def test_a_peer_whose_thread_cannot_start_refuses_that_flow_only(
     finally:
         ref.stop()
         resolver.shutdown()
+
+
+def test_ice_answers_leave_from_the_local_address_the_check_was_sent_to(
+    harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
+) -> None:
+    """snownet.md §7: sends leave from the local base (IP_PKTINFO). Every 127/8 address is
+    local: a check sent to 127.0.0.2 must be answered from 127.0.0.2, not from the
+    kernel's choice for the client's 127.0.0.1 (an ICE peer drops answers from elsewhere)."""
+    _with_relay(harness, portal_fixtures, relay)
+    port = _status(harness["ref"])["ports"]["ipv4"]
+    harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    flow = json.loads((portal_fixtures / "authorize_flow.json").read_text())["payload"]
+    gateway, client_creds = flow["gateway_ice_credentials"], flow["client_ice_credentials"]
+    check = new_request(Method.BINDING, random.Random(5))
+    check.add_str(Attr.USERNAME, f"{gateway['username']}:{client_creds['username']}")
+    check.add_u32(Attr.PRIORITY, 2130706431).add_u64(Attr.ICE_CONTROLLING, 1)
+    raw = encode(check, integrity_key=short_term_key(gateway["password"]), fingerprint=True)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.bind(("127.0.0.1", 0))
+        client.settimeout(5)
+        for local in ("127.0.0.2", "127.0.0.1"):
+            client.sendto(raw, (local, port))
+            answer, source = client.recvfrom(2048)
+            assert parse(answer).cls == MessageClass.SUCCESS
+            assert source == (local, port)

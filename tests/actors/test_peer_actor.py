@@ -127,6 +127,9 @@ def _handshake(world: dict[str, Any]) -> None:
     _sync(world)
     ((dst, response),) = _sent_datagrams(world["sockets"])
     assert dst == CLIENT_ADDR
+    # From the path's base, not the kernel's choice (snownet.md §7, IP_PKTINFO).
+    assert all(call.args[2] == ("10.203.0.3", 40000)
+               for call in world["sockets"].method_calls if call[0] in ("send", "send_many"))
     result = client.decapsulate(response, ("10.203.0.3", 40000), clock.monotonic(), clock.unix())
     assert isinstance(result, WriteToNetwork)  # the queued first packet
     world["first_transport"] = result.datagram

@@ -287,3 +287,52 @@ def test_without_the_capability_buffers_fall_back_to_the_plain_options() -> None
     sock = RefusesForcedSizes()
     _set_buffers(sock, 1 << 22)  # type: ignore[arg-type]
     assert sock.set == {socket.SO_RCVBUF: 1 << 22, socket.SO_SNDBUF: 1 << 22}
+
+
+@pytest.fixture
+def loopback_peer() -> Iterator[socket.socket]:
+    peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    peer.bind(("127.0.0.1", 0))
+    peer.settimeout(5)
+    yield peer
+    peer.close()
+
+
+def test_a_send_leaves_from_the_source_it_names(loopback_peer: socket.socket) -> None:
+    """snownet.md §7: a direct path sends from its base (IP_PKTINFO). Every 127/8 address
+    is local, so 127.0.0.2 is one of ours though the kernel would pick 127.0.0.1."""
+    sockets = UdpSockets(mark=False, ipv6=False)
+    assert sockets.v4 is not None
+    port = sockets.v4.getsockname()[1]
+    dst = loopback_peer.getsockname()
+    try:
+        sockets.send(dst, b"plain")
+        assert loopback_peer.recvfrom(100) == (b"plain", ("127.0.0.1", port))
+        sockets.send(dst, b"sourced", ("127.0.0.2", port))
+        assert loopback_peer.recvfrom(100) == (b"sourced", ("127.0.0.2", port))
+        run = [bytes([n]) * 50 for n in range(5)] + [b"short"]
+        sockets.send_many(dst, run, ("127.0.0.2", port))  # one GSO send, same source
+        assert [loopback_peer.recvfrom(100) for _ in run] == [(d, ("127.0.0.2", port))
+                                                              for d in run]
+        assert sockets.counters == {}
+    finally:
+        sockets.close()
+
+
+def test_a_source_that_is_not_ours_falls_back_to_the_kernels_choice(
+    loopback_peer: socket.socket,
+) -> None:
+    """The address may be gone (the host's network changed): the datagram still goes."""
+    sockets = UdpSockets(mark=False, ipv6=False)
+    assert sockets.v4 is not None
+    port = sockets.v4.getsockname()[1]
+    dst = loopback_peer.getsockname()
+    try:
+        sockets.send(dst, b"one", ("192.0.2.77", port))
+        assert loopback_peer.recvfrom(100) == (b"one", ("127.0.0.1", port))
+        sockets.send_many(dst, [b"a" * 20, b"b" * 20], ("192.0.2.77", port))
+        assert [loopback_peer.recvfrom(100)[0] for _ in range(2)] == [b"a" * 20, b"b" * 20]
+        assert sockets.counters["send_source_refused"] == 2
+        assert sockets.gso, "a refused source is not a refused GSO"
+    finally:
+        sockets.close()
