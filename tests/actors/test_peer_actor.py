@@ -260,13 +260,18 @@ def test_a_crash_in_a_batch_does_not_leak_inflight(world: dict[str, Any]) -> Non
     assert sum(status["drops"].values()) >= 1
 
 
-def test_idle_after_ten_seconds_without_data_and_active_again_on_data(
-    world: dict[str, Any],
-) -> None:
+def _connected(world: dict[str, Any]) -> None:
+    """Authorized, handshake done, the client's first data packet through."""
     world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
     _handshake(world)
     _tell_datagrams(world, [world["first_transport"]])
     _sync(world)
+
+
+def test_idle_after_ten_seconds_without_data_and_active_again_on_data(
+    world: dict[str, Any],
+) -> None:
+    _connected(world)
     clock = world["clock"]
     clock.tick(9.5)
     world["ref"].tell(Wake())
@@ -286,10 +291,7 @@ def test_only_ip_packets_that_cross_the_tunnel_count_as_data(world: dict[str, An
     """snownet.md §8.1: data = an IP packet encapsulated or decapsulated. A TUN packet
     dropped before encryption keeps an idle connection idle; a decrypted packet the filter
     then drops does not."""
-    world["ref"].tell(Authorize(RESOURCE, None, CLIENT_V4, CLIENT_V6))
-    _handshake(world)
-    _tell_datagrams(world, [world["first_transport"]])
-    _sync(world)
+    _connected(world)
     clock = world["clock"]
     clock.tick(10.5)
     world["ref"].tell(Wake())

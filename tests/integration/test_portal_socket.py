@@ -21,6 +21,7 @@ import ssl
 import struct
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http import HTTPStatus
@@ -326,33 +327,37 @@ def test_close_during_the_upgrade_drops_it_and_only_the_new_url_upgrades(
         server.stop()
 
 
-def test_key_rotation_during_a_held_upgrade_leaves_the_portal_with_the_new_key() -> None:
-    """The core requirement end to end: PortalActor rotates the key while the old-key
-    upgrade is pending; the portal's last upgrade (the key it stores) is the new one."""
-    server = Portal(hold_key=KEY_A)
+@contextmanager
+def portal_actor(prototype: LoginUrlPrototype) -> Iterator[tuple[Any, queue.Queue[Any]]]:
+    """A PortalActor on the real clock and timer, its events in the inbox."""
     timer = Timer(SystemClock())
     timer.start()
     inbox: queue.Queue[Any] = queue.Queue()
     try:
-        actor = PortalActor.start(
-            prototype=server.prototype(),
-            listener=Recorder.start(inbox),
-            clock=SystemClock(),
-            rng=random.Random(3),
-            timer=timer,
-            user_agent=USER_AGENT,
-        )
-        actor.tell(Connect(KEY_A))
-        assert server.held.wait(5)
-        actor.tell(KeyRotated(KEY_B))
-        next_of(inbox, PortalJoined, timeout=5)
-        assert server.hold_over.wait(HOLD_SECONDS + 2)
-        assert server.dropped.is_set()
-        assert server.upgraded.get(timeout=5) == KEY_B  # joined: its handler already ran
-        assert _drain(server.upgraded) == []  # the portal's last (stored) key is KEY_B
+        yield PortalActor.start(
+            prototype=prototype, listener=Recorder.start(inbox), clock=SystemClock(),
+            rng=random.Random(3), timer=timer, user_agent=USER_AGENT,
+        ), inbox
     finally:
         pykka.ActorRegistry.stop_all(timeout=5)
         timer.stop()
+
+
+def test_key_rotation_during_a_held_upgrade_leaves_the_portal_with_the_new_key() -> None:
+    """The core requirement end to end: PortalActor rotates the key while the old-key
+    upgrade is pending; the portal's last upgrade (the key it stores) is the new one."""
+    server = Portal(hold_key=KEY_A)
+    try:
+        with portal_actor(server.prototype()) as (actor, inbox):
+            actor.tell(Connect(KEY_A))
+            assert server.held.wait(5)
+            actor.tell(KeyRotated(KEY_B))
+            next_of(inbox, PortalJoined, timeout=5)
+            assert server.hold_over.wait(HOLD_SECONDS + 2)
+            assert server.dropped.is_set()
+            assert server.upgraded.get(timeout=5) == KEY_B  # joined: its handler already ran
+            assert _drain(server.upgraded) == []  # the portal's last (stored) key is KEY_B
+    finally:
         server.stop()
 
 
@@ -611,18 +616,7 @@ def test_abort_sends_no_close_frame_and_close_sends_1000(
 
 
 def test_actor_reconnects_without_close_frame_and_stops_with_one(portal: Portal) -> None:
-    timer = Timer(SystemClock())
-    timer.start()
-    inbox: queue.Queue[Any] = queue.Queue()
-    try:
-        actor = PortalActor.start(
-            prototype=portal.prototype(),
-            listener=Recorder.start(inbox),
-            clock=SystemClock(),
-            rng=random.Random(3),
-            timer=timer,
-            user_agent=USER_AGENT,
-        )
+    with portal_actor(portal.prototype()) as (actor, inbox):
         actor.tell(Connect(KEY_A))
         next_of(inbox, PortalJoined, timeout=5)
         actor.tell(KeyRotated(KEY_B))
@@ -633,6 +627,3 @@ def test_actor_reconnects_without_close_frame_and_stops_with_one(portal: Portal)
         assert portal.endings.get(timeout=5) == Ending(KEY_B, None)
         actor.stop(timeout=5)
         assert portal.endings.get(timeout=5) == Ending(KEY_B, 1000)  # graceful stop
-    finally:
-        pykka.ActorRegistry.stop_all(timeout=5)
-        timer.stop()
