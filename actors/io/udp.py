@@ -230,12 +230,14 @@ def _local_address(
 #: route lookup with that source fails (ENETUNREACH, or EINVAL/EADDRNOTAVAIL). A truly
 #: unreachable destination fails the retry without source the same way, and is counted.
 _SOURCE_REFUSALS = (errno.EINVAL, errno.EADDRNOTAVAIL, errno.ENETUNREACH)
+#: A control message for ``sendmsg``: (level, type, data).
+Control = tuple[int, int, bytes]
 _IN_PKTINFO = struct.Struct("=i4s4s")  # ifindex, spec_dst (the source to use), addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr (the source to use), ifindex
 
 
 @lru_cache(maxsize=256)
-def _pktinfo(ip: str) -> tuple[int, int, bytes] | None:
+def _pktinfo(ip: str) -> Control | None:
     """The control message that makes a send leave from local address ``ip``."""
     try:
         if ":" in ip:
@@ -247,7 +249,7 @@ def _pktinfo(ip: str) -> tuple[int, int, bytes] | None:
         return None
 
 
-def _source_control(src: Address | None, dst: Address) -> tuple[int, int, bytes] | None:
+def _source_control(src: Address | None, dst: Address) -> Control | None:
     """IP_PKTINFO/IPV6_PKTINFO for sending from ``src`` to ``dst``; None: kernel's choice
     (no source, another family, or unspecified)."""
     if src is None or (":" in src[0]) != (":" in dst[0]) or src[0] in ("0.0.0.0", "::"):
@@ -283,7 +285,7 @@ def send_segmented(
     dst: Address,
     payloads: list[bytes],
     counters: Counter[str],
-    source: tuple[int, int, bytes] | None = None,
+    source: Control | None = None,
 ) -> None:
     """Send ``payloads`` in order to ``dst``, each run of equal sizes as one GSO ``sendmsg``,
     with the ``source`` control message (IP_PKTINFO) if given.
