@@ -230,6 +230,21 @@ class DevPortal:
                 count += 1
         return count
 
+    def push_raw_to_gateway(self, text: str, gateway_id: uuid.UUID | None = None) -> int:
+        """Send one text frame, as given, to joined gateways (all, or one): what a broken or
+        hostile portal could send (deep nesting, lone surrogates, NaN). Returns how many got it."""
+        count = 0
+        for session in self._joined("gateway"):
+            if gateway_id is None or session.id == gateway_id:
+                self._record("out", session.kind, session.name, "raw", text)
+                try:
+                    with session.send_lock:
+                        session.ws.send(text)
+                except ConnectionClosed:
+                    continue
+                count += 1
+        return count
+
     def reject_access(self, client_name: str, resource_id: uuid.UUID) -> int:
         """Revoke a client's access to a resource on every gateway that authorized it."""
         client_id = self.client_id(client_name)

@@ -17,7 +17,9 @@ from tests.support.clock import ManualClock
 from tests.support.interop import require_bin
 from tests.support.secrets_scan import assert_no_secrets
 
-FIXTURES = Path(__file__).resolve().parent.parent.parent / "shared" / "fixtures" / "portal"
+#: Real portal messages (copied from Firezone's own tests and the portal's code), kept in the
+#: repository so that a clone alone passes the suite.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "portal"
 
 
 #: Our loggers are captured at DEBUG so the scan sees everything they could ever emit.
@@ -69,7 +71,7 @@ def rng() -> random.Random:
 
 @pytest.fixture
 def portal_fixtures() -> Path:
-    """``shared/fixtures/portal`` (the real portal messages); the tests must find it."""
+    """``tests/fixtures/portal`` (the real 1.4-era portal messages); the tests must find it."""
     assert FIXTURES.is_dir(), f"portal fixtures not found at {FIXTURES}"
     return FIXTURES
 
