@@ -37,6 +37,7 @@ lint: deps
 
 test: deps
 	$(VENV)/bin/ruff check gateway actors tests bench devportal devclient devstack
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q -rfEs $(PYTEST_ARGS)
 
 demo: deps
