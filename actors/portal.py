@@ -262,7 +262,8 @@ class PortalActor(pykka.ThreadingActor):
                 log.info("Portal disconnected: %s", reason)
             case Fatal():
                 self._joined_since = None
-        self._listener.tell(event)
+        with contextlib.suppress(pykka.ActorDeadError):  # a failed node exits the process
+            self._listener.tell(event)
 
     def _now(self) -> float:
         return self._clock.monotonic()
