@@ -6,6 +6,11 @@ node's public key), health/metrics, control socket, network monitor. Stop order 
 reverse; ``ActorRegistry.stop_all`` runs in a ``finally`` so no non-daemon actor thread can
 keep the process alive, and leftover threads are logged as a bug.
 
+Supervision (README, "Supervision"): a failed PortalActor is replaced by
+:class:`PortalSupervisor` within a restart budget; a failed NodeActor or TunActor stops the
+process with exit 1 (``Runtime.fail``); ``/readyz`` is ready only while joined and the
+node, TUN and portal actors are alive.
+
 Signals: SIGTERM/SIGINT stop gracefully (exit 0); SIGUSR1 logs every thread's stack
 (``pykka.debug.log_thread_tracebacks``) so a development run is debuggable by thread; SIGHUP
 reloads the log filter from the configuration file.
@@ -13,6 +18,7 @@ reloads the log filter from the configuration file.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import random
@@ -20,6 +26,7 @@ import signal
 import socket
 import threading
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +39,7 @@ import pykka.debug
 from actors.clock import Clock, SystemClock
 from actors.gcpolicy import GcPolicy
 from actors.io.udp import UdpSockets
+from actors.io.websocket import WebSocketFactory, connect_websocket
 from actors.messages import GetPortalStatus, PortalStatus
 from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
 from actors.peer import GetPeerStatus
@@ -72,7 +80,14 @@ class Runtime:
             self.stopping.set()
 
     def is_ready(self) -> bool:
-        return self.portal_state == "joined"
+        """Joined, and nothing it depends on has failed or is stopping (``/readyz``)."""
+        return (
+            self.portal_state == "joined"
+            and not self.stopping.is_set()
+            and self.node.is_alive()
+            and self.tun.is_alive()
+            and self.portal.is_alive()
+        )
 
     def status(self) -> dict[str, Any]:
         node: dict[str, Any] = self.node.ask(GetNodeStatus(), block=True, timeout=ASK_TIMEOUT)
@@ -116,6 +131,79 @@ class Runtime:
     def reset(self) -> dict[str, Any]:
         self.node.tell(Reset("operator command"))
         return {"ok": True}
+
+
+#: Portal actor restarts allowed within PORTAL_RESTART_WINDOW seconds; one more is fatal
+#: (exit 1), so a crash loop ends in the service manager's restart, not a spinning thread.
+PORTAL_RESTARTS = 5
+PORTAL_RESTART_WINDOW = 600.0
+
+
+class PortalSupervisor:
+    """Replaces a failed PortalActor with a fresh one (same login-URL prototype, wired to the
+    same node), within a restart budget; past it, ``on_fatal`` ends the process (exit 1).
+
+    The replacement is attached to the node (``AttachPortal``), which connects it with the
+    node's *current* public key, as at start-up. Until it has joined, the node's portal
+    state is ``disconnected`` (the dying actor said so), so ``/readyz`` is not ready.
+    """
+
+    def __init__(
+        self,
+        *,
+        start: Callable[[Callable[[str], None]], pykka.ActorRef[Any]],
+        node: pykka.ActorRef[Any],
+        clock: Clock,
+        on_fatal: Callable[[str, int], None],
+        stopping: threading.Event,
+        on_replaced: Callable[[pykka.ActorRef[Any]], None] = lambda _ref: None,
+        restarts: int = PORTAL_RESTARTS,
+        window: float = PORTAL_RESTART_WINDOW,
+    ) -> None:
+        self._start = start
+        self._node = node
+        self._clock = clock
+        self._on_fatal = on_fatal
+        self._stopping = stopping
+        self._on_replaced = on_replaced
+        self._restarts = restarts
+        self._window = window
+        self._recent: deque[float] = deque()
+        self._lock = threading.Lock()
+        self.current: pykka.ActorRef[Any] | None = None
+
+    def start(self) -> pykka.ActorRef[Any]:
+        """Start the first PortalActor (the caller attaches it to the node)."""
+        self.current = self._start(self.crashed)
+        return self.current
+
+    def crashed(self, reason: str) -> None:
+        """The PortalActor failed (called on its dying thread)."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            now = self._clock.monotonic()
+            while self._recent and now - self._recent[0] > self._window:
+                self._recent.popleft()
+            if len(self._recent) >= self._restarts:
+                log.error("%s; %d restarts in %.0f s already: giving up", reason,
+                          len(self._recent), self._window)
+                self._on_fatal(f"{reason} (restart budget spent)", int(ExitCode.FATAL))
+                return
+            self._recent.append(now)
+            try:
+                replacement = self._start(self.crashed)
+            except Exception as exc:  # e.g. no thread: nothing left to talk to the portal
+                log.error("cannot restart the portal actor: %s", exc)
+                self._on_fatal(f"{reason}; restart failed", int(ExitCode.FATAL))
+                return
+            log.warning("%s; restarted it (%d of %d in %.0f s)", reason, len(self._recent),
+                        self._restarts, self._window)
+            self.current = replacement
+            self._on_replaced(replacement)
+        # A dead node is taking the process down: nothing to attach to.
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._node.tell(AttachPortal(replacement))
 
 
 def _gateway_name(config: GatewayConfig) -> str:
@@ -171,19 +259,27 @@ def _start_actors(
     open_tun: Callable[..., Any],
     configure_interface: Callable[..., None],
     agent: str,
+    *,
+    websocket_factory: WebSocketFactory = connect_websocket,
 ) -> Runtime:
-    tun = TunActor.start(
-        device_factory=functools.partial(open_tun, config.tun_name),
-        configure=functools.partial(configure_interface, ifname=config.tun_name),
-    )
-    # A device that cannot be opened stops the actor in on_start: the ask fails here.
-    tun_writer = tun.ask(GetTunWriter(), timeout=ASK_TIMEOUT)
-    resolver = Resolver()
     runtime_box: list[Runtime] = []
+    early_failures: list[tuple[str, int]] = []  # before the Runtime exists
+    stopping = threading.Event()
 
     def on_fatal(reason: str, code: int) -> None:
         if runtime_box:
             runtime_box[0].fail(reason, code)
+        else:
+            early_failures.append((reason, code))
+
+    tun = TunActor.start(
+        device_factory=functools.partial(open_tun, config.tun_name),
+        configure=functools.partial(configure_interface, ifname=config.tun_name),
+        on_fatal=on_fatal,
+    )
+    # A device that cannot be opened stops the actor in on_start: the ask fails here.
+    tun_writer = tun.ask(GetTunWriter(), timeout=ASK_TIMEOUT)
+    resolver = Resolver()
 
     def on_portal_state(state: str) -> None:
         if runtime_box:
@@ -201,18 +297,34 @@ def _start_actors(
         on_fatal=on_fatal,
         on_portal_state=on_portal_state,
     )
-    portal = PortalActor.start(
-        prototype=prototype,
-        listener=node,
-        clock=clock,
-        rng=rng,
-        timer=timer,
-        user_agent=agent,
-    )
-    runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal, clock=clock)
+
+    def start_portal(on_crash: Callable[[str], None]) -> pykka.ActorRef[Any]:
+        return PortalActor.start(
+            prototype=prototype,
+            listener=node,
+            clock=clock,
+            rng=rng,
+            timer=timer,
+            user_agent=agent,
+            websocket_factory=websocket_factory,
+            on_crash=on_crash,
+        )
+
+    def replaced(portal: pykka.ActorRef[Any]) -> None:
+        if runtime_box:
+            runtime_box[0].portal = portal
+
+    supervisor = PortalSupervisor(start=start_portal, node=node, clock=clock, on_fatal=on_fatal,
+                                  stopping=stopping, on_replaced=replaced)
+    portal = supervisor.start()
+    runtime = Runtime(config=config, timer=timer, tun=tun, node=node, portal=portal, clock=clock,
+                      stopping=stopping)
     runtime_box.append(runtime)
+    runtime.portal = supervisor.current or portal  # replaced meanwhile: the newest
+    for reason, code in early_failures:
+        runtime.fail(reason, code)
     runtime.closers.append(resolver.shutdown)
-    node.tell(AttachPortal(portal))
+    node.tell(AttachPortal(runtime.portal))
     return runtime
 
 
@@ -220,6 +332,7 @@ def stop(runtime: Runtime) -> None:
     """Reverse start order: servers first, then the portal (a clean close frame, so the
     portal marks this gateway offline at once and steers new flows elsewhere), then the
     node (TURN allocations deleted, sockets closed, PeerActors stopped), TUN, timer."""
+    runtime.stopping.set()  # no portal restart from here on, and never ready again
     for close in reversed(runtime.closers):
         try:
             close()

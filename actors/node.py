@@ -21,6 +21,11 @@ TURN, handshakes) from the UDP reader, and the node's timers from the Timer thre
 are steps on a :class:`~actors.combining.CombiningLock` together with every mailbox
 message, so the Node core and this actor's tables are touched by one thread at a time, as
 in an actor, and neither the reader nor the Timer ever waits for a busy actor.
+
+Failure (README, "Supervision"): a PeerActor that fails, or is found dead when told
+something, costs its client only: the connection is forgotten (``PeerFailed``). A tell to
+the PortalActor or the TunActor never raises here either (the portal may be restarting;
+a dead TUN stops the process on its own). This actor's own failure is fatal: exit 1.
 """
 
 from __future__ import annotations
@@ -193,7 +198,15 @@ class NodeActor(pykka.ThreadingActor):
     # ------------------------------------------------------------------ lifecycle
 
     def on_start(self) -> None:
-        self._steps.call(self._bind_and_arm)
+        try:
+            self._steps.call(self._bind_and_arm)
+        except Exception:
+            # Pykka logs it and stops the actor without on_failure: escalate here.
+            log.error("NodeActor failed to start; the gateway stops")
+            self._steps.call(self._shutdown)
+            if self._on_fatal is not None:
+                self._on_fatal("node actor failed to start", 1)
+            raise
 
     def _bind_and_arm(self) -> None:
         self._wake = CallTimer(self._timer, self._on_timer)
@@ -271,11 +284,10 @@ class NodeActor(pykka.ThreadingActor):
         elif isinstance(message, PeerIdle):
             self.node.set_idle(message.client_id, message.idle, now)
         elif isinstance(message, PeerFailed):
-            self.node.remove_connection(message.client_id, message.reason)
-            self._stop_peer(message.client_id)
+            self._on_peer_failed(message)
         elif isinstance(message, AttachPortal):
-            self._portal = message.portal
-            message.portal.tell(Connect(self.public_key_b64))
+            self._portal = message.portal  # also a PortalActor restarted after a failure
+            self._tell_portal(Connect(self.public_key_b64))
         elif isinstance(message, Reset):
             self._reset(message.reason, now)
         elif isinstance(message, PortalJoined):
@@ -341,8 +353,8 @@ class NodeActor(pykka.ThreadingActor):
                 self.node.counters["handshake_no_peer"] += len(datagrams)
             elif not peer.inflight.try_acquire():
                 self.node.counters["handshake_peer_busy"] += len(datagrams)
-            else:
-                peer.ref.tell(FromNetwork(datagrams))
+            elif not self._tell_peer(client_id, peer, FromNetwork(datagrams)):
+                peer.inflight.release()
 
     def _fold_channel_activity(self, now: float) -> None:
         """Channels the reader's relayed fast path saw data on (for the rebind rule)."""
@@ -355,8 +367,17 @@ class NodeActor(pykka.ThreadingActor):
     # ------------------------------------------------------------------ portal
 
     def _send_portal(self, message: Any) -> None:
-        if self._portal is not None:
-            self._portal.tell(SendToPortal(message))
+        self._tell_portal(SendToPortal(message))
+
+    def _tell_portal(self, message: Any) -> None:
+        if self._portal is None:
+            return
+        try:
+            self._portal.tell(message)
+        except pykka.ActorDeadError:
+            # Failed: restarted by the supervisor (a new AttachPortal follows) or the
+            # process exits. A new channel joins afresh, so nothing is owed.
+            log.info("portal actor is gone; %s dropped", _describe(message))
 
     def _handle_portal(self, message: Any, now: float) -> None:
         if isinstance(message, Init):
@@ -369,8 +390,8 @@ class NodeActor(pykka.ThreadingActor):
             self._on_allow_access(message)
         elif isinstance(message, RejectAccess):
             peer = self._peers.get(message.client_id)
-            if peer is not None:
-                peer.ref.tell(RemoveResource(message.resource_id))
+            if peer is not None:  # a dead one is forgotten, and with it every access
+                self._tell_peer(message.client_id, peer, RemoveResource(message.resource_id))
         elif isinstance(message, IceCandidates):
             self.node.add_remote_candidates(message.client_id, message.candidates, now)
         elif isinstance(message, InvalidateIceCandidates):
@@ -379,8 +400,8 @@ class NodeActor(pykka.ThreadingActor):
             removed = [str(rid) for rid in message.disconnected_ids]
             self.node.update_relays(removed, _turn_servers(message.connected), now)
         elif isinstance(message, ResourceUpdated):
-            for peer in self._peers.values():
-                peer.ref.tell(UpdateResource(message.resource))
+            for client_id, peer in list(self._peers.items()):
+                self._tell_peer(client_id, peer, UpdateResource(message.resource))
         else:
             log.warning("ignoring portal message %s", type(message).__name__)
 
@@ -388,10 +409,12 @@ class NodeActor(pykka.ThreadingActor):
         log.info("init: interface %s / %s, %d relay entries", init.interface.ipv4,
                  init.interface.ipv6, len(init.relays))
         self.node.update_relays([], _turn_servers(init.relays), now)
-        self._tun.tell(ConfigureInterface(str(init.interface.ipv4), str(init.interface.ipv6)))
+        with contextlib.suppress(pykka.ActorDeadError):  # a failed TUN ends the process itself
+            self._tun.tell(ConfigureInterface(str(init.interface.ipv4), str(init.interface.ipv6)))
 
     def _on_authorize_flow(self, msg: AuthorizeFlow, now: float) -> None:
         client = msg.client
+        self._live_peer(client.id)  # a failed client's flow builds a fresh connection
         result = self.node.upsert_connection(
             client.id,
             client_public_key=client.public_key_bytes,
@@ -409,8 +432,9 @@ class NodeActor(pykka.ThreadingActor):
         if peer is None:
             log.error("authorize_flow for %s: no peer after upsert", client.id)
             return
-        peer.ref.tell(Authorize(msg.resource, msg.expires_at, str(client.ipv4), str(client.ipv6)))
-        self._send_portal(FlowAuthorized(msg.ref))
+        authorize = Authorize(msg.resource, msg.expires_at, str(client.ipv4), str(client.ipv6))
+        if self._tell_peer(client.id, peer, authorize):
+            self._send_portal(FlowAuthorized(msg.ref))
 
     def _on_request_connection(self, msg: RequestConnection, now: float) -> None:
         if msg.client.domain is None:
@@ -449,6 +473,7 @@ class NodeActor(pykka.ThreadingActor):
         """Accept a legacy connection, allow access, and answer ``connection_ready`` only
         if the DNS-resource NAT could be set up (gateway-messages.md §1.3)."""
         client = msg.client
+        self._live_peer(client.id)
         result = self.node.accept_connection(
             client.id,
             client_public_key=client.peer.public_key_bytes,
@@ -469,38 +494,38 @@ class NodeActor(pykka.ThreadingActor):
             # the connection stays (it fails without remote candidates) and nothing is sent.
             log.warning("request_connection from %s: %s is not a name of resource %s; "
                         "no access and no reply", client.id, domain.name, msg.resource.id)
-            peer.ref.tell(ForgetClient())
+            self._tell_peer(client.id, peer, ForgetClient())
             return
-        peer.ref.tell(
-            Authorize(msg.resource, msg.expires_at, str(client.peer.ipv4), str(client.peer.ipv6))
+        authorize = Authorize(
+            msg.resource, msg.expires_at, str(client.peer.ipv4), str(client.peer.ipv6)
         )
+        if not self._tell_peer(client.id, peer, authorize):
+            return
         if domain is not None:
-            peer.ref.tell(
-                SetupDnsResource(msg.resource.id, domain.name, domain.proxy_ips, addresses)
-            )
+            setup = SetupDnsResource(msg.resource.id, domain.name, domain.proxy_ips, addresses)
+            if not self._tell_peer(client.id, peer, setup):
+                return
         creds = result.local_credentials
         self._send_portal(ConnectionReady(msg.ref, PortalIceCredentials(creds.ufrag, creds.pwd)))
 
     def _allow(self, msg: AllowAccess, addresses: tuple[IPAddress, ...]) -> None:
         """Legacy ``allow_access``: no reply; a failed NAT set-up is logged (§1.4)."""
-        peer = self._peers.get(msg.client_id)
+        peer = self._live_peer(msg.client_id)
         if peer is None:
             log.warning("allow_access for %s without a connection; ignored", msg.client_id)
             return
-        peer.ref.tell(
-            Authorize(msg.resource, msg.expires_at, str(msg.client_ipv4), str(msg.client_ipv6))
+        authorize = Authorize(
+            msg.resource, msg.expires_at, str(msg.client_ipv4), str(msg.client_ipv6)
         )
-        if msg.payload is not None:
+        if self._tell_peer(msg.client_id, peer, authorize) and msg.payload is not None:
             request = msg.payload
-            peer.ref.tell(
-                SetupDnsResource(msg.resource.id, request.name, request.proxy_ips, addresses)
-            )
+            self._tell_peer(msg.client_id, peer, SetupDnsResource(
+                msg.resource.id, request.name, request.proxy_ips, addresses))
 
     def _refetch_relays(self) -> None:
         """No relay known: reconnect the portal with the same key to get a fresh ``init``."""
         log.warning("no TURN servers; reconnecting to the portal for fresh relays")
-        if self._portal is not None:
-            self._portal.tell(Connect(self.public_key_b64))
+        self._tell_portal(Connect(self.public_key_b64))
 
     # ------------------------------------------------------------------ peers
 
@@ -508,6 +533,9 @@ class NodeActor(pykka.ThreadingActor):
         """Give the client's PeerActor the new session (starting the actor if needed);
         False, and the connection forgotten, when its thread cannot be started."""
         peer = self._peers.get(created.client_id)
+        if peer is not None and not peer.ref.is_alive():
+            self._stop_peer(created.client_id)  # failed: its connection is this new one now
+            peer = None
         if peer is None:
             assert self._sockets is not None
             inflight = InFlight(PEER_INFLIGHT)
@@ -535,15 +563,15 @@ class NodeActor(pykka.ThreadingActor):
             self._peers[created.client_id] = peer
         if peer.route_key is not None:
             self._routes.pop(peer.route_key, None)
-        peer.ref.tell(
-            NewSession(
-                created.local_index,
-                created.peer_public,
-                created.preshared_key,
-                self.node.static,
-                self.node.rate_limiter,
-            )
+        session = NewSession(
+            created.local_index,
+            created.peer_public,
+            created.preshared_key,
+            self.node.static,
+            self.node.rate_limiter,
         )
+        if not self._tell_peer(created.client_id, peer, session):
+            return False
         peer.route_key = created.local_index >> INDEX_SHIFT
         self._routes[peer.route_key] = PeerRoute(peer.deliver)
         return True
@@ -573,6 +601,45 @@ class NodeActor(pykka.ThreadingActor):
         for client_id in list(self._peers):
             self._stop_peer(client_id)
 
+    # ------------------------------------------------------------------ peer failures
+
+    def _tell_peer(self, client_id: uuid.UUID, peer: _Peer, message: Any) -> bool:
+        """Tell a client's PeerActor; False when it is dead, which ends that client only."""
+        try:
+            peer.ref.tell(message)
+        except pykka.ActorDeadError:
+            self._peer_died(client_id, peer)
+            return False
+        return True
+
+    def _live_peer(self, client_id: uuid.UUID) -> _Peer | None:
+        """The client's PeerActor if it is alive; a dead one's connection is forgotten."""
+        peer = self._peers.get(client_id)
+        if peer is not None and not peer.ref.is_alive():
+            self._peer_died(client_id, peer)
+            return None
+        return peer
+
+    def _peer_died(self, client_id: uuid.UUID, peer: _Peer) -> None:
+        """Found dead before its ``PeerFailed`` arrived: the same end for its client."""
+        if self._peers.get(client_id) is not peer:
+            return
+        log.warning("PeerActor for %s is dead; forgetting its connection", client_id)
+        self.node.remove_connection(client_id, "its PeerActor failed")
+        self._stop_peer(client_id)
+
+    def _on_peer_failed(self, message: PeerFailed) -> None:
+        peer = self._peers.get(message.client_id)
+        if message.actor_urn is not None and (
+            peer is None or peer.ref.actor_urn != message.actor_urn
+        ):
+            # From an actor already forgotten (found dead, or replaced): not the current one.
+            log.debug("stale PeerFailed for %s ignored: %s", message.client_id, message.reason)
+            return
+        log.info("client %s: %s; connection forgotten", message.client_id, message.reason)
+        self.node.remove_connection(message.client_id, message.reason)
+        self._stop_peer(message.client_id)
+
     # ------------------------------------------------------------------ reset
 
     def _reset(self, reason: str, now: float) -> None:
@@ -584,8 +651,7 @@ class NodeActor(pykka.ThreadingActor):
         self._unbind()
         self._bind()
         self.resets += 1
-        if self._portal is not None:
-            self._portal.tell(KeyRotated(self.public_key_b64))
+        self._tell_portal(KeyRotated(self.public_key_b64))
 
     # ------------------------------------------------------------------ drain
 
@@ -604,8 +670,7 @@ class NodeActor(pykka.ThreadingActor):
                 )
             elif isinstance(event, PathChanged):
                 peer = self._peers.get(event.client_id)
-                if peer is not None:
-                    peer.ref.tell(SetPath(event.path))
+                if peer is not None and self._tell_peer(event.client_id, peer, SetPath(event.path)):
                     self._publish_relay_route(event.client_id, event.path)
             elif isinstance(event, ConnectionFailed):
                 self._stop_peer(event.client_id)
@@ -649,6 +714,11 @@ class NodeActor(pykka.ThreadingActor):
                 **{f"udp_{k}": v for k, v in self._udp_counters().items()},
             },
         }
+
+
+def _describe(message: Any) -> str:
+    inner = getattr(message, "message", message)  # SendToPortal: what it carried
+    return type(inner).__name__
 
 
 def _ice(creds: PortalIceCredentials) -> IceCredentials:

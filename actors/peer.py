@@ -11,6 +11,10 @@ Lifecycle: started by the NodeActor when a client's first connection is created;
 connection for the same client (``authorize_flow`` with new ICE credentials) only swaps the
 WireGuard session (per-client state survives, dataplane.md §4); stopped when the connection
 fails or on reset. Stopping closes the session, so a reader still holding it drops data.
+
+Failure (README, "Supervision"): an exception in a handler stops this actor alone; its
+``on_failure`` closes the session and tells the node ``PeerFailed`` naming this actor, so
+the node forgets the connection and the client's next ``authorize_flow`` starts afresh.
 """
 
 from __future__ import annotations
@@ -153,6 +157,12 @@ def start_peer(
     icmp_prohibited: bool = False,
 ) -> PeerHandle:
     """Build a client's session and start the PeerActor that owns it."""
+
+    def notify_node(message: object) -> None:
+        # A node that is gone is taking the process down: nothing to report to.
+        with contextlib.suppress(pykka.ActorDeadError):
+            node.tell(message)
+
     session = PeerSession(
         client_id=client_id,
         tun=tun,
@@ -161,7 +171,7 @@ def start_peer(
         clock=clock,
         rng=rng,
         timer=timer,
-        notify_node=node.tell,
+        notify_node=notify_node,
         icmp_prohibited=icmp_prohibited,
     )
     ref = PeerActor.start(
@@ -187,6 +197,7 @@ class PeerActor(pykka.ThreadingActor):
         self.net_inflight = net_inflight
         self.session = session
         session.resolve = self._resolve
+        session.owner = self.actor_urn
         self._log = session.log
 
     # --------------------------------------------------------------- lifecycle
@@ -195,8 +206,11 @@ class PeerActor(pykka.ThreadingActor):
         self._close()
 
     def on_failure(self, *args: object) -> None:
-        self._log.error("PeerActor for %s crashed", self.client_id)
-        self._close()
+        # Pykka has logged the traceback and stopped this actor; only this client goes.
+        self._log.error("PeerActor for %s crashed; ending this client's connection",
+                        self.client_id)
+        with self.session.lock:
+            self.session.fail_locked("its PeerActor crashed")
 
     def _close(self) -> None:
         with self.session.lock:

@@ -16,6 +16,7 @@ writer's own short lock, ``tell``, and the Timer's lock (a leaf).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import threading
@@ -71,10 +72,14 @@ class PeerIdle:
 
 @dataclass(frozen=True, slots=True)
 class PeerFailed:
-    """Told to the NodeActor when the WireGuard session expired (snownet.md §8.4 cause 3)."""
+    """Told to the NodeActor when the WireGuard session expired (snownet.md §8.4 cause 3),
+    or when this client's PeerActor or data path failed (README, "Supervision")."""
 
     client_id: uuid.UUID
     reason: str
+    #: The PeerActor it concerns: a report about an actor already replaced is stale.
+    #: None: whichever is current.
+    actor_urn: str | None = None
 
 
 class PeerSession:
@@ -111,6 +116,8 @@ class PeerSession:
         self._wake = CallTimer(timer, self.on_timer)
         self._idle = IdleTracker()
         self._closed = False
+        #: The owning PeerActor's urn (set by it), named in the failures this reports.
+        self.owner: str | None = None
         self.counters: Counter[str] = Counter()  # drops by reason
         self.handshakes = 0
         self.log = logging.LoggerAdapter(log, {"client_id": str(client_id), "actor": "PeerActor"})
@@ -129,9 +136,12 @@ class PeerSession:
             if self._closed:
                 self.counters["closed"] += len(datagrams)
                 return
-            now = self._clock.monotonic()
-            self._from_network(datagrams, now)
-            self._arm_earlier()
+            try:
+                now = self._clock.monotonic()
+                self._from_network(datagrams, now)
+                self._arm_earlier()
+            except Exception:
+                self._crashed_locked("network data")
 
     def from_tun(self, packets: list[bytes]) -> None:
         """IP packets the TUN reader read for this client's tunnel addresses."""
@@ -139,15 +149,36 @@ class PeerSession:
             if self._closed:
                 self.counters["closed"] += len(packets)
                 return
-            self._from_tun(packets, self._clock.monotonic())
-            self._arm_earlier()
+            try:
+                self._from_tun(packets, self._clock.monotonic())
+                self._arm_earlier()
+            except Exception:
+                self._crashed_locked("TUN packets")
 
     def on_timer(self) -> None:
         """Called by the Timer thread at the armed deadline."""
         with self.lock:
             if not self._closed:
-                self.handle_timeout_locked(self._clock.monotonic())
-                self.arm_locked()
+                try:
+                    self.handle_timeout_locked(self._clock.monotonic())
+                    self.arm_locked()
+                except Exception:
+                    self._crashed_locked("timer")
+
+    def _crashed_locked(self, what: str) -> None:
+        """An exception escaped this client's data path on a shared IO or Timer thread: a
+        bug, or input nothing checked. This client ends; the thread and every other client
+        carry on (README, "Supervision")."""
+        self.log.exception("handling %s failed; closing this client's session", what)
+        self.fail_locked(f"its data path failed ({what})")
+
+    def fail_locked(self, reason: str) -> None:
+        """Close the session and have the node forget the client's connection; the client
+        comes back with a new ``authorize_flow``. Once: a closed session reports nothing."""
+        if self._closed:
+            return
+        self.close_locked()
+        self._notify_node(PeerFailed(self.client_id, reason, self.owner))
 
     # --------------------------------------------------------------- control (lock held)
 
@@ -243,8 +274,9 @@ class PeerSession:
         self._closed = True
         self._wake.arm(None)
         if self._client is not None:
-            self._tun.tell(UnregisterClient(self.client_id))
             self._client = None
+            with contextlib.suppress(pykka.ActorDeadError):  # the TUN is gone: so is its table
+                self._tun.tell(UnregisterClient(self.client_id))
 
     # --------------------------------------------------------------- data path internals
 
@@ -377,7 +409,9 @@ class PeerSession:
                 self.log.info("WireGuard handshake completed")
             elif isinstance(event, ConnectionExpired):
                 self.log.info("WireGuard session expired")
-                self._notify_node(PeerFailed(self.client_id, "WireGuard connection expired"))
+                self._notify_node(
+                    PeerFailed(self.client_id, "WireGuard connection expired", self.owner)
+                )
                 self._tunnel = None
                 return
 

@@ -17,12 +17,17 @@ close frame, so the portal marks the gateway offline at once (README, "Graceful 
 
 The channel starts disconnected: nothing is opened until :class:`Connect` (or
 :class:`KeyRotated`) brings the public key.
+
+Failure (README, "Supervision"): an exception in a handler stops the actor; ``on_failure``
+closes the socket, tells the listener it is disconnected and calls ``on_crash``, with
+which the composition root starts a replacement (``actors/app.py``, ``PortalSupervisor``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import pykka
@@ -103,8 +108,11 @@ class PortalActor(pykka.ThreadingActor):
         timer: Timer,
         user_agent: str,
         websocket_factory: WebSocketFactory = connect_websocket,
+        on_crash: Callable[[str], None] | None = None,
     ) -> None:
         super().__init__()
+        #: Called (on this actor's dying thread) after a failure, with its reason.
+        self._on_crash = on_crash
         self._channel = PhoenixChannel(prototype, rng, clock.monotonic())
         self._listener = listener
         self._clock = clock
@@ -125,8 +133,17 @@ class PortalActor(pykka.ThreadingActor):
     def on_stop(self) -> None:
         self._teardown()
 
-    def on_failure(self, *args: Any) -> None:
+    def on_failure(self, exc_type: Any, exc_value: Any, _traceback: Any) -> None:
+        # Pykka has logged the traceback. Not joined any more: tell the listener (readiness)
+        # before the supervisor starts a replacement, whose news comes after this.
+        reason = f"portal actor failed: {type(exc_value).__name__}"
+        log.error("%s; the portal connection is dropped", reason)
+        self._joined_since = None
         self._teardown()
+        with contextlib.suppress(pykka.ActorDeadError):
+            self._listener.tell(Disconnected(reason))
+        if self._on_crash is not None:
+            self._on_crash(reason)
 
     def _teardown(self) -> None:
         """The socket will not come back: a close frame tells the portal so at once."""
@@ -245,7 +262,8 @@ class PortalActor(pykka.ThreadingActor):
                 log.info("Portal disconnected: %s", reason)
             case Fatal():
                 self._joined_since = None
-        self._listener.tell(event)
+        with contextlib.suppress(pykka.ActorDeadError):  # a failed node exits the process
+            self._listener.tell(event)
 
     def _now(self) -> float:
         return self._clock.monotonic()

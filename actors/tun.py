@@ -331,8 +331,11 @@ class TunActor(pykka.ThreadingActor):
         device_factory: Callable[[], TunDevice],
         configure: Callable[[str, str], None] | None = None,
         batch_size: int = 128,
+        on_fatal: Callable[[str, int], None] | None = None,
     ) -> None:
         super().__init__()
+        #: The process cannot serve without its device: a failure is escalated (exit 1).
+        self._on_fatal = on_fatal
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self._device_factory = device_factory
@@ -372,6 +375,8 @@ class TunActor(pykka.ThreadingActor):
         traceback: TracebackType | None,
     ) -> None:
         self._shutdown()
+        if self._on_fatal is not None:
+            self._on_fatal(f"TUN actor failed: {exception_value}", 1)
 
     def _shutdown(self) -> None:
         reader, self._reader = self._reader, None
