@@ -602,7 +602,7 @@ class Allocation:
         if self._relays:
             if not self._in_flight(Method.REFRESH):
                 self._send_refresh(now)
-        elif not self._requests:
+        elif not self._requests and self._allocate_retry_at is None:  # a retry is due soon
             self._active = None
             self._send_bindings(now)
 

@@ -46,6 +46,9 @@ PEER = ("198.51.100.7", 51820)
 PEER2 = ("198.51.100.8", 51820)
 USER, PASSWORD, REALM = "1700000000:salt", "secret-password", "firezone"
 KEY = long_term_key(USER, REALM, PASSWORD)
+#: The same relay's credentials in a later init (the portal draws new ones every time).
+USER2, PASSWORD2 = "1700000001:salt2", "rotated-password"
+KEY2 = long_term_key(USER2, REALM, PASSWORD2)
 SOFTWARE = "snownet; session=ABCD"
 T0 = 1000.0
 
@@ -481,6 +484,22 @@ def test_437_whose_delete_is_refused_retries_the_allocate_shortly() -> None:
     assert not [m for m in relay.sent() if m[1].method == Method.ALLOCATE]
 
 
+def test_an_init_during_the_437_retry_delay_waits_for_the_retry() -> None:
+    """Neither a refresh nor new credentials start a second round beside the retry; the
+    retry, a new ALLOCATE, takes the new credentials."""
+    alloc, relay = challenged()
+    _, signed, _ = relay.one(Method.ALLOCATE)
+    relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
+    _, delete, _ = relay.one(Method.REFRESH)
+    relay.answer(delete, MessageClass.ERROR, error=(441, "Wrong Credentials"), now=T0)
+    alloc.refresh(T0 + 0.5)
+    alloc.update_credentials(USER2, PASSWORD2, T0 + 0.5)
+    assert relay.sent() == []
+    tick(alloc, T0 + ALLOCATE_RETRY_DELAY)
+    _, again, raw = relay.one(Method.ALLOCATE)
+    assert again.username() == USER2 and verify_integrity(raw, KEY2)
+
+
 def test_437_whose_delete_is_refused_then_succeeds() -> None:
     alloc, relay = challenged()
     _, signed, _ = relay.one(Method.ALLOCATE)
@@ -802,10 +821,6 @@ def test_same_config() -> None:
 
 
 # ---- new credentials for the same relay (every portal init) ---------------------------------
-
-USER2, PASSWORD2 = "1700000001:salt2", "rotated-password"
-KEY2 = long_term_key(USER2, REALM, PASSWORD2)
-
 
 def test_new_credentials_keep_a_made_allocation_and_its_channels() -> None:
     """The portal salts credentials on every init: a made allocation keeps its relayed
