@@ -206,7 +206,8 @@ class Allocation:
         through it. The new credentials wait for the next ALLOCATE (the allocation expired,
         was lost or deleted) or for the relay to reject the old ones. With nothing made
         yet they apply at once. A suspended allocation starts over (``refresh``) and a
-        made one is refreshed, as a relay left out of an ``init`` is (snownet.md §6.1).
+        made one is refreshed, as a relay left out of an ``init`` is (``update_relays`` in
+        Firezone's ``rust/connlib/snownet/src/node.rs``).
         """
         if self.is_freed:
             return
