@@ -63,14 +63,19 @@ def _gateway_inits(e2e: Stack, after: int = 0) -> list[tuple[str, ...]]:
     ]
 
 
-def _reconnect_and_watch(e2e: Stack, tag: str) -> None:
-    """Drop the gateway's portal socket, check it got rotated TURN credentials, and check
-    every echo through the tunnel for ``WATCH`` seconds after the new ``init``."""
+def _reconnect_and_watch(e2e: Stack, tag: str, *, restart: bool = False) -> None:
+    """Drop the gateway's portal socket (or restart the portal: the client reconnects
+    too), check the gateway got rotated TURN credentials, and check every echo through
+    the tunnel for ``WATCH`` seconds after the new ``init``."""
     portal = e2e.portal
     assert portal is not None
     before = _gateway_inits(e2e)[-1]
     mark = len(portal.events)
-    assert portal.drop_gateway(portal.gateways()[0].id) == 1
+    if restart:
+        portal.stop()
+        e2e.start_portal()
+    else:
+        assert portal.drop_gateway(portal.gateways()[0].id) == 1
     assert portal.wait_for(lambda p: bool(_gateway_inits(e2e, mark)), timeout=20), e2e.logs()
     (after,) = _gateway_inits(e2e, mark)
     assert after != before, "the portal must rotate TURN credentials on every init"
@@ -91,7 +96,7 @@ def _reconnect_and_watch(e2e: Stack, tag: str) -> None:
     assert len(lost) <= 1, (lost, n, e2e.logs())
 
 
-def _reconnects_keep_traffic(e2e: Stack) -> None:
+def _reconnects_keep_traffic(e2e: Stack, *, restart: bool = False) -> None:
     """Several reconnects in a row; afterwards the gateway's path, its relayed address
     and everything it told the client about its candidates are unchanged."""
     assert e2e.portal is not None
@@ -100,7 +105,7 @@ def _reconnects_keep_traffic(e2e: Stack) -> None:
     (relay,) = e2e.gateway_status()["relays"]
     mark = len(e2e.portal.events)
     for round_ in range(RECONNECTS):
-        _reconnect_and_watch(e2e, f"round{round_}")
+        _reconnect_and_watch(e2e, f"round{round_}", restart=restart)
         e2e.wait_gateway_ready()
     (entry,) = e2e.gateway_status()["clients"]
     assert entry["path"] == path, (entry, e2e.logs())
@@ -122,8 +127,9 @@ def test_direct_path_survives_portal_reconnects_with_rotated_turn_credentials(
     _reconnects_keep_traffic(e2e)
 
 
+@pytest.mark.parametrize("restart", [False, True], ids=["socket-dropped", "portal-restart"])
 def test_relayed_path_survives_portal_reconnects_with_rotated_turn_credentials(
-    e2e: Stack,
+    e2e: Stack, restart: bool,
 ) -> None:
     """Client and gateway cannot reach each other and the client cannot allocate: the only
     path is the gateway's own allocation, the one whose credentials rotate."""
@@ -136,4 +142,4 @@ def test_relayed_path_survives_portal_reconnects_with_rotated_turn_credentials(
                for _ in range(5))
     (entry,) = e2e.gateway_status()["clients"]
     assert entry["path"].startswith("relay:"), entry
-    _reconnects_keep_traffic(e2e)
+    _reconnects_keep_traffic(e2e, restart=restart)
