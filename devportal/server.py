@@ -109,6 +109,10 @@ class DevPortal:
     def __init__(self, config: DevPortalConfig, *, rng: random.Random | None = None) -> None:
         self.config = config
         self._rng = rng or random.SystemRandom()
+        #: TURN salts never come from a seeded ``rng``: the real portal draws fresh relay
+        #: credentials for every init, so two portals started with one seed (a restart)
+        #: must not hand out the same ones within a second.
+        self._turn_rng = random.SystemRandom()
         self._lock = threading.RLock()
         self._cond = threading.Condition(self._lock)
         self._server: Server | None = None
@@ -244,6 +248,20 @@ class DevPortal:
                     continue
                 count += 1
         return count
+
+    def drop_gateway(self, gateway_id: uuid.UUID | None = None) -> int:
+        """Close the websocket of connected gateways (all, or one) from the portal's side,
+        as a portal deploy does; clients stay connected. The gateway reconnects, joins
+        and gets a fresh ``init`` (with fresh TURN credentials). Returns how many closed."""
+        with self._lock:
+            sessions = [
+                s for s in self._sessions
+                if s.kind == "gateway" and (gateway_id is None or s.id == gateway_id)
+            ]
+        for session in sessions:
+            self._record("connect", session.kind, session.name, "dropped", {})
+            session.ws.close(1001, "going away")
+        return len(sessions)
 
     def reject_access(self, client_name: str, resource_id: uuid.UUID) -> int:
         """Revoke a client's access to a resource on every gateway that authorized it."""
@@ -616,8 +634,10 @@ class DevPortal:
     def _relay_entries(self) -> list[dict[str, Any]]:
         entries = []
         for relay in self.config.relays:
-            for addr in relay.addrs:  # one entry per address, each with fresh credentials
-                creds = coturn_rest_credentials(relay.secret, time.time(), self._rng)
+            # One entry per address, each with fresh credentials, on every init (as the
+            # real portal does: a reconnect always brings new ones for the same relay).
+            for addr in relay.addrs:
+                creds = coturn_rest_credentials(relay.secret, time.time(), self._turn_rng)
                 entries.append(
                     {
                         "id": str(relay.id),

@@ -301,7 +301,8 @@ class Node:
     def update_relays(
         self, removed: Iterable[str], added: Iterable[TurnServer], now: float
     ) -> None:
-        """Apply ``init``/``relays_presence`` (snownet.md §6.1)."""
+        """Apply ``init``/``relays_presence`` (snownet.md §6.1), except that a relay whose
+        only change is its credentials keeps its allocation (see the comment below)."""
         for relay_id in removed:
             self._deferred.pop(relay_id, None)
             if relay_id in self._allocations:
@@ -319,16 +320,30 @@ class Node:
             ):
                 log.debug("skipping known TURN server %s", relay.relay_id)
                 continue
+            if (
+                current is not None
+                and not current.is_freed
+                and current.same_servers(relay.addresses)
+            ):
+                # Only the credentials changed, as on every portal reconnect (the portal
+                # draws fresh ones for each init). Replacing the allocation (1.4 does)
+                # would withdraw its relayed candidate and fail every connection whose
+                # pair uses it, though the relay and its allocation are fine: it is kept,
+                # and takes the new credentials when it next allocates.
+                current.update_credentials(relay.username, relay.password, now)
+                self._drain_allocation(current, now)
+                continue
             if current is not None:
-                # Same socket, new credentials: a relay that binds allocations to the
-                # username (coturn does) refuses a new ALLOCATE on the same 5-tuple until
-                # the old allocation is gone, so delete it with its own credentials first;
+                # Other server addresses (or a freed allocation): replaced. The active
+                # server may be among the new ones, and a relay that binds allocations to
+                # the username (coturn does) refuses a new ALLOCATE on the same 5-tuple
+                # until the old allocation is gone, so delete it with its own credentials;
                 # it stays around, for its own transactions only, until the delete is done,
                 # and the new allocation starts after that.
                 current.deallocate(now)
                 while (tx := current.poll_transmit()) is not None:
                     self._transmits.append(tx)
-                self._remove_allocation(relay.relay_id, "relay credentials changed", now)
+                self._remove_allocation(relay.relay_id, "relay addresses changed", now)
                 if current.busy:
                     self._deleting.append(current)
                     self._deferred[relay.relay_id] = relay

@@ -5,6 +5,12 @@ each answer yields a server-reflexive candidate) -> ALLOCATE with long-term cred
 REFRESH at half the lifetime -> channels bound on demand and re-bound while in use.
 Requests are retransmitted 1 s, x1.5, until 10 s have elapsed; authenticated requests get a
 fresh transaction id on every send.
+
+New credentials for the same relay (the portal draws fresh ones for every ``init``) do not
+replace a made allocation: it keeps the credentials that made it (coturn binds an allocation
+to its username), so its relayed address, channels and the connections relayed through it
+survive a portal reconnect; the new ones are used from the next ALLOCATE on, or as soon as
+the relay rejects the old ones (:meth:`Allocation.update_credentials`).
 """
 
 from __future__ import annotations
@@ -139,6 +145,8 @@ class Allocation:
         self._password = password
         self._realm = realm
         self._key: bytes | None = long_term_key(username, realm, password)
+        #: Newer credentials from the portal, waiting for the allocation they replace to end.
+        self._next_credentials: tuple[str, str] | None = None
         self._nonce: str | None = None
         self._software = software.encode()
         self._rng = rng
@@ -184,6 +192,52 @@ class Allocation:
             and username == self._username
             and password == self._password
         )
+
+    def same_servers(self, servers: Sequence[Address]) -> bool:
+        return frozenset(servers) == self._server_set
+
+    def update_credentials(self, username: str, password: str, now: float) -> None:
+        """The portal sent other credentials for this relay (it does on every ``init``).
+
+        An allocation that exists on the relay, or that an authenticated ALLOCATE in flight
+        may be making, keeps the credentials that made it: a relay that binds allocations
+        to the username (coturn) refuses any other for its REFRESH and CHANNEL-BIND (441),
+        and replacing it would drop its relayed address and every connection relayed
+        through it. The new credentials wait for the next ALLOCATE (the allocation expired,
+        was lost or deleted) or for the relay to reject the old ones. With nothing made
+        yet they apply at once. A suspended allocation starts over (``refresh``) and a
+        made one is refreshed, as a relay left out of an ``init`` is (``update_relays`` in
+        Firezone's ``rust/connlib/snownet/src/node.rs``).
+        """
+        if self.is_freed:
+            return
+        if username == self._username and password == self._password:
+            self._next_credentials = None
+        elif self._relays or self._allocate_in_flight():
+            self._next_credentials = (username, password)
+            logger.info(
+                "relay %s: new credentials; the allocation keeps the ones that made it",
+                self.relay_id,
+            )
+        else:
+            self._next_credentials = (username, password)
+            self._adopt_next_credentials()
+        self.refresh(now)
+
+    def _allocate_in_flight(self) -> bool:
+        """An authenticated ALLOCATE is out: it may have made an allocation on the relay."""
+        return any(
+            r.method == Method.ALLOCATE and r.carried_nonce for r in self._requests.values()
+        )
+
+    def _adopt_next_credentials(self) -> bool:
+        if self._next_credentials is None:
+            return False
+        self._username, self._password = self._next_credentials
+        self._next_credentials = None
+        self._key = long_term_key(self._username, self._realm, self._password)
+        logger.info("relay %s: using the new credentials", self.relay_id)
+        return True
 
     def relay_addresses(self) -> list[Address]:
         return [self._relays[f] for f in (4, 6) if f in self._relays]
@@ -342,6 +396,11 @@ class Allocation:
             nonce = msg.nonce()
             if code == 401 and request.carried_nonce:
                 del self._requests[msg.transaction_id]
+                if self._adopt_next_credentials():
+                    # The old credentials expired (or the relay's secret changed): the
+                    # portal has given newer ones since.
+                    self._resend_authenticated(request, now, fresh_backoff=True)
+                    return
                 logger.warning(
                     "relay %s: credentials rejected (%d %s)", self.relay_id, code, reason
                 )
@@ -544,7 +603,7 @@ class Allocation:
         if self._relays:
             if not self._in_flight(Method.REFRESH):
                 self._send_refresh(now)
-        elif not self._requests:
+        elif not self._requests and self._allocate_retry_at is None:  # a retry is due soon
             self._active = None
             self._send_bindings(now)
 
@@ -732,6 +791,8 @@ class Allocation:
             self._transmits.append(Transmit(None, server, raw))
 
     def _send_allocate(self, now: float) -> None:
+        # A new allocation: made with the newest credentials the portal gave.
+        self._adopt_next_credentials()
         self._send_authenticated(
             Method.ALLOCATE,
             [

@@ -120,6 +120,34 @@ def test_portal_restart_reconnects_with_backoff(rig: Rig) -> None:
     assert status.state == "joined" and status.reconnects >= 2
 
 
+def _turn_usernames(init: Any) -> set[str]:
+    assert isinstance(init, Init)
+    return {relay.username for relay in init.relays}
+
+
+def test_every_init_brings_fresh_turn_credentials(rig: Rig) -> None:
+    """As the real portal: a dropped socket, and a restart even with the same seed, give
+    the gateway new TURN credentials for the same relay (what it must survive)."""
+    gateway = rig.start_gateway()
+    gateway.tell(Connect(KEY_A))
+    next_of(rig.inbox, PortalJoined, timeout=5)
+    first = _turn_usernames(next_of(rig.inbox, PortalIngress, timeout=5).message)
+    assert rig.portal.drop_gateway() == 1
+    next_of(rig.inbox, PortalDisconnected, timeout=5)
+    next_of(rig.inbox, PortalJoined, timeout=10)
+    second = _turn_usernames(next_of(rig.inbox, PortalIngress, timeout=5).message)
+    _, port = rig.portal.address
+    rig.portal.stop()
+    restarted = DevPortal(parse_config(CONFIG), rng=random.Random(5)).start(sock=_listen(port))
+    try:
+        next_of(rig.inbox, PortalJoined, timeout=10)
+        third = _turn_usernames(next_of(rig.inbox, PortalIngress, timeout=5).message)
+    finally:
+        restarted.stop()
+    assert len(first) == len(second) == len(third) == 2  # one per address of the relay
+    assert first.isdisjoint(second) and first.isdisjoint(third) and second.isdisjoint(third)
+
+
 def test_rejected_token_is_fatal_without_retry_storm(
     rig: Rig, caplog: pytest.LogCaptureFixture
 ) -> None:

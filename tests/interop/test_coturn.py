@@ -222,10 +222,10 @@ def test_dual_stack_relay(tmp_path: Path) -> None:
 def test_credentials_replaced_mid_allocate_leave_nothing_behind(
     harness: Harness, coturn: CoturnServer
 ) -> None:
-    """The portal salts TURN credentials on every init. An allocation replaced while its
-    authenticated ALLOCATE is at coturn deletes whatever that ALLOCATE made (coturn binds
-    an allocation to its username and lets no other one delete it), so the new
-    credentials can allocate on the same socket."""
+    """An allocation replaced (its relay's addresses changed) while its authenticated
+    ALLOCATE is at coturn deletes whatever that ALLOCATE made (coturn binds an allocation
+    to its username and lets no other one delete it), so the new credentials can allocate
+    on the same socket."""
 
     def authenticated_allocate_sent() -> bool:
         return any(m.nonce() is not None for m in harness.sent_requests(Method.ALLOCATE))

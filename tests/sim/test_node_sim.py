@@ -397,6 +397,8 @@ def test_reuse_resignals_candidates_and_accepts_new_ones_for_a_while() -> None:
 
 FIRST = TurnServer("relay-1", (RELAY,), "1700000000:user", "secret-password")
 ROTATED = TurnServer("relay-1", (RELAY,), "1700000001:user", "other-password")
+#: A second server address for the relay that nothing answers (an address change).
+RELAY6: Address = ("fd00::4", 3478)
 
 
 def _rotating_sim(*, block_direct: bool = False) -> Sim:
@@ -411,29 +413,64 @@ def _relay_answers(sim: Sim) -> list[tuple[int, str | None, int | None, int]]:
     return [entry for entry in sim.relay.log if entry[3] != 401]  # 401 = the nonce round
 
 
-def test_changed_credentials_replace_the_allocation_after_deleting_the_old_one() -> None:
-    """A fresh init carries new TURN credentials for the same relay (the portal salts them
-    every time): the old allocation is deleted (REFRESH lifetime 0) before the new one."""
+def _run_for(sim: Sim, seconds: float) -> None:
+    end = sim.now + seconds
+    sim.run_until(lambda: sim.now >= end, limit=seconds + 1)
+
+
+def _rotation_keeps_the_connection(sim: Sim) -> None:
+    """An established connection, then init after init with rotated TURN credentials for
+    its relay (the portal draws fresh ones for every init): nothing about the connection
+    changes and WireGuard keeps flowing both ways over the same path."""
     from gateway.stun.message import Method
 
-    sim = _rotating_sim()
     sim.add_relay()
-    before = len(sim.relay.log)
-    sim.node.update_relays([], [FIRST], sim.now)  # same credentials: kept, nothing sent
-    sim.pump()
-    assert len(sim.relay.log) == before
-    sim.node.update_relays([], [ROTATED], sim.now)
-    sim.pump()
-    assert _relay_answers(sim)[-2:] == [
-        (Method.REFRESH, FIRST.username, 0, 0), (Method.ALLOCATE, ROTATED.username, None, 0)]
-    assert sim.relay.owners == {GATEWAY: ROTATED.username}
-    assert [r["state"] for r in sim.node.relays()] == ["allocated"]
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    _exchange(sim)
+    path, nominated = sim.gw_path, sim.client_nominated
+    relayed = sim.node.relays()[0]["relay_addresses"]
+    sim.events.clear()
+    for rotated in (ROTATED, FIRST, ROTATED):
+        sim.node.update_relays([], [rotated], sim.now)
+        sim.pump()
+        _run_for(sim, 3.0)  # past the retries and re-allocation of a replaced allocation
+        sim.gw_received.clear()
+        sim.client_received.clear()
+        _exchange(sim)
+    changes = [e for e in sim.events
+               if isinstance(e, (CandidatesInvalidated, ConnectionFailed, PathChanged))]
+    assert changes == []
+    assert sim.gw_path == path and sim.client_nominated == nominated
+    (conn,) = sim.node.connections()
+    assert conn.path == path and conn.failed is None
+    assert sim.node.relays()[0]["relay_addresses"] == relayed
+    # The allocation was refreshed, not deleted, and is still the one the first
+    # credentials made; nothing was refused.
+    answers = _relay_answers(sim)
+    assert not [a for a in answers if a[0] == Method.REFRESH and a[2] == 0], answers
+    assert all(code == 0 for *_, code in answers), answers
+    assert sim.relay.owners == {GATEWAY: FIRST.username}
 
 
-def test_new_credentials_during_the_first_allocate_leave_no_allocation_behind() -> None:
-    """The second init can come while the first ALLOCATE is at the relay: should it
-    succeed, the allocation is deleted with the credentials that made it (the relay lets
-    no other username delete it), and only then the new one is made."""
+def test_rotated_credentials_keep_a_direct_connection() -> None:
+    sim = _rotating_sim()
+    _rotation_keeps_the_connection(sim)
+    assert isinstance(sim.gw_path, DirectPath)
+
+
+def test_rotated_credentials_keep_a_connection_relayed_through_the_allocation() -> None:
+    """The client reaches our relayed address from its host socket (to the client that is
+    a "direct" path): replacing the allocation would cut it."""
+    sim = _rotating_sim(block_direct=True)
+    _rotation_keeps_the_connection(sim)
+    assert isinstance(sim.gw_path, RelayedPath) and sim.gw_path.server == RELAY
+    assert sim.client_nominated is not None and sim.client_nominated[1][0] == RELAY[0]
+
+
+def test_new_credentials_during_the_first_allocate_keep_what_it_makes() -> None:
+    """The second init can come while the first ALLOCATE is at the relay: what it makes
+    is kept (bound to the first username); nothing is refused or deleted."""
     from gateway.stun.message import MessageClass, Method, parse
 
     sim = _rotating_sim()
@@ -454,9 +491,8 @@ def test_new_credentials_during_the_first_allocate_leave_no_allocation_behind() 
     sim.pump()
     sim.run_until(lambda: bool(sim.node.relays()[0]["relay_addresses"]), limit=15)
     answers = _relay_answers(sim)
-    assert (Method.REFRESH, FIRST.username, 0, 0) in answers  # deleted by its maker
     assert all(code == 0 for *_, code in answers), answers  # no 437, no 441
-    assert sim.relay.owners == {GATEWAY: ROTATED.username}
+    assert sim.relay.owners == {GATEWAY: FIRST.username}
     assert len(sim.relay.allocations) == 1
 
 
@@ -472,13 +508,30 @@ def test_new_credentials_before_the_relay_answered_anything_start_at_once() -> N
     assert sim.relay.owners == {GATEWAY: ROTATED.username}
 
 
+def test_other_server_addresses_replace_the_allocation_after_deleting_the_old_one() -> None:
+    """A relay whose addresses changed is replaced: the old allocation is deleted (REFRESH
+    lifetime 0, with its own credentials) before the new one is made."""
+    from gateway.stun.message import Method
+
+    sim = _rotating_sim()
+    sim.add_relay()
+    moved = TurnServer("relay-1", (RELAY, RELAY6), ROTATED.username, ROTATED.password)
+    sim.node.update_relays([], [moved], sim.now)
+    sim.pump()
+    assert _relay_answers(sim)[-2:] == [
+        (Method.REFRESH, FIRST.username, 0, 0), (Method.ALLOCATE, ROTATED.username, None, 0)]
+    assert sim.relay.owners == {GATEWAY: ROTATED.username}
+    assert [r["state"] for r in sim.node.relays()] == ["allocated"]
+
+
 def test_a_relay_being_replaced_is_still_chosen_and_its_connection_gets_relayed() -> None:
     """While the old allocation's delete is in flight the relay is still a known relay
     (snownet.md §5.1): authorize_flow gets its connection, not NoTurnServers, and the
     connection's relay candidates come once the new allocation is made."""
     sim = _rotating_sim(block_direct=True)
     sim.add_relay()
-    sim.node.update_relays([], [ROTATED], sim.now)  # the delete is on its way, not done
+    moved = TurnServer("relay-1", (RELAY, RELAY6), ROTATED.username, ROTATED.password)
+    sim.node.update_relays([], [moved], sim.now)  # the delete is on its way, not done
     assert isinstance(sim.authorize(), ConnectionCreated)  # authorize pumps the network
     assert sim.relay.owners == {GATEWAY: ROTATED.username}
     sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)

@@ -46,6 +46,9 @@ PEER = ("198.51.100.7", 51820)
 PEER2 = ("198.51.100.8", 51820)
 USER, PASSWORD, REALM = "1700000000:salt", "secret-password", "firezone"
 KEY = long_term_key(USER, REALM, PASSWORD)
+#: The same relay's credentials in a later init (the portal draws new ones every time).
+USER2, PASSWORD2 = "1700000001:salt2", "rotated-password"
+KEY2 = long_term_key(USER2, REALM, PASSWORD2)
 SOFTWARE = "snownet; session=ABCD"
 T0 = 1000.0
 
@@ -481,6 +484,22 @@ def test_437_whose_delete_is_refused_retries_the_allocate_shortly() -> None:
     assert not [m for m in relay.sent() if m[1].method == Method.ALLOCATE]
 
 
+def test_an_init_during_the_437_retry_delay_waits_for_the_retry() -> None:
+    """Neither a refresh nor new credentials start a second round beside the retry; the
+    retry, a new ALLOCATE, takes the new credentials."""
+    alloc, relay = challenged()
+    _, signed, _ = relay.one(Method.ALLOCATE)
+    relay.answer(signed, MessageClass.ERROR, error=(437, "Allocation Mismatch"), now=T0)
+    _, delete, _ = relay.one(Method.REFRESH)
+    relay.answer(delete, MessageClass.ERROR, error=(441, "Wrong Credentials"), now=T0)
+    alloc.refresh(T0 + 0.5)
+    alloc.update_credentials(USER2, PASSWORD2, T0 + 0.5)
+    assert relay.sent() == []
+    tick(alloc, T0 + ALLOCATE_RETRY_DELAY)
+    _, again, raw = relay.one(Method.ALLOCATE)
+    assert again.username() == USER2 and verify_integrity(raw, KEY2)
+
+
 def test_437_whose_delete_is_refused_then_succeeds() -> None:
     alloc, relay = challenged()
     _, signed, _ = relay.one(Method.ALLOCATE)
@@ -799,6 +818,91 @@ def test_same_config() -> None:
     assert not alloc.same_config([SERVER], USER, PASSWORD)
     assert not alloc.same_config([SERVER, SERVER6], USER, "other")
     assert not alloc.same_config([SERVER, SERVER6], "other", PASSWORD)
+
+
+# ---- new credentials for the same relay (every portal init) ---------------------------------
+
+def test_new_credentials_keep_a_made_allocation_and_its_channels() -> None:
+    """The portal salts credentials on every init: a made allocation keeps its relayed
+    address and channels and goes on with the credentials that made it (coturn binds the
+    allocation to them); the init only refreshes it."""
+    alloc, relay = allocated()
+    number = bound(alloc, relay, PEER, T0 + 1)
+    alloc.update_credentials(USER2, PASSWORD2, T0 + 2)
+    _, refresh, _ = relay.one(Method.REFRESH)
+    assert refresh.username() == USER and refresh.lifetime() is None
+    relay.answer(refresh, attrs=[(Attr.LIFETIME, u32(600))], now=T0 + 2)
+    assert events(alloc) == []
+    assert alloc.relay_addresses() == [RELAY] and alloc.channel_for(PEER) == number
+    tick(alloc, T0 + 302)
+    _, later, _ = relay.one(Method.REFRESH)
+    assert later.username() == USER
+    alloc.bind_channel(PEER2, T0 + 303)
+    _, bind, _ = relay.one(Method.CHANNEL_BIND)
+    assert bind.username() == USER
+
+
+def test_new_credentials_make_the_next_allocation() -> None:
+    """Once the allocation is gone (here: expired), the next ALLOCATE uses the newest
+    credentials."""
+    alloc, relay = allocated(lifetime=20)
+    alloc.update_credentials(USER2, PASSWORD2, T0 + 1)
+    relay.answer(relay.one(Method.REFRESH)[1], attrs=[(Attr.LIFETIME, u32(20))], now=T0 + 1)
+    for t in (11, 12, 13.5, 15.75, 19.125):
+        tick(alloc, T0 + t)
+        relay.sent()  # REFRESHes nobody answers
+    tick(alloc, T0 + 21)
+    assert events(alloc) == [CandidateRemoved("relay", RELAY)]
+    alloc.refresh(T0 + 22)
+    _, binding, _ = relay.one(Method.BINDING)
+    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0 + 22)
+    _, allocate, raw = relay.one(Method.ALLOCATE)
+    assert allocate.username() == USER2 and verify_integrity(raw, KEY2)
+
+
+def test_rejected_old_credentials_give_way_to_the_new_ones() -> None:
+    """The credentials that made the allocation expired (or the relay's secret changed):
+    the request goes again with the newest ones instead of freeing the allocation."""
+    alloc, relay = allocated()
+    alloc.update_credentials(USER2, PASSWORD2, T0 + 1)
+    _, refresh, _ = relay.one(Method.REFRESH)
+    relay.answer(refresh, MessageClass.ERROR, error=(401, "Unauthorized"), key=None,
+                 now=T0 + 1)
+    _, again, raw = relay.one(Method.REFRESH)
+    assert again.username() == USER2 and verify_integrity(raw, KEY2)
+    relay.answer(again, attrs=[(Attr.LIFETIME, u32(600))], key=KEY2, now=T0 + 1)
+    assert not alloc.is_freed and alloc.relay_addresses() == [RELAY]
+    assert events(alloc) == []
+
+
+def test_new_credentials_before_any_authenticated_allocate_apply_at_once() -> None:
+    alloc = new_alloc()
+    relay = Relay(alloc)
+    _, binding, _ = relay.one(Method.BINDING)
+    alloc.update_credentials(USER2, PASSWORD2, T0)
+    assert relay.sent() == []  # the BINDING is still out
+    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
+    _, first, _ = relay.one(Method.ALLOCATE)
+    relay.challenge(first, T0)
+    _, second, raw = relay.one(Method.ALLOCATE)
+    assert second.username() == USER2 and verify_integrity(raw, KEY2)
+
+
+def test_new_credentials_during_an_authenticated_allocate_wait_for_its_answer() -> None:
+    """That ALLOCATE may have made an allocation bound to the old username: it is kept."""
+    alloc = new_alloc()
+    relay = Relay(alloc)
+    _, binding, _ = relay.one(Method.BINDING)
+    relay.answer(binding, xor=[(Attr.XOR_MAPPED_ADDRESS, MAPPED)], key=None, now=T0)
+    relay.challenge(relay.one(Method.ALLOCATE)[1], T0)
+    _, signed, _ = relay.one(Method.ALLOCATE)
+    alloc.update_credentials(USER2, PASSWORD2, T0)
+    assert relay.sent() == []
+    relay.answer(signed, xor=[(Attr.XOR_RELAYED_ADDRESS, RELAY)],
+                 attrs=[(Attr.LIFETIME, u32(600))], now=T0)
+    assert alloc.relay_addresses() == [RELAY]
+    alloc.bind_channel(PEER, T0 + 1)
+    assert relay.one(Method.CHANNEL_BIND)[1].username() == USER
 
 
 # ---- fuzzing ------------------------------------------------------------------------------
