@@ -29,6 +29,10 @@ variable                                key                         default
 ``FIREZONE_NETWORK_CHANGE_DEBOUNCE``    network_change_debounce     2.0 (seconds)
 ======================================  ==========================  =======================
 
+The two ``NETWORK_CHANGE`` settings are ours (the 1.4 gateway never resets on its own):
+reset when the gateway's own usable addresses change (``gateway/roaming.py``); also the
+flags ``--no-network-change-reset`` and ``--network-change-debounce``.
+
 Booleans from the environment must be exactly ``true`` or ``false`` (clap's parser in the
 real gateway rejects ``1``). The token may also come from ``token_file`` (any layer) or a
 systemd credential, which the loader passes as ``credential_token``.
