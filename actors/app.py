@@ -102,6 +102,7 @@ class Runtime:
                     else self.clock.unix() - (self.clock.monotonic() - portal.joined_since)
                 ),
                 "reconnects": portal.reconnects,
+                "connection_attempts": portal.connection_attempts,
             },
             "resets": node["resets"],
             "ports": node["ports"],
