@@ -104,3 +104,26 @@ def test_special_values() -> None:
     text = metrics.render()
     assert "g +Inf" in text
     assert "h 1e+20" in text
+
+
+def test_node_counters_are_exported() -> None:
+    """The node's drops (in ``status``) reach /metrics through the gateway's collector."""
+    from types import SimpleNamespace
+
+    from actors.app import _register_collectors
+    from actors.metrics import new_gateway_metrics
+
+    status = {
+        "clients": [], "tun": {"dropped": {}}, "resets": 0, "gc": None,
+        "portal": {"reconnects": 0, "state": "joined"},
+        "counters": {"garbage_datagram": 3, "malformed_stun": 2, "wireguard_no_connection": 1,
+                     "udp_send_error_101": 4},
+    }
+    metrics = new_gateway_metrics()
+    _register_collectors(metrics, SimpleNamespace(status=lambda: status))  # type: ignore[arg-type]
+    text = metrics.render()
+    assert "# TYPE firezone_node_events_total counter" in text
+    assert 'firezone_node_events_total{event="garbage_datagram"} 3' in text
+    assert 'firezone_node_events_total{event="malformed_stun"} 2' in text
+    assert 'firezone_node_events_total{event="wireguard_no_connection"} 1' in text
+    assert 'firezone_node_events_total{event="udp_send_error_101"} 4' in text
