@@ -152,10 +152,10 @@ class Metrics:
         return "\n".join(lines) + "\n" if lines else ""
 
 
-def node_event_samples(counters: Mapping[str, float]) -> list[Sample]:
+def node_event_samples(counters: Mapping[str, float]) -> list[tuple[str, dict[str, str], float]]:
     """The node's counters (``status``'s ``counters``) as ``firezone_node_events_total``;
     their names are fixed in the code (errno-suffixed ones by the errno), so bounded."""
-    return [Sample("firezone_node_events_total", {"event": name}, float(count))
+    return [("firezone_node_events_total", {"event": name}, float(count))
             for name, count in counters.items()]
 
 
