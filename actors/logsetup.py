@@ -80,6 +80,8 @@ _PATTERNS = (
     ),
     # Phoenix.Token-style signed tokens (base64 of "SFMyNTY" = "HMA256" prefix)
     (re.compile(r"SFMyNTY\.[A-Za-z0-9_\-.=]+"), REDACTED),
+    # user:password@ in URLs (an API URL with userinfo), wherever a URL is logged
+    (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s\"'<>]*@"), rf"\1{REDACTED}@"),
 )
 
 _secrets: set[str] = set()

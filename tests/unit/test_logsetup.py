@@ -186,3 +186,14 @@ def test_secrets_scan_catches_a_leak() -> None:
     with pytest.raises(AssertionError):
         assert_no_secrets(json.dumps({"k": PSK}), [PSK])
     assert_no_secrets("nothing to see", [TOKEN, PSK])
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_url_userinfo_never_reaches_the_output(output: io.StringIO, fmt: str) -> None:
+    configure_logging("info", fmt, stream=output)
+    logging.getLogger("gateway.test").info(
+        "connecting to %s", "wss://admin:hunter2-pw@portal.test/gateway/websocket?x=1"
+    )
+    text = output.getvalue()
+    assert "hunter2-pw" not in text and "admin" not in text
+    assert "wss://<redacted>@portal.test/gateway/websocket?x=1" in text
