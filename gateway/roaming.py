@@ -79,7 +79,8 @@ class HostAddresses:
 
     Entries are keyed by ``(index, address)`` as netlink reports them; names are looked
     up when the set is read, so an address reported before its link was named is judged
-    correctly once the name is known. Bounded by the kernel's own address table.
+    correctly once the name is known. Both tables are bounded by the kernel's own: a
+    removed link takes its name and addresses with it (Docker churns through veths).
     """
 
     def __init__(self, ignore_ifname: str) -> None:
@@ -88,13 +89,20 @@ class HostAddresses:
         self._addresses: dict[tuple[int, str], int] = {}
 
     def link(self, index: int, name: str) -> None:
-        """A link's name (from a link event or dump); kept after the link goes away."""
+        """A link's name (from a link event or dump)."""
         self._names[index] = name
 
     def link_removed(self, index: int) -> None:
-        """Its addresses went with it (the kernel also reports them one by one)."""
+        """Its name and addresses go with it (the kernel reports the addresses' removal
+        before the link's, so none can arrive for it afterwards)."""
+        self._names.pop(index, None)
         for key in [key for key in self._addresses if key[0] == index]:
             del self._addresses[key]
+
+    @property
+    def links(self) -> int:
+        """How many links are named (for tests of the bound)."""
+        return len(self._names)
 
     def added(self, index: int, address: str, flags: int) -> None:
         """``RTM_NEWADDR``: a new address, or new flags (DAD done, deprecated) on one."""

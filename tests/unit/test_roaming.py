@@ -134,3 +134,14 @@ def test_usable_address_rules() -> None:
         ("2001:db8::1", IFA_F_DADFAILED),
     ):
         assert usable_address(address, flags) is None, address
+
+
+def test_removed_links_are_forgotten() -> None:
+    """Veths come and go by the thousand on a container host: the tables stay bounded."""
+    roaming = _roaming()
+    for index in range(100, 1100):
+        roaming.addresses.link(index, f"veth{index}")
+        roaming.addresses.added(index, f"fe80::{index:x}", 0x80)
+        roaming.addresses.link_removed(index)
+    assert roaming.addresses.links == 2
+    assert roaming.settle() is None
