@@ -117,6 +117,7 @@ class Runtime:
                     else self.clock.unix() - (self.clock.monotonic() - portal.joined_since)
                 ),
                 "reconnects": portal.reconnects,
+                "connection_attempts": portal.connection_attempts,
             },
             "resets": node["resets"],
             "ports": node["ports"],
@@ -460,6 +461,7 @@ def _start_control(runtime: Runtime) -> None:
 
 def _register_collectors(metrics: Any, runtime: Runtime) -> None:
     """Expose the actors' own counters at scrape time (no per-packet locking)."""
+    from actors.metrics import node_event_samples
 
     def collect() -> list[tuple[str, dict[str, str], float]]:
         try:
@@ -483,6 +485,7 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
             ("firezone_connections", {"path": path}, count) for path, count in paths.items()
         ]
         samples += [("firezone_dropped_packets_total", {"reason": r}, c) for r, c in drops.items()]
+        samples += node_event_samples(status["counters"])
         samples += [
             ("firezone_rx_bytes_total", {}, rx),
             ("firezone_tx_bytes_total", {}, tx),

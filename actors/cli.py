@@ -64,6 +64,20 @@ def _run_parser() -> argparse.ArgumentParser:
     add("--control-socket", metavar="PATH", help="[FIREZONE_CONTROL_SOCKET]")
     add("--state-dir", metavar="DIR", help="Firezone ID directory [FIREZONE_STATE_DIR]")
     add("--tun-name", metavar="NAME", help="TUN device name [FIREZONE_TUN_NAME]")
+    add(
+        "--no-network-change-reset",
+        dest="network_change_reset",
+        action="store_const",
+        const=False,
+        default=None,
+        help="do not reset when the host's own addresses change "
+        "[FIREZONE_NETWORK_CHANGE_RESET=false]",
+    )
+    add(
+        "--network-change-debounce",
+        metavar="SECONDS",
+        help="quiet time before judging a network change [FIREZONE_NETWORK_CHANGE_DEBOUNCE]",
+    )
     for flag, env in (
         ("--no-check", "skip the privilege and TUN checks [FIREZONE_NO_CHECK]"),
         ("--setup-host", "set sysctls and masquerade at start [FIREZONE_SETUP_HOST]"),

@@ -80,6 +80,8 @@ _PATTERNS = (
     ),
     # Phoenix.Token-style signed tokens (base64 of "SFMyNTY" = "HMA256" prefix)
     (re.compile(r"SFMyNTY\.[A-Za-z0-9_\-.=]+"), REDACTED),
+    # user:password@ in URLs (an API URL with userinfo), wherever a URL is logged
+    (re.compile(r"(\b[A-Za-z][A-Za-z0-9+.\-]*://)[^/?#\s\"'<>]*@"), rf"\1{REDACTED}@"),
 )
 
 _secrets: set[str] = set()
@@ -125,8 +127,38 @@ def _level_name(record: logging.LogRecord) -> str:
     return "WARN" if record.levelno == logging.WARNING else record.levelname
 
 
+#: How the human format writes the characters it escapes (the rest as \\xNN, \\uNNNN).
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+#: Characters a JSON string may hold raw that line readers (``str.splitlines``) break at.
+_JSON_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def _escape_char(char: str) -> str:
+    named = _NAMED_ESCAPES.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else (
+        f"\\U{code:08x}")
+
+
+def one_line(text: str) -> str:
+    """``text`` with every non-printable character escaped (CR, LF and other C0/C1
+    controls, line and paragraph separators, bidi overrides...), so remote strings in a
+    message (a client's domain, a portal's reason) can neither start a fake log line nor
+    hide text."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escape_char(char) for char in text)
+
+
 class HumanFormatter(logging.Formatter):
-    """``2024-10-30T12:00:00.000Z INFO  gateway.portal [PortalActor] joined client_id=…``."""
+    """``2024-10-30T12:00:00.000Z INFO  gateway.portal [PortalActor] joined client_id=…``.
+
+    One record is one line: the message and extras go through :func:`one_line`. A
+    traceback or stack follows on lines of its own, each indented by two spaces and
+    escaped the same way, so no line of it can pass for a record.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         line = (
@@ -137,11 +169,16 @@ class HumanFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 line += f" {name}={value}"
+        line = one_line(line)
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            line += _indented(self.formatException(record.exc_info))
         if record.stack_info:
-            line += "\n" + self.formatStack(record.stack_info)
+            line += _indented(self.formatStack(record.stack_info))
         return redact(line)
+
+
+def _indented(text: str) -> str:
+    return "".join(f"\n  {one_line(part)}" for part in text.split("\n"))
 
 
 class JsonFormatter(logging.Formatter):
@@ -165,7 +202,10 @@ class JsonFormatter(logging.Formatter):
         if record.stack_info:
             entry["stack"] = redact(self.formatStack(record.stack_info))
         # Values are redacted before serialising: JSON escaping would hide quoted keys.
-        return json.dumps(entry, ensure_ascii=False, default=str)
+        # json.dumps escapes C0 controls; NEL and U+2028/9 may stay raw in JSON but
+        # split the line for readers that honour them, so they are escaped too.
+        text = json.dumps(entry, ensure_ascii=False, default=str)
+        return text if text.isascii() else text.translate(_JSON_LINE_BREAKS)
 
 
 def map_target(target: str) -> tuple[str, ...]:

@@ -46,8 +46,9 @@ class GetPortalStatus:
 class PortalStatus:
     state: str
     joined_since: float | None  #: monotonic time of the last join, None when not joined
-    reconnects: int  #: connection attempts after the first
+    reconnects: int  #: times joined again after having been joined (not attempts)
     url: str  #: redacted login URL (no token)
+    connection_attempts: int = 0  #: websocket connections opened, failed ones included
 
 
 # ----------------------------------------------------------------- notifications

@@ -25,6 +25,9 @@ GATEWAY_METRICS: dict[str, tuple[str, str]] = {
     "firezone_rx_bytes_total": (COUNTER, "WireGuard payload bytes received from clients."),
     "firezone_tx_bytes_total": (COUNTER, "WireGuard payload bytes sent to clients."),
     "firezone_dropped_packets_total": (COUNTER, "Packets dropped, by reason."),
+    "firezone_node_events_total": (
+        COUNTER, "Node-level events and drops, by name (the counters of status): garbage "
+        "datagrams, malformed STUN, WireGuard for no connection, UDP reader and send drops."),
     "firezone_portal_reconnects_total": (COUNTER, "Reconnections to the portal."),
     "firezone_portal_joined": (GAUGE, "1 while joined to the portal's gateway channel."),
     "firezone_resets_total": (COUNTER, "Resets (new WireGuard key, all connections dropped)."),
@@ -147,6 +150,13 @@ class Metrics:
                 selector = f"{name}{{{label_text}}}" if label_text else name
                 lines.append(f"{selector} {_format_value(value)}")
         return "\n".join(lines) + "\n" if lines else ""
+
+
+def node_event_samples(counters: Mapping[str, float]) -> list[tuple[str, dict[str, str], float]]:
+    """The node's counters (``status``'s ``counters``) as ``firezone_node_events_total``;
+    their names are fixed in the code (errno-suffixed ones by the errno), so bounded."""
+    return [("firezone_node_events_total", {"event": name}, float(count))
+            for name, count in counters.items()]
 
 
 def new_gateway_metrics() -> Metrics:

@@ -1,19 +1,24 @@
-"""Tell the gateway when the host network changed, once per burst of changes.
+"""Tell the gateway when its own addresses changed, once per burst of changes.
 
-A new address, route or link usually means new ICE candidates are needed; the app resets
-its connections when ``on_change`` fires. Changes come from a raw NETLINK_ROUTE socket
-(link, IPv4/IPv6 address and route groups). Our own TUN device is ignored: configuring it
-would otherwise look like a network change and reset everything we just set up.
+The app resets every connection when ``on_change`` fires, which is right only when the
+gateway roams: the addresses it can be reached on changed. Which addresses count is
+decided by ``gateway/roaming.py``; this shell only feeds it from a raw NETLINK_ROUTE
+socket subscribed to link and IPv4/IPv6 address events. Routes are not subscribed to at
+all (a routing daemon's churn never resets, and a full table costs nothing to ignore), and
+link events only name interfaces: our own TUN device is ignored by name, and a link that
+brings no usable address (a Docker veth) changes nothing.
 
-Interface names are learnt from a link dump sent on the monitor socket itself, so the
-monitor works in whatever namespace the socket was created in, whichever thread reads it.
+Interface names and the starting address set are learnt from a link dump and then an
+address dump sent on the monitor socket itself, so the monitor works in whatever
+namespace the socket was created in, whichever thread reads it. The set at the end of the
+address dump is the baseline; after a lost-events overflow (``ENOBUFS``) both dumps run
+again and the result is compared with it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import select
@@ -24,52 +29,30 @@ from collections.abc import Callable
 from typing import Any
 
 from pyroute2.netlink.rtnl import (
+    RTM_GETADDR,
     RTM_GETLINK,
     RTMGRP_IPV4_IFADDR,
-    RTMGRP_IPV4_ROUTE,
     RTMGRP_IPV6_IFADDR,
-    RTMGRP_IPV6_ROUTE,
     RTMGRP_LINK,
 )
 from pyroute2.netlink.rtnl.marshal import MarshalRtnl
 
 from actors.clock import Clock, SystemClock
 from actors.io.tun_linux import TUN_NAME
+from gateway.roaming import Debouncer, HostAddresses, IPAddress, Roaming
+
+__all__ = ["DEFAULT_DEBOUNCE", "GROUPS", "Debouncer", "NetworkMonitor", "open_monitor_socket"]
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
 THREAD_NAME = "NetMonitor"
 DEFAULT_DEBOUNCE = 2.0
-GROUPS = (
-    RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR | RTMGRP_IPV4_ROUTE | RTMGRP_IPV6_ROUTE
-)
+GROUPS = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
 _NETLINK_ROUTE = 0
 _NLM_F_REQUEST, _NLM_F_DUMP = 0x1, 0x300
 _RECV_SIZE = 1 << 17
 _JOIN_TIMEOUT = 5.0
-_LINK_EVENTS = frozenset({"RTM_NEWLINK", "RTM_DELLINK"})
-_ADDR_EVENTS = frozenset({"RTM_NEWADDR", "RTM_DELADDR"})
-_ROUTE_EVENTS = frozenset({"RTM_NEWROUTE", "RTM_DELROUTE"})
-
-
-#: The kernel's per-address "local" routes mirror address changes we already see.
-_RT_TABLE_LOCAL = 255
-
-
-def _is_link_scoped(address: object) -> bool:
-    """Link-local and multicast addresses never make ICE candidates: not a network change.
-
-    Without this, IPv6 link-local addresses finishing duplicate address detection right
-    after an interface comes up would look like a change and reset every connection.
-    """
-    if not isinstance(address, str):
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    return ip.is_link_local or ip.is_multicast
 
 
 def open_monitor_socket() -> socket.socket:
@@ -83,31 +66,9 @@ def open_monitor_socket() -> socket.socket:
     return sock
 
 
-class Debouncer:
-    """Trailing debounce: due ``delay`` seconds after the last event of a burst."""
-
-    def __init__(self, delay: float) -> None:
-        self._delay = delay
-        self._deadline: float | None = None
-
-    @property
-    def deadline(self) -> float | None:
-        return self._deadline
-
-    def note(self, now: float) -> None:
-        """An event happened at ``now``; push the deadline out."""
-        self._deadline = now + self._delay
-
-    def poll(self, now: float) -> bool:
-        """True exactly once when a burst has been quiet for ``delay``."""
-        if self._deadline is None or now < self._deadline:
-            return False
-        self._deadline = None
-        return True
-
-
 class NetworkMonitor:
-    """Runs ``on_change()`` on its ``NetMonitor`` thread once per debounced burst."""
+    """Runs ``on_change()`` on its ``NetMonitor`` thread once per debounced burst that
+    changed the gateway's usable addresses (``gateway/roaming.py``)."""
 
     def __init__(
         self,
@@ -120,23 +81,30 @@ class NetworkMonitor:
         poll_interval: float = 0.5,
     ) -> None:
         self._on_change = on_change
-        self._ignore_ifname = ignore_ifname
+        self._addresses = HostAddresses(ignore_ifname)
+        self._roaming = Roaming(self._addresses)
         self._debouncer = Debouncer(debounce)
         self._clock = clock or SystemClock()
         self._socket_factory = socket_factory
         self._poll_interval = poll_interval
         self._marshal = MarshalRtnl()
-        self._names: dict[int, str] = {}
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._wake_read, self._wake_write = -1, -1
         self._dump_seq = 0
-        self._dump_pending = False
-        self._held: list[Any] = []
+        self._dump_kind: int | None = None  # RTM_GETLINK or RTM_GETADDR while one runs
+        self._redump = False
+        self._last_usable: frozenset[IPAddress] = frozenset()
         self._portid = -1
+        #: Bursts of events that changed the usable address set, and resets asked for.
         self.changes_seen = 0
         self.callbacks = 0
+
+    @property
+    def usable_addresses(self) -> frozenset[IPAddress]:
+        """The addresses a reset is judged on, at the last decision (for status and tests)."""
+        return self._roaming.baseline or frozenset()
 
     def start(self) -> None:
         """Subscribe (before returning, so no later change is missed) and start the thread."""
@@ -146,7 +114,7 @@ class NetworkMonitor:
         self._sock.setblocking(False)
         self._portid = self._sock.getsockname()[0]
         self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._request_link_dump()
+        self._request_dump(RTM_GETLINK)
         self._thread = threading.Thread(target=self._run, name=THREAD_NAME, daemon=True)
         self._thread.start()
 
@@ -175,17 +143,26 @@ class NetworkMonitor:
         poller.register(self._wake_read, select.POLLIN)
         while not self._stopping.is_set():
             now = self._clock.monotonic()
-            if self._debouncer.poll(now):
-                self._notify()
-                continue
             timeout = self._poll_interval
-            deadline = self._debouncer.deadline
-            if deadline is not None:
-                timeout = max(0.0, min(timeout, deadline - now))
+            if self._dump_kind is None:  # decide only on a complete table
+                if self._debouncer.poll(now):
+                    self._decide()
+                    continue
+                deadline = self._debouncer.deadline
+                if deadline is not None:
+                    timeout = max(0.0, min(timeout, deadline - now))
             if poller.poll(timeout * 1000) and not self._stopping.is_set():
                 self._receive()
 
-    def _notify(self) -> None:
+    def _decide(self) -> None:
+        change = self._roaming.settle()
+        if change is None:
+            return
+        logger.info(
+            "Host addresses changed (added %s, removed %s): resetting",
+            ", ".join(map(str, change.added)) or "none",
+            ", ".join(map(str, change.removed)) or "none",
+        )
         self.callbacks += 1
         try:
             self._on_change()
@@ -198,75 +175,81 @@ class NetworkMonitor:
             try:
                 data = self._sock.recv(_RECV_SIZE)
             except BlockingIOError:
-                return
+                break
             except OSError as exc:
                 if exc.errno != errno.ENOBUFS:
                     logger.warning("Network monitor cannot read: %s", exc)
                     return
-                # The kernel dropped events for us: assume a change, relearn the names.
-                self._changed()
-                self._request_link_dump()
+                # The kernel dropped events for us: read the whole table again.
+                if self._dump_kind is None:
+                    self._request_dump(RTM_GETLINK)
+                else:
+                    self._redump = True
                 continue
             for message in self._marshal.parse(data):
-                if self._is_change(message):
-                    self._changed()
+                self._handle(message)
+        if self._dump_kind is None:
+            usable = self._addresses.usable()
+            if usable != self._last_usable:
+                self._last_usable = usable
+                self.changes_seen += 1
+                self._debouncer.note(self._clock.monotonic())
 
-    def _changed(self) -> None:
-        self.changes_seen += 1
-        self._debouncer.note(self._clock.monotonic())
-
-    def _is_change(self, message: Any) -> bool:
+    def _handle(self, message: Any) -> None:
         event = message.get("event")
         header = message["header"]
-        if event in _LINK_EVENTS:
+        if event in ("RTM_NEWLINK", "RTM_DELLINK"):
             index, name = message["index"], message.get_attr("IFLA_IFNAME")
             if name:
-                # Kept after RTM_DELLINK: IPv6 route removals can follow it, and the kernel
-                # does not hand out a just-freed index again right away.
-                self._names[index] = name
+                self._addresses.link(index, name)
+            if event == "RTM_DELLINK":
+                self._addresses.link_removed(index)
+        elif event in ("RTM_NEWADDR", "RTM_DELADDR"):
+            # IFA_LOCAL is the local end of a point-to-point address; IFA_ADDRESS otherwise.
+            address = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")
+            if not isinstance(address, str):
+                return
+            if event == "RTM_DELADDR":
+                self._addresses.removed(message["index"], address)
             else:
-                name = self._names.get(index)
-            if header["sequence_number"] == self._dump_seq and header["pid"] == self._portid:
-                return False  # our own dump reply, not a change
-            return name != self._ignore_ifname
-        if event in _ADDR_EVENTS:
-            index = message["index"]
-            if _is_link_scoped(message.get_attr("IFA_ADDRESS")):
-                return False
-        elif event in _ROUTE_EVENTS:
-            index = message.get_attr("RTA_OIF")
-            table = message.get_attr("RTA_TABLE") or message.get("table")
-            if table == _RT_TABLE_LOCAL or _is_link_scoped(message.get_attr("RTA_DST")):
-                return False
-        else:
-            if (event == "NLMSG_DONE" and header["sequence_number"] == self._dump_seq
-                    and header["pid"] == self._portid):
-                return self._dump_finished()
-            return False  # errors and the like
-        if index is not None and index not in self._names and self._dump_pending:
-            # Events queued before our link dump's answer (e.g. the TUN being configured
-            # right after we subscribed) name interfaces we cannot name yet: decide later.
-            self._held.append(message)
-            return False
-        return index is None or self._names.get(index) != self._ignore_ifname
+                flags = message.get_attr("IFA_FLAGS")
+                flags = message["flags"] if flags is None else flags
+                self._addresses.added(message["index"], address, int(flags))
+        elif (event == "NLMSG_DONE" and header["sequence_number"] == self._dump_seq
+                and header["pid"] == self._portid):  # fmt: skip
+            self._dump_finished()
 
-    def _dump_finished(self) -> bool:
-        """Every link is named now: judge the events held back while the dump ran."""
-        self._dump_pending = False
-        held, self._held = self._held, []
-        return any(self._is_change(message) for message in held)
+    def _dump_finished(self) -> None:
+        if self._dump_kind == RTM_GETLINK:
+            self._addresses.clear()  # the address dump refills it
+            self._request_dump(RTM_GETADDR)
+            return
+        self._dump_kind = None
+        if self._redump:
+            self._redump = False
+            self._request_dump(RTM_GETLINK)
+            return
+        if self._roaming.baseline is None:
+            self._roaming.settle()  # the addresses we started on
+            self._last_usable = self._roaming.baseline or frozenset()
+            logger.debug("Host addresses: %s", ", ".join(map(str, sorted(
+                self._last_usable, key=lambda ip: (ip.version, int(ip))))) or "none")
 
-    def _request_link_dump(self) -> None:
-        """Ask for every link on the monitor socket; replies fill the index -> name map."""
+    def _request_dump(self, kind: int) -> None:
+        """Ask for every link (``RTM_GETLINK``) or address (``RTM_GETADDR``)."""
         assert self._sock is not None
-        self._dump_pending = True
+        self._dump_kind = kind
         self._dump_seq += 1
-        ifinfomsg = struct.pack("BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+        if kind == RTM_GETLINK:
+            body = struct.pack("BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)  # ifinfomsg
+        else:
+            body = struct.pack("BBBBI", socket.AF_UNSPEC, 0, 0, 0, 0)  # ifaddrmsg
         header = struct.pack(
-            "IHHII", 16 + len(ifinfomsg), RTM_GETLINK, _NLM_F_REQUEST | _NLM_F_DUMP,
-            self._dump_seq, 0,
-        )  # fmt: skip
+            "IHHII", 16 + len(body), kind, _NLM_F_REQUEST | _NLM_F_DUMP, self._dump_seq, 0,
+        )
         try:
-            self._sock.sendto(header + ifinfomsg, (0, 0))
+            self._sock.sendto(header + body, (0, 0))
         except OSError as exc:
-            logger.warning("Network monitor cannot list links: %s", exc)
+            logger.warning("Network monitor cannot list %s: %s",
+                           "links" if kind == RTM_GETLINK else "addresses", exc)
+            self._dump_kind = None

@@ -200,7 +200,8 @@ class PortalActor(pykka.ThreadingActor):
         return PortalStatus(
             state=self._channel.state,
             joined_since=self._joined_since,
-            reconnects=max(0, self._channel.connection_attempts - 1),
+            reconnects=self._channel.reconnects,
+            connection_attempts=self._channel.connection_attempts,
             url=url.redacted() if url is not None else self._channel.prototype.redacted(),
         )
 

@@ -13,6 +13,10 @@ packets for the TUN (see its docstring for why it serialises whole batches).
 
 The routing table (client tunnel address bytes -> route) is a dict that only the actor
 changes, one key at a time; the reader only does single lookups, so it needs no lock.
+
+Traces: ``wire.dev.recv`` (read from the device) and ``wire.dev.send`` (written to it) log
+one DEBUG line per packet (addresses, protocol, size; no payload). The reader and the
+writer ask the logger once per batch, so off (the default) they cost nothing per packet.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from actors.io.tun_linux import READ_SIZE
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
+wire_recv = logging.getLogger("wire.dev.recv")
+wire_send = logging.getLogger("wire.dev.send")
 
 READER_THREAD_NAME = "TunReader"
 CONFIGURE_THREAD_NAME = "TunConfigure"
@@ -54,6 +60,21 @@ DROP_KERNEL = "kernel"  # the kernel's queue towards our reads was full (device 
 
 # fd00:2021:1111::/107: 13 whole bytes, then the top 3 bits of byte 13 must be zero.
 _V6_PEERS_PREFIX = bytes.fromhex("fd0020211111") + bytes(7)
+
+
+def describe_packet(packet: bytes) -> str:
+    """One packet for a trace line: addresses, protocol and size, never the payload."""
+    version = packet[0] >> 4 if packet else 0
+    if version == 4 and len(packet) >= 20:
+        src: object = ipaddress.IPv4Address(packet[12:16])
+        dst: object = ipaddress.IPv4Address(packet[16:20])
+        protocol = packet[9]
+    elif version == 6 and len(packet) >= 40:
+        src, dst = ipaddress.IPv6Address(packet[8:24]), ipaddress.IPv6Address(packet[24:40])
+        protocol = packet[6]
+    else:
+        return f"{len(packet)} bytes, not IP"
+    return f"{src} -> {dst} protocol {protocol}, {len(packet)} bytes"
 
 
 # --- messages -------------------------------------------------------------------------
@@ -150,6 +171,10 @@ class TunWriter:
     def write_batch(self, packets: Iterable[bytes]) -> int:
         """Write ``packets`` in order; returns how many the device accepted."""
         written = failed = 0
+        if wire_send.isEnabledFor(logging.DEBUG):
+            packets = list(packets)
+            for packet in packets:
+                wire_send.debug("send %s", describe_packet(packet))
         with self._lock:
             if self._closed:
                 self._dropped[DROP_CLOSED] += sum(1 for _ in packets)
@@ -277,6 +302,9 @@ class TunReader(threading.Thread):
     def _dispatch(self, packets: list[bytes]) -> None:
         if not packets:
             return
+        if wire_recv.isEnabledFor(logging.DEBUG):
+            for packet in packets:
+                wire_recv.debug("recv %s", describe_packet(packet))
         routes = self.routes
         groups: dict[_Route, list[bytes]] = {}
         not_ip = not_peer_range = no_client = 0

@@ -29,6 +29,10 @@ variable                                key                         default
 ``FIREZONE_NETWORK_CHANGE_DEBOUNCE``    network_change_debounce     2.0 (seconds)
 ======================================  ==========================  =======================
 
+The two ``NETWORK_CHANGE`` settings are ours (the 1.4 gateway never resets on its own):
+reset when the gateway's own usable addresses change (``gateway/roaming.py``); also the
+flags ``--no-network-change-reset`` and ``--network-change-debounce``.
+
 Booleans from the environment must be exactly ``true`` or ``false`` (clap's parser in the
 real gateway rejects ``1``). The token may also come from ``token_file`` (any layer) or a
 systemd credential, which the loader passes as ``credential_token``.
@@ -46,6 +50,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
+
+from gateway.portal.login_url import redact_userinfo
 
 #: Unix socket paths are limited by ``sun_path`` (108 bytes including the NUL).
 MAX_UNIX_SOCKET_PATH = 107
@@ -86,10 +92,14 @@ class GatewayConfig:
     telemetry: bool = False  # accepted for compatibility; nothing is ever sent
 
     def __repr__(self) -> str:
-        parts = [
-            f"{f.name}={'<redacted>' if f.name == 'token' else repr(getattr(self, f.name))}"
-            for f in fields(self)
-        ]
+        def shown(name: str) -> str:
+            if name == "token":
+                return "<redacted>"
+            if name == "api_url":
+                return repr(redact_userinfo(self.api_url))
+            return repr(getattr(self, name))
+
+        parts = [f"{f.name}={shown(f.name)}" for f in fields(self)]
         return f"GatewayConfig({', '.join(parts)})"
 
 
@@ -217,19 +227,23 @@ def _api_url(key: str, value: Any) -> str:
     try:
         parts = urlsplit(url)
     except ValueError:
-        raise ConfigError(key, f"expected a ws, wss, http or https URL, got {url!r}") from None
+        raise ConfigError(
+            key, f"expected a ws, wss, http or https URL, got {redact_userinfo(url)!r}"
+        ) from None
     if parts.scheme not in ("ws", "wss", "http", "https"):
         raise ConfigError(
             key, f"expected scheme ws, wss, http or https, got {parts.scheme or 'none'!r}"
         )
     if not parts.hostname:
-        raise ConfigError(key, f"expected a URL with a host, got {url!r}")
+        raise ConfigError(key, f"expected a URL with a host, got {redact_userinfo(url)!r}")
     try:
         port_ok = parts.port is None or parts.port > 0
     except ValueError:
         port_ok = False
     if not port_ok:
-        raise ConfigError(key, f"expected a port between 1 and 65535, got {url!r}")
+        raise ConfigError(
+            key, f"expected a port between 1 and 65535, got {redact_userinfo(url)!r}"
+        )
     return url
 
 

@@ -19,6 +19,12 @@ Syscalls are the larger part of a packet's cost, so both directions batch them w
 kernel allows: the sockets ask for UDP GRO (one ``recvmsg`` returns a train of same-size
 datagrams from one sender) and :meth:`UdpSockets.send_many` uses UDP GSO (one ``sendmsg``
 carries a run of same-size datagrams to one destination).
+
+Traces: ``wire.net.recv`` logs each ``recvmsg`` (source, local address, size, GRO
+segments) and ``wire.net.send`` each send (destination, local source, sizes), at DEBUG,
+no payload. Off (the default) they cost one test of a local per ``recvmsg`` (the reader
+asks the logger once per drain) and one attribute test per send: :attr:`UdpSockets.trace`
+is refreshed by the reader at every wake-up (at least once a second).
 """
 
 from __future__ import annotations
@@ -38,10 +44,11 @@ from functools import lru_cache
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD
 from gateway.turn.channel_data import decode_channel_data
-from gateway.types import Address
+from gateway.types import Address, format_address
 
 log = logging.getLogger(__name__)
 wire_recv = logging.getLogger("wire.net.recv")
+wire_send = logging.getLogger("wire.net.send")
 
 #: SO_MARK so our own traffic bypasses the tunnel's policy routing (dataplane.md §2.2).
 FIREZONE_MARK = 0xFD002021
@@ -103,6 +110,8 @@ class UdpSockets:
         self.counters: Counter[str] = Counter()
         #: Cleared for good when the kernel refuses a GSO send (old kernel, odd device).
         self.gso = True
+        #: Whether ``wire.net.send`` traces; refreshed by the reader (see the module doc).
+        self.trace = False
         self.v4 = self._bind(socket.AF_INET, ("0.0.0.0", port), mark)
         if ipv6:
             self.v6 = self._bind(socket.AF_INET6, ("::", port), mark)
@@ -158,6 +167,8 @@ class UdpSockets:
         if sock is None:
             self.counters["send_no_socket"] += 1
             return
+        if self.trace:
+            _trace_send(dst, src, [payload])
         source = _source_control(src, dst)
         try:
             if source is None:
@@ -184,6 +195,8 @@ class UdpSockets:
         if sock is None:
             self.counters["send_no_socket"] += len(payloads)
             return
+        if self.trace:
+            _trace_send(dst, src, payloads)
         try:
             send_segmented(sock, dst, payloads, self.counters, _source_control(src, dst))
         except SourceRefused as exc:
@@ -199,6 +212,13 @@ class UdpSockets:
         for sock in (self.v4, self.v6):
             if sock is not None:
                 sock.close()
+
+
+def _trace_send(dst: Address, src: Address | None, payloads: list[bytes]) -> None:
+    sizes = sorted({len(p) for p in payloads})
+    wire_send.debug("send %s -> %s: %d datagram(s), %s bytes",
+                    format_address(src) if src is not None else "*", format_address(dst),
+                    len(payloads), "/".join(map(str, sizes)))
 
 
 def _set_buffers(sock: socket.socket, size: int) -> None:
@@ -350,6 +370,7 @@ class UdpReader(threading.Thread):
         batch_size: int = 128,
     ) -> None:
         super().__init__(name="UdpReader", daemon=True)
+        self._udp = sockets
         self._sockets = [s for s in (sockets.v4, sockets.v6) if s is not None]
         # Bound before the reader starts and never rebound (a reset makes new sockets).
         self._ports = {sock: sock.getsockname()[1] for sock in self._sockets}
@@ -389,6 +410,7 @@ class UdpReader(threading.Thread):
         by_fd = {sock.fileno(): sock for sock in self._sockets}
         watched = [*by_fd, self._wake_read]
         while not self._stopping.is_set():
+            self._udp.trace = wire_send.isEnabledFor(logging.DEBUG)
             try:
                 readable, _, _ = select.select(watched, [], [], 1.0)
             except (OSError, ValueError):
@@ -406,6 +428,7 @@ class UdpReader(threading.Thread):
     def _drain(self, sock: socket.socket) -> None:
         node_batch: list[tuple[Address, Address, bytes]] = []
         peer_batches: dict[int, list[tuple[bytes, Address]]] = {}
+        trace = wire_recv.isEnabledFor(logging.DEBUG)
         for _ in range(self._batch_size):
             try:
                 data, ancdata, _flags, src = sock.recvmsg(RECV_SIZE, ANC_SIZE)
@@ -416,6 +439,8 @@ class UdpReader(threading.Thread):
                 break
             if len(src) != 2:
                 src = (src[0], src[1])  # IPv6: drop flowinfo and scope id
+            if trace:
+                self._trace_recv(sock, data, ancdata, src)
             if ancdata and (train := split_gro(data, ancdata)) is not None:
                 self.counters["gro_trains"] += 1
                 self._sort_train(sock, train, ancdata, src, peer_batches, node_batch)
@@ -435,6 +460,17 @@ class UdpReader(threading.Thread):
                 log.exception("UDP reader: a client's batch was dropped")
         if node_batch:
             self._to_node(Datagrams(node_batch))
+
+    def _trace_recv(
+        self, sock: socket.socket, data: bytes, ancdata: list[tuple[int, int, bytes]],
+        src: Address,
+    ) -> None:
+        train = split_gro(data, ancdata) if ancdata else None
+        wire_recv.debug(
+            "recv %s -> %s: %d bytes%s", format_address(src),
+            format_address(_local_address(sock, self._ports[sock], ancdata)), len(data),
+            f" in {len(train)} GRO segments" if train is not None else "",
+        )
 
     def _sort_train(
         self,

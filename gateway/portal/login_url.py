@@ -6,12 +6,15 @@ at startup (API URL, token, ``external_id``, ``name``); it becomes a connectable
 derives every flow's ICE credentials from the gateway's public key, so connecting without
 the *current* key would be a bug; code that opens sockets accepts only ``LoginUrl``.
 
-The token is a secret: ``LoginUrl.url`` must never be logged; use ``redacted()``.
+The token is a secret: ``LoginUrl.url`` must never be logged; use ``redacted()``. So is
+any ``user:password@`` in the API URL: ``redacted()`` and the ``repr`` of both classes
+replace it with ``<redacted>@`` (:func:`redact_userinfo`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
@@ -24,6 +27,9 @@ _DEFAULT_BOOKKEEPING_PORT: Final = 443  # §1.3: 443 even for ws:// without expl
 _DEFAULT_PORTS: Final = {"ws": 80, "wss": 443}  # §1.3: the port actually connected to
 _FORM_SAFE: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789*-._")
 REDACTED: Final = "<redacted>"
+
+#: ``scheme://`` then the userinfo: up to the last ``@`` before the path, query or fragment.
+_USERINFO: Final = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#]*@")
 
 #: Only the prototype holds this; it is what makes ``LoginUrl(...)`` unconstructible elsewhere.
 _PROTOTYPE_ONLY: Final = object()
@@ -48,6 +54,11 @@ def form_urlencode(pairs: Iterable[tuple[str, str]]) -> str:
         return "".join(out)
 
     return "&".join(f"{encode(k)}={encode(v)}" for k, v in pairs)
+
+
+def redact_userinfo(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``<redacted>@``, for logs."""
+    return _USERINFO.sub(rf"\1{REDACTED}@", url)
 
 
 def external_id_for(firezone_id: str) -> str:
@@ -151,7 +162,8 @@ class LoginUrlPrototype:
         if public_key is not None:
             pairs.append(("public_key", public_key))
         token = f"token={REDACTED}" if redact else form_urlencode([("token", self.token)])
-        return f"{self.base}?{token}&{form_urlencode(pairs)}"
+        base = redact_userinfo(self.base) if redact else self.base
+        return f"{base}?{token}&{form_urlencode(pairs)}"
 
     def with_public_key(self, public_key_b64: str) -> LoginUrl:
         """The connectable URL for this key (44-char standard base64 of 32 bytes)."""
@@ -164,5 +176,10 @@ class LoginUrlPrototype:
         )
 
     def redacted(self) -> str:
-        """For logs: the URL without public key, token replaced by ``<redacted>``."""
+        """For logs: the URL without public key, token and userinfo ``<redacted>``."""
         return self._url(None, redact=True)
+
+    def __repr__(self) -> str:
+        return f"LoginUrlPrototype({self.redacted()!r})"
+
+    __str__ = __repr__

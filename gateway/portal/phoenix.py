@@ -204,6 +204,7 @@ class PhoenixChannel:
         self.dropped_messages = 0  #: queued egress messages dropped (overflow, key change)
         self.malformed_frames = 0  #: inbound frames dropped as unparseable or unknown
         self.connection_attempts = 0  #: OpenSocket actions emitted so far
+        self.joins = 0  #: times the channel became joined (the first join included)
 
     # ----------------------------------------------------------------- introspection
 
@@ -223,6 +224,12 @@ class PhoenixChannel:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def reconnects(self) -> int:
+        """Times the gateway joined again after having been joined: real reconnects, not
+        the attempts (failed upgrades and unanswered joins) in between."""
+        return max(0, self.joins - 1)
 
     # ----------------------------------------------------------------- inputs
 
@@ -433,6 +440,7 @@ class PhoenixChannel:
         self._state = "joined"
         self._join_ref = None
         self._join_deadline = None
+        self.joins += 1
         self._events.append(Joined())
         while self._queue:
             self._push(*encode_egress(self._queue.popleft()))

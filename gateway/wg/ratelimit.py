@@ -9,10 +9,20 @@ cookies are derived from, rotated every ``COOKIE_SECRET_MAX_AGE`` seconds.
 The window is reset by ``handle_timeout`` and also lazily on use, so a node whose tunnels
 are all idle need not wake up every second: ``poll_timeout`` only reports a reset while
 something was counted.
+
+The limiter is shared by every client's session, and each is driven by whichever IO
+thread has its datagram, with the ``now`` that thread read. It is safe for that without a
+lock (cores import no threading): a window is an object with an ``itertools.count``,
+whose ``next()`` is atomic, so every message is counted exactly once; windows are
+replaced by a compare-and-swap built on ``list.append`` (every thread that saw the same
+expired window gets the same successor); a window covers every ``now`` before its end,
+so a thread whose clock reading is a little older than the window's start counts in it
+instead of starting it over. The cookie secret is swapped the same way.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 from gateway.types import Rng
@@ -27,6 +37,43 @@ from gateway.wg.cookie import CookieChecker
 _log = logging.getLogger(__name__)
 
 
+class _Window:
+    """One counting window (``end is None``: idle, nothing counted since the last one)."""
+
+    __slots__ = ("_counter", "_successors", "end", "over")
+
+    def __init__(self, end: float | None) -> None:
+        self.end = end
+        self.over = False  # more than the limit counted: only ever set to True
+        self._counter = itertools.count(1)
+        self._successors: list[_Window] = []
+
+    def covers(self, now: float) -> bool:
+        return self.end is not None and now < self.end
+
+    def count(self) -> int:
+        """Count one message; its 1-based number in this window (atomic)."""
+        return next(self._counter)
+
+    def successor(self, candidate: _Window) -> _Window:
+        """The window after this one: ``candidate`` unless another thread got there first."""
+        self._successors.append(candidate)  # atomic; the first appended wins
+        return self._successors[0]
+
+
+class _Secret:
+    __slots__ = ("_successors", "born", "value")
+
+    def __init__(self, value: bytes, born: float | None) -> None:
+        self.value = value
+        self.born = born
+        self._successors: list[_Secret] = []
+
+    def successor(self, candidate: _Secret) -> _Secret:
+        self._successors.append(candidate)
+        return self._successors[0]
+
+
 class HandshakeRateLimiter:
     """Counts handshake messages per window; see the module docstring."""
 
@@ -39,46 +86,47 @@ class HandshakeRateLimiter:
         self.checker = CookieChecker(self.public_key)
         self.rng = rng
         self.limit = limit_per_second
-        self._count = 0
-        self._window_start: float | None = None
-        self._secret = b""
-        self._secret_born: float | None = None
+        self._window = _Window(None)
+        self._secret = _Secret(b"", None)
 
-    def _roll_window(self, now: float) -> None:
-        start = self._window_start
-        if start is None or now >= start + RATE_LIMIT_WINDOW or now < start:
-            self._window_start = now
-            self._count = 0
+    def _current(self, now: float) -> _Window:
+        """The window ``now`` counts in, starting one (at ``now``) if the last one ended."""
+        window = self._window
+        while not window.covers(now):
+            window = window.successor(_Window(now + RATE_LIMIT_WINDOW))
+            self._window = window  # a stale store is harmless: its successor is linked
+        return window
 
     def note_handshake(self, now: float) -> bool:
         """Count one handshake message; True when the node is under load (over the limit)."""
-        self._roll_window(now)
-        self._count += 1
-        if self._count == self.limit + 1:
+        window = self._current(now)
+        number = window.count()
+        if number <= self.limit:
+            return False
+        window.over = True
+        if number == self.limit + 1:
             _log.info("under load: over %d handshake messages in this %g s window; "
                       "demanding cookies until it ends", self.limit, RATE_LIMIT_WINDOW)
-        return self._count > self.limit
+        return True
 
     def is_under_load(self, now: float) -> bool:
         """Whether the current window is already over the limit (counts nothing)."""
-        self._roll_window(now)
-        return self._count > self.limit
+        window = self._window
+        return window.covers(now) and window.over
 
     def cookie_secret(self, now: float) -> bytes:
         """The current secret cookies are derived from, renewed when older than 120 s."""
-        born = self._secret_born
-        if born is None or now - born >= COOKIE_SECRET_MAX_AGE or now < born:
-            self._secret = self.rng.randbytes(KEY_LEN)
-            self._secret_born = now
-        return self._secret
+        secret = self._secret
+        while secret.born is None or now - secret.born >= COOKIE_SECRET_MAX_AGE:
+            secret = secret.successor(_Secret(self.rng.randbytes(KEY_LEN), now))
+            self._secret = secret
+        return secret.value
 
     def handle_timeout(self, now: float) -> None:
-        start = self._window_start
-        if start is not None and now >= start + RATE_LIMIT_WINDOW:
-            self._window_start = None
-            self._count = 0
+        window = self._window
+        if window.end is not None and now >= window.end:
+            self._window = window.successor(_Window(None))  # idle until the next message
 
     def poll_timeout(self) -> float | None:
         """The end of the current window, while one is open."""
-        start = self._window_start
-        return None if start is None else start + RATE_LIMIT_WINDOW
+        return self._window.end

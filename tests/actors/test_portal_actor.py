@@ -162,6 +162,27 @@ def test_reconnect_after_server_drop(rig: Rig) -> None:
     assert status.state == "joined" and status.reconnects == 1  # old socket's news ignored
 
 
+def test_status_counts_reconnects_not_attempts(rig: Rig) -> None:
+    """Two real reconnects, each after two refused attempts: 2 reconnects, 7 attempts."""
+    rig.join()
+    for _ in range(2):
+        rig.factory.last.listener.on_closed("server closed the websocket")
+        rig.status()  # handled before the clock moves
+        for _ in range(2):
+            rig.wake_after(30)
+            rig.factory.last.listener.on_failed(502, "Bad Gateway")
+            rig.status()
+        rig.wake_after(30)
+        sock = rig.factory.last
+        sock.listener.on_open()
+        rig.status()
+        (join,) = sock.frames()
+        sock.reply_ok(join["ref"])
+        assert rig.status().state == "joined"
+    status = rig.status()
+    assert (status.reconnects, status.connection_attempts) == (2, 7)
+
+
 def test_fatal_401_stops_without_retry(rig: Rig) -> None:
     rig.portal.tell(Connect(KEY_A))
     rig.status()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import threading
 import uuid
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from typing import Any
 import pykka
 import pytest
 
+from actors.logsetup import OFF
 from actors.tun import (
     ConfigureInterface,
     GetTunStats,
@@ -420,3 +422,36 @@ def test_a_failing_configuration_is_logged_not_fatal(
     assert attempted.wait(TIMEOUT)
     tun.stop(timeout=TIMEOUT)  # joins the worker, so the log line is there
     assert "Configuring the TUN interface failed" in caplog.text
+
+
+def test_wire_dev_traces_every_packet_when_enabled(
+    tun: pykka.ActorRef[Any], device: FakeTun, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``wire.dev.recv``/``wire.dev.send`` (named in the README) trace each packet."""
+    caplog.set_level(logging.DEBUG, logger="wire.dev")
+    client = Client(CLIENT_V4, CLIENT_V6)
+    client.register(tun)
+    device.inject([v4(0), v6(1)])
+    client.recorder.wait_batches(1)
+    writer = tun.ask(GetTunWriter(), timeout=TIMEOUT)
+    assert writer.write_batch(iter([v6(2)])) == 1  # a generator is traced and written
+    recv = [r.getMessage() for r in caplog.records if r.name == "wire.dev.recv"]
+    send = [r.getMessage() for r in caplog.records if r.name == "wire.dev.send"]
+    assert recv == [
+        f"recv {RESOURCE_V4} -> {CLIENT_V4} protocol 17, {len(v4(0))} bytes",
+        f"recv {RESOURCE_V6} -> {CLIENT_V6} protocol 17, {len(v6(1))} bytes",
+    ]
+    assert send == [f"send {RESOURCE_V6} -> {CLIENT_V6} protocol 17, {len(v6(2))} bytes"]
+    assert device.wait_written(1) == [v6(2)]
+
+
+def test_wire_dev_traces_are_off_by_default(
+    tun: pykka.ActorRef[Any], device: FakeTun, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(OFF, logger="wire")  # as logsetup configures it (the suite uses DEBUG)
+    client = Client(CLIENT_V4, CLIENT_V6)
+    client.register(tun)
+    device.inject([v4(0)])
+    client.recorder.wait_batches(1)
+    tun.ask(GetTunWriter(), timeout=TIMEOUT).write_batch([v4(1)])
+    assert not [r for r in caplog.records if r.name.startswith("wire.")]

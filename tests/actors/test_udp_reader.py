@@ -5,6 +5,7 @@ Also the syscall batching both ways: GSO sends and GRO trains on loopback.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import struct
@@ -26,6 +27,7 @@ from actors.io.udp import (
     _set_buffers,
     split_gro,
 )
+from actors.logsetup import OFF
 from gateway.turn.channel_data import encode_channel_data
 from tests.support.interop import skip_or_fail
 
@@ -68,7 +70,7 @@ def setup() -> Iterator[dict[str, Any]]:
     reader.start()
     yield {"send": lambda data: sender.sendto(data, ("127.0.0.1", port)), "node": node,
            "peer": peer, "relay_routes": relay_routes, "activity": activity, "routes": routes,
-           "relay": sender.getsockname(), "reader": reader, "port": port}
+           "relay": sender.getsockname(), "reader": reader, "port": port, "sockets": sockets}
     reader.stop()
     reader.join(5)
     sockets.close()
@@ -336,3 +338,40 @@ def test_a_source_that_is_not_ours_falls_back_to_the_kernels_choice(
         assert sockets.gso, "a refused source is not a refused GSO"
     finally:
         sockets.close()
+
+
+def test_wire_net_traces_are_logged_when_enabled(
+    setup: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``wire.net.recv``/``wire.net.send`` (named in the README) trace every datagram."""
+    caplog.set_level(logging.DEBUG, logger="wire.net.recv")
+    caplog.set_level(logging.DEBUG, logger="wire.net.send")
+    setup["send"](b"\x00\x01garbage")
+    setup["node"].wait()
+    setup["send"](b"\x00\x01again")  # its wake-up comes after the reader re-read the level
+    setup["node"].wait()
+    sender = setup["relay"]
+    setup["sockets"].send(sender, b"hello")
+    setup["sockets"].send_many(sender, [b"a" * 40, b"b" * 40, b"c" * 20])
+    recv = [r.getMessage() for r in caplog.records if r.name == "wire.net.recv"]
+    send = [r.getMessage() for r in caplog.records if r.name == "wire.net.send"]
+    port = setup["port"]
+    assert recv[:2] == [
+        f"recv 127.0.0.1:{sender[1]} -> 127.0.0.1:{port}: 9 bytes",
+        f"recv 127.0.0.1:{sender[1]} -> 127.0.0.1:{port}: 7 bytes",
+    ]
+    assert send[0] == f"send * -> 127.0.0.1:{sender[1]}: 1 datagram(s), 5 bytes"
+    assert f"send * -> 127.0.0.1:{sender[1]}: 3 datagram(s), 20/40 bytes" in send
+
+
+def test_wire_net_traces_are_off_by_default(
+    setup: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(OFF, logger="wire")  # as logsetup configures it (the suite uses DEBUG)
+    setup["send"](b"\x00\x01garbage")
+    setup["node"].wait()
+    setup["send"](b"\x00\x01again")
+    setup["node"].wait()
+    assert setup["sockets"].trace is False
+    setup["sockets"].send(setup["relay"], b"hello")
+    assert not [r for r in caplog.records if r.name.startswith("wire.")]

@@ -110,6 +110,9 @@ def test_run_passes_flags(run: RunRecorder) -> None:
             "/tmp/state",
             "--tun-name",
             "tun-t",
+            "--no-network-change-reset",
+            "--network-change-debounce",
+            "0.5",
         ]
     )
     assert code == 0
@@ -129,6 +132,8 @@ def test_run_passes_flags(run: RunRecorder) -> None:
         control_socket="/tmp/x.sock",
         state_dir="/tmp/state",
         tun_name="tun-t",
+        network_change_reset=False,
+        network_change_debounce=0.5,
     )
 
 

@@ -134,3 +134,30 @@ def test_connect_target_and_host_header(
     """§1.3: connect to the explicit port or the scheme default; §2: Host has no port."""
     url = LoginUrlPrototype.build(api_url, "t", "i", "n").with_public_key(KEY)
     assert (url.host, url.port, url.host_header, url.secure) == (host, port, host_header, secure)
+
+
+def test_userinfo_in_the_api_url_never_shows() -> None:
+    """``wss://user:pass@host`` connects with the userinfo but logs ``<redacted>@``."""
+    proto = LoginUrlPrototype.build("wss://admin:hunter2-pw@portal.test:8443/x", "tok", "i", "n")
+    url = proto.with_public_key(KEY)
+    for text in (proto.redacted(), url.redacted(), repr(url), str(url), repr(proto), str(proto)):
+        assert "hunter2-pw" not in text and "admin" not in text, text
+        assert "wss://<redacted>@portal.test:8443/x/gateway/websocket?" in text
+    assert url.url.startswith("wss://admin:hunter2-pw@portal.test:8443/")
+    assert proto.host == "portal.test"
+
+
+def test_config_never_shows_the_api_urls_userinfo() -> None:
+    from gateway.config import ConfigError, build_config
+
+    def build(api_url: str) -> object:
+        return build_config(
+            file_values={"token": "tok-123456", "api_url": api_url}, env={}, flags={}
+        )
+
+    config = build("wss://u:hunter2-pw@h.test")
+    assert "hunter2-pw" not in repr(config) and "wss://<redacted>@h.test" in repr(config)
+    for bad in ("wss://u:hunter2-pw@", "wss://u:hunter2-pw@h.test:0"):
+        with pytest.raises(ConfigError) as caught:
+            build(bad)
+        assert "hunter2-pw" not in str(caught.value)

@@ -186,3 +186,50 @@ def test_secrets_scan_catches_a_leak() -> None:
     with pytest.raises(AssertionError):
         assert_no_secrets(json.dumps({"k": PSK}), [PSK])
     assert_no_secrets("nothing to see", [TOKEN, PSK])
+
+
+@pytest.mark.parametrize("fmt", ["human", "json"])
+def test_url_userinfo_never_reaches_the_output(output: io.StringIO, fmt: str) -> None:
+    configure_logging("info", fmt, stream=output)
+    logging.getLogger("gateway.test").info(
+        "connecting to %s", "wss://admin:hunter2-pw@portal.test/gateway/websocket?x=1"
+    )
+    text = output.getvalue()
+    assert "hunter2-pw" not in text and "admin" not in text
+    assert "wss://<redacted>@portal.test/gateway/websocket?x=1" in text
+
+
+FAKE = "2026-01-01T00:00:00.000Z INFO  gateway.node [Timer] operator says hi"
+
+
+def test_a_remote_string_with_newlines_logs_as_one_line(output: io.StringIO) -> None:
+    """A client-chosen domain cannot start a fake record (log injection)."""
+    configure_logging("info", "human", stream=output)
+    domain = f"evil.test\n{FAKE}\r\x1b[2J\x85\u2028\u202e"
+    logging.getLogger("actors.peer").warning(
+        "DNS resource %s refused", domain, extra={"client_id": "c\nid"}
+    )
+    text = output.getvalue()
+    assert text.count("\n") == 1 and text.endswith("\n")
+    assert "evil.test\\n2026-01-01T00:00:00.000Z INFO" in text
+    assert "\\r\\x1b[2J\\x85\\u2028\\u202e refused client_id=c\\nid" in text
+    assert text.splitlines() == [text[:-1]]
+
+
+def test_a_traceback_cannot_pass_for_a_record(output: io.StringIO) -> None:
+    configure_logging("info", "human", stream=output)
+    try:
+        raise ValueError(f"bad domain\n{FAKE}")
+    except ValueError:
+        logging.getLogger("actors.peer").exception("lookup failed")
+    first, *rest = output.getvalue().splitlines()
+    assert first.endswith("lookup failed")
+    assert rest and all(line.startswith("  ") for line in rest)
+
+
+def test_json_lines_stay_one_line(output: io.StringIO) -> None:
+    configure_logging("info", "json", stream=output)
+    logging.getLogger("actors.peer").warning("domain %s", "a\nb\r\x85\u2028\u2029c")
+    text = output.getvalue()
+    assert len(text.splitlines()) == 1
+    assert json.loads(text)["message"] == "domain a\nb\r\x85\u2028\u2029c"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,34 @@ def test_special_values() -> None:
     text = metrics.render()
     assert "g +Inf" in text
     assert "h 1e+20" in text
+
+
+def test_node_counters_are_exported() -> None:
+    """The node's drops (in ``status``) reach /metrics through the gateway's collector."""
+    from types import SimpleNamespace
+
+    from actors.app import _register_collectors
+    from actors.messages import PortalStatus
+
+    counters = {"garbage_datagram": 3, "malformed_stun": 2, "wireguard_no_connection": 1,
+                "udp_send_error_101": 4}
+    node = {"counters": counters, "resets": 0, "peers": {}, "connections": {}}
+    portal = PortalStatus(state="joined", joined_since=None, reconnects=0, url="wss://h")
+    tun: dict[str, Any] = {"dropped": {}}
+    status = {"clients": [], "tun": tun, "resets": 0, "gc": None, "counters": counters,
+              "portal": {"reconnects": 0, "state": "joined"}}
+
+    def ref(answer: object) -> SimpleNamespace:
+        return SimpleNamespace(ask=lambda *_a, **_k: answer)
+
+    # Both ways a collector may read the actors: the status, or one ask each.
+    runtime = SimpleNamespace(status=lambda: status, node=ref(node), portal=ref(portal),
+                              tun=ref(tun), gc_policy=None)
+    metrics = new_gateway_metrics()
+    _register_collectors(metrics, runtime)  # type: ignore[arg-type]
+    text = metrics.render()
+    assert "# TYPE firezone_node_events_total counter" in text
+    assert 'firezone_node_events_total{event="garbage_datagram"} 3' in text
+    assert 'firezone_node_events_total{event="malformed_stun"} 2' in text
+    assert 'firezone_node_events_total{event="wireguard_no_connection"} 1' in text
+    assert 'firezone_node_events_total{event="udp_send_error_101"} 4' in text

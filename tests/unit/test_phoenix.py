@@ -645,3 +645,30 @@ def test_complete_but_invalid_json_is_still_dropped(text: str) -> None:
     h.channel.handle_text_frame(text, h.now)
     assert h.channel.state == "joined" and h.events() == [] and h.actions() == []
     assert h.channel.malformed_frames == 1
+
+
+def test_reconnects_count_rejoins_not_attempts() -> None:
+    """3 real reconnects with failed upgrades and an unanswered join in between: 3."""
+    h = Harness()
+    h.join()
+    assert (h.channel.reconnects, h.channel.connection_attempts) == (0, 1)
+    for _ in range(3):
+        h.channel.handle_disconnected("server went away", h.now)
+        for _ in range(2):  # two attempts the portal refuses
+            h.run_until_deadline()
+            assert any(isinstance(a, OpenSocket) for a in h.actions())
+            h.channel.handle_connection_failed(ConnectionFailure(502, "bad gateway"), h.now)
+        h.run_until_deadline()  # one that connects but is never joined
+        h.actions()
+        h.channel.handle_connected(h.now)
+        h.advance(JOIN_TIMEOUT)
+        assert h.channel.state == "backoff"
+        h.run_until_deadline()  # and one that joins
+        h.actions()
+        h.channel.handle_connected(h.now)
+        (join,) = [f for f in h.frames() if f["event"] == "phx_join"]
+        h.reply(join["ref"])
+        assert h.channel.state == "joined"
+    assert h.channel.reconnects == 3
+    assert h.channel.connection_attempts == 1 + 3 * 4
+    assert h.channel.joins == 4

@@ -102,3 +102,41 @@ def test_cookie_secret_rotates_every_two_minutes() -> None:
     assert limiter.cookie_secret(COOKIE_SECRET_MAX_AGE - 0.1) == first
     second = limiter.cookie_secret(COOKIE_SECRET_MAX_AGE)
     assert second != first and len(second) == 32
+
+
+def test_rate_limiter_counts_exactly_under_concurrent_use() -> None:
+    """Every PeerSession shares the node's limiter from its own IO thread, each with the
+    ``now`` it read a moment earlier or later: with many threads counting in one window,
+    exactly ``limit`` handshakes pass, none more. (A thread whose clock reading is older
+    than the window's start must count in it, not start the window over.)"""
+    import sys
+    import threading
+
+    threads, per_thread, limit = 8, 5_000, 10_000
+    limiter = HandshakeRateLimiter(bytes(32), random.Random(1), limit_per_second=limit)
+    passed = [0] * threads
+    start = threading.Barrier(threads)
+
+    def work(index: int) -> None:
+        now = 10.0 + index * 0.01  # read at different instants, all in one window
+        start.wait()
+        count = 0
+        for _ in range(per_thread):
+            if not limiter.note_handshake(now):
+                count += 1
+        passed[index] = count
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show at once
+    assert not limiter.note_handshake(10.5)  # the thread that read the clock last came first
+    passed.append(1)
+    try:
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sum(passed) == limit
+    assert limiter.is_under_load(10.5)
