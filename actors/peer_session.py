@@ -394,6 +394,8 @@ class PeerSession:
     def _send(self, datagram: bytes) -> None:
         path = self._path
         if path is None:
+            if len(self._pending) == PENDING_DATAGRAMS:
+                self.counters["pending_full"] += 1  # the oldest goes (snownet.md §8.1)
             self._pending.append(datagram)
         elif isinstance(path, DirectPath):
             self._sockets.send(path.remote, datagram, path.local)

@@ -18,7 +18,7 @@ from unittest import mock
 from actors.app import _register_collectors
 from actors.messages import PortalStatus
 from actors.metrics import new_gateway_metrics
-from actors.peer_session import SESSIONS, PeerSession, SessionRegistry
+from actors.peer_session import PENDING_DATAGRAMS, SESSIONS, PeerSession, SessionRegistry
 from actors.timer import Timer
 from gateway.node import DirectPath
 from gateway.resources import CidrResource
@@ -117,3 +117,14 @@ def test_a_scrape_asks_no_peer_actor_and_takes_no_session_lock() -> None:
     assert "firezone_resets_total 2" in text and "firezone_portal_joined 1" in text
     rx = next(line for line in text.splitlines() if line.startswith("firezone_rx_bytes_total"))
     assert int(rx.split()[1]) >= 7
+
+
+def test_datagrams_beyond_the_pending_buffer_are_counted() -> None:
+    clock = ManualClock()
+    session = make_session(clock, SessionRegistry())
+    with session.lock:
+        for n in range(PENDING_DATAGRAMS + 5):
+            session._send(bytes([n]))
+        assert len(session._pending) == PENDING_DATAGRAMS
+        assert session.counters["pending_full"] == 5
+        session.close_locked()
