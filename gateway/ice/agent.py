@@ -281,6 +281,11 @@ class IceAgent:
         self._remove_pairs(doomed, self._pair_time(now))
         return True
 
+    @property
+    def remote_candidates_full(self) -> bool:
+        """``MAX_REMOTE_CANDIDATES`` are known: further ones are refused."""
+        return len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES
+
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
         """Add a trickled remote candidate; False if duplicate or unusable."""
         if c.component != 1:
