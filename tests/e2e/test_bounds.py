@@ -28,6 +28,7 @@ def e2e(tmp_path: Path) -> Iterator[Stack]:
     require_netns()
     require_bin("turnserver", "coturn")
     require_bin("nft", "nftables")
+    require_bin("curl", "curl")
     with stack(tmp_path) as built:
         built.topo.set_hosts("gateway", {DNS_NAME: RESOURCE})
         built.start_portal()
@@ -77,3 +78,11 @@ def test_nat_exhaustion_of_one_client_leaves_another_client_alone(e2e: Stack) ->
     status = e2e.gateway_status()
     exhausted = sorted(c["drops"].get("nat_exhausted", 0) for c in status["clients"])
     assert len(exhausted) == 2 and exhausted[0] == 0, status  # only alice hit it
+    # /metrics (read without any session's lock) agrees with the sessions.
+    metrics = e2e.topo.run("gateway", "curl", "-sS", "http://127.0.0.1:18080/metrics").stdout
+    assert 'firezone_connections{path="direct"} 2' in metrics, metrics
+    dropped = next(line for line in metrics.splitlines()
+                   if 'reason="nat_exhausted"' in line)
+    assert int(dropped.split()[-1]) == exhausted[1], (dropped, status)
+    rx = next(line for line in metrics.splitlines() if line.startswith("firezone_rx_bytes"))
+    assert int(rx.split()[-1]) >= sum(c["rx_bytes"] for c in status["clients"])
