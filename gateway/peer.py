@@ -3,7 +3,7 @@
 Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.9):
 
 * ``add_resource``/``remove_resource``/``update_resource`` change the authorized set; each
-  change rebuilds the filter table (§5.1).
+  change rebuilds the filter table (§5.1). A DNS set-up only inserts its proxy IPs.
 * ``handle_inbound`` takes a decrypted packet from the client: p2p control packets are
   consumed (§7), then anti-spoofing, the destination check (§5.2) and the forward NAT of
   DNS-resource proxy IPs (§8.2). The result is the packet itself (``bytes``: write it to
@@ -19,6 +19,11 @@ Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.
   session TTL (§8.4) and translation health, which emits ``NeedsResolution`` events for
   domains whose proxy IPs saw no reply for 120 s. The shell resolves off-thread and calls
   ``handle_resolved``.
+
+Bounds (1.4 has none; README "Limits"): DNS translations, domains and AssignedIps
+lookups in flight per client (``MAX_DNS_*``, ``MAX_RESOLUTIONS_IN_FLIGHT``), proxy IPs only
+inside the proxy ranges, and the NAT's sessions and ports (``gateway/packet/nat.py``). A
+limit hit is counted in ``counters`` and logged once per client.
 
 Sans-IO: no clocks, sockets or threads; bad packets are counted in ``counters``.
 """
