@@ -43,6 +43,7 @@ from actors.io.websocket import WebSocketFactory, connect_websocket
 from actors.messages import GetPortalStatus, PortalStatus
 from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
 from actors.peer import GetPeerStatus
+from actors.peer_session import SESSIONS
 from actors.portal import PortalActor
 from actors.resolver import Resolver
 from actors.timer import Timer
@@ -460,43 +461,47 @@ def _start_control(runtime: Runtime) -> None:
 
 
 def _register_collectors(metrics: Any, runtime: Runtime) -> None:
-    """Expose the actors' own counters at scrape time (no per-packet locking)."""
+    """Expose the actors' own counters at scrape time (no per-packet locking).
+
+    A scrape takes no session's lock and asks no PeerActor: client figures come from the
+    session registry (``actors/peer_session.py``), which reads each session's counters
+    without its lock and keeps closed sessions' totals, so counters never go back when a
+    client leaves. The rest is one ask each to the portal, node and TUN actors.
+    """
     from actors.metrics import node_event_samples
 
     def collect() -> list[tuple[str, dict[str, str], float]]:
         try:
-            status = runtime.status()
+            node: dict[str, Any] = runtime.node.ask(
+                GetNodeStatus(), block=True, timeout=ASK_TIMEOUT)
+            resets = node["resets"]
+            portal: PortalStatus = runtime.portal.ask(
+                GetPortalStatus(), block=True, timeout=ASK_TIMEOUT)
+            tun: dict[str, Any] = runtime.tun.ask(GetTunStats(), block=True, timeout=ASK_TIMEOUT)
         except Exception:
             return []
-        paths: dict[str, float] = {}
-        drops: dict[str, float] = {}
-        rx = tx = handshakes = 0.0
-        for client in status["clients"]:
-            path = client["path"].split(":")[0]
-            paths[path] = paths.get(path, 0) + 1
-            rx += client["rx_bytes"]
-            tx += client["tx_bytes"]
-            handshakes += client.get("handshakes", 0)
-            for reason, count in client.get("drops", {}).items():
-                drops[reason] = drops.get(reason, 0) + count
-        for reason, count in status["tun"].get("dropped", {}).items():
+        figures = SESSIONS.figures()
+        drops: dict[str, float] = dict(figures.drops)
+        for reason, count in tun.get("dropped", {}).items():
             drops[f"tun_{reason}"] = drops.get(f"tun_{reason}", 0) + count
         samples: list[tuple[str, dict[str, str], float]] = [
-            ("firezone_connections", {"path": path}, count) for path, count in paths.items()
+            ("firezone_connections", {"path": path}, count)
+            for path, count in figures.paths.items()
         ]
         samples += [("firezone_dropped_packets_total", {"reason": r}, c) for r, c in drops.items()]
-        samples += node_event_samples(status["counters"])
+        samples += node_event_samples(node["counters"])
         samples += [
-            ("firezone_rx_bytes_total", {}, rx),
-            ("firezone_tx_bytes_total", {}, tx),
-            ("firezone_handshakes_total", {}, handshakes),
-            ("firezone_portal_reconnects_total", {}, status["portal"]["reconnects"]),
-            ("firezone_portal_joined", {}, 1.0 if status["portal"]["state"] == "joined" else 0.0),
-            ("firezone_resets_total", {}, status["resets"]),
+            ("firezone_rx_bytes_total", {}, figures.rx_bytes),
+            ("firezone_tx_bytes_total", {}, figures.tx_bytes),
+            ("firezone_handshakes_total", {}, figures.handshakes),
+            ("firezone_portal_reconnects_total", {}, portal.reconnects),
+            ("firezone_portal_joined", {}, 1.0 if portal.state == "joined" else 0.0),
+            ("firezone_resets_total", {}, resets),
         ]
-        if status["gc"] is not None:
+        gc_status = runtime.gc_policy.status() if runtime.gc_policy is not None else None
+        if gc_status is not None:
             for generation, (count, longest) in enumerate(
-                zip(status["gc"]["collections"], status["gc"]["longest_pause_ms"], strict=True)
+                zip(gc_status["collections"], gc_status["longest_pause_ms"], strict=True)
             ):
                 labels = {"generation": str(generation)}
                 samples.append(("firezone_gc_collections_total", labels, count))

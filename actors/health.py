@@ -3,14 +3,26 @@
 Each answers GET and HEAD; other methods get 405, other paths 404 (operations.md §3).
 Runs on its own named thread, independent of the portal connection, like the real
 gateway's. A bind failure is logged and the gateway carries on without it.
+
+The port is often reachable by more than the orchestrator that probes it, so what a
+connection can hold is bounded: a thread per connection, at most ``max_connections``
+(16) of them; a request (line and headers, at most ``MAX_REQUEST_BYTES``) must arrive
+within ``read_timeout`` (10 s) of the connection starting to wait for it, idle keep-alive
+connections included, or the connection is closed. When every slot is taken, the
+connection that has waited longest without sending anything is closed for the new one,
+so idle connections cannot keep a probe out; if none is idle, the new one is closed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.client
+import io
 import logging
 import socket
 import threading
+import time
+from collections import OrderedDict
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -20,9 +32,128 @@ from actors.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 log = logging.getLogger(__name__)
 
 
+#: Connections served at once (a thread each).
+MAX_CONNECTIONS = 16
+#: Seconds a connection may take to send a whole request (or wait idle for the next).
+READ_TIMEOUT = 10.0
+#: Request line and headers together.
+MAX_REQUEST_BYTES = 8192
+
+
+class _Conn:
+    """One accepted connection: its socket and whether it has sent part of a request."""
+
+    __slots__ = ("idle", "sock")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.idle = True
+
+
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    max_connections = MAX_CONNECTIONS
+    read_timeout = READ_TIMEOUT
+    #: The kernel's queue of connections not yet accepted (socketserver's default, 5,
+    #: makes a burst of connections wait for SYN retransmits).
+    request_queue_size = 64
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.conns_lock = threading.Lock()
+        #: every connection with a thread, oldest first, and the ones being closed for room
+        self.conns: OrderedDict[socket.socket, _Conn] = OrderedDict()
+        self.evicting: set[socket.socket] = set()
+        self.refused = 0
+        self.evicted = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self.conns_lock:
+            live = len(self.conns) - len(self.evicting)
+            if live >= self.max_connections:
+                victim = next(
+                    (c for sock, c in self.conns.items()
+                     if c.idle and sock not in self.evicting), None,
+                )
+                if victim is None or len(self.conns) >= 2 * self.max_connections:
+                    self.refused += 1
+                    self.shutdown_request(request)
+                    return
+                self.evicting.add(victim.sock)
+                self.evicted += 1
+                with contextlib.suppress(OSError):
+                    victim.sock.shutdown(socket.SHUT_RDWR)  # its thread sees EOF and ends
+            self.conns[request] = _Conn(request)
+        try:
+            super().process_request(request, client_address)
+        except Exception:  # no thread could be started
+            self._forget(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._forget(request)
+
+    def _forget(self, request: Any) -> None:
+        with self.conns_lock:
+            self.conns.pop(request, None)
+            self.evicting.discard(request)
+
+    def connection_of(self, sock: socket.socket) -> _Conn | None:
+        with self.conns_lock:
+            return self.conns.get(sock)
+
+    def connection_count(self) -> int:
+        with self.conns_lock:
+            return len(self.conns)
+
+    def close_connections(self) -> None:
+        """Wake every handler thread (at stop) so none outlives the server."""
+        with self.conns_lock:
+            socks = list(self.conns)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The connection's reads, each given only what is left of the request's time, and
+    at most what is left of its size: a request trickled a byte at a time cannot hold
+    its thread past the deadline (a plain socket timeout restarts with every byte)."""
+
+    def __init__(self, sock: socket.socket, conn: _Conn | None, timeout: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._conn = conn
+        self._timeout = timeout
+        self.deadline = 0.0
+        self.remaining = 0
+
+    def start_request(self) -> None:
+        self.deadline = time.monotonic() + self._timeout
+        self.remaining = MAX_REQUEST_BYTES
+        if self._conn is not None:
+            self._conn.idle = True
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("request not received in time")
+        if self.remaining <= 0:
+            raise http.client.LineTooLong(f"request larger than {MAX_REQUEST_BYTES} bytes")
+        self._sock.settimeout(left)
+        view = memoryview(buffer)[: self.remaining]
+        count = self._sock.recv_into(view)
+        self.remaining -= count
+        if count and self._conn is not None:
+            self._conn.idle = False
+        return count
 
 
 def _server_class(host: str) -> type[_Server]:
@@ -38,12 +169,29 @@ class HealthServer:
         addr: tuple[str, int],
         is_ready: Callable[[], bool],
         metrics: Callable[[], str],
+        *,
+        max_connections: int = MAX_CONNECTIONS,
+        read_timeout: float = READ_TIMEOUT,
     ) -> None:
         self._addr = addr
         self._is_ready = is_ready
         self._metrics = metrics
+        self._max_connections = max_connections
+        self._read_timeout = read_timeout
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
+
+    def connections(self) -> int:
+        """Connections holding a thread now (for tests and status)."""
+        return self._server.connection_count() if self._server is not None else 0
+
+    def refused(self) -> int:
+        """Connections closed at once because every slot was busy with a request."""
+        return self._server.refused if self._server is not None else 0
+
+    def evicted(self) -> int:
+        """Idle connections closed to make room for a new one."""
+        return self._server.evicted if self._server is not None else 0
 
     @property
     def address(self) -> tuple[str, int] | None:
@@ -66,6 +214,8 @@ class HealthServer:
                 exc.strerror or exc,
             )
             return
+        server.max_connections = self._max_connections
+        server.read_timeout = self._read_timeout
         self._server = server
         self._thread = threading.Thread(
             target=server.serve_forever, kwargs={"poll_interval": 0.5}, name="HealthServer"
@@ -87,6 +237,7 @@ class HealthServer:
         while stopper.is_alive():
             _poke(server)
             stopper.join(timeout=0.05)
+        server.close_connections()
         server.server_close()
         if thread is not None:
             thread.join(timeout=5)
@@ -113,6 +264,26 @@ def _make_handler(
         protocol_version = "HTTP/1.1"
         server_version = "firezone-gateway"
         sys_version = ""
+        server: _Server
+
+        def setup(self) -> None:
+            super().setup()
+            self.rfile.close()  # the socket's own reader: replaced, and it holds the fd
+            sock = self.connection
+            self._reader = _DeadlineReader(
+                sock, self.server.connection_of(sock), self.server.read_timeout
+            )
+            self.rfile = io.BufferedReader(self._reader)
+
+        def handle_one_request(self) -> None:
+            self._reader.start_request()
+            try:
+                super().handle_one_request()
+            except http.client.LineTooLong:  # the request line alone was too long
+                self.close_connection = True
+                self.requestline, self.request_version = "", "HTTP/1.1"
+                self.command = "GET"
+                self._reply(414, b"request too large\n")
 
         def _path(self) -> str:
             return self.path.split("?", 1)[0]
@@ -160,6 +331,8 @@ def _make_handler(
             content_type: str = "text/plain; charset=utf-8",
             extra: dict[str, str] | None = None,
         ) -> None:
+            # The reads left the socket with what remained of the request's deadline.
+            self.connection.settimeout(self.server.read_timeout)
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))

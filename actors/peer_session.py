@@ -20,10 +20,12 @@ import contextlib
 import ipaddress
 import logging
 import threading
+import time
 import uuid
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pykka
@@ -35,6 +37,7 @@ from actors.timer import CallTimer, Timer
 from actors.tun import RegisterClient, TunWriter, UnregisterClient
 from gateway.idle import IdleTracker
 from gateway.node import DirectPath, Path, RelayedPath
+from gateway.packet.nat import NAT_PORTS
 from gateway.peer import ClientOnGateway, NeedsResolution, Reply, ResourceExpired
 from gateway.resources import Resource
 from gateway.turn.channel_data import encode_channel_data
@@ -62,6 +65,63 @@ NodeNotify = Callable[[object], None]
 ResolveRequest = Callable[[uuid.UUID, str, tuple[IPAddress, ...], bool], None]
 
 
+@dataclass(slots=True)
+class Figures:
+    """What ``/metrics`` shows of clients: summed over live and closed sessions."""
+
+    paths: Counter[str]
+    rx_bytes: int = 0
+    tx_bytes: int = 0
+    handshakes: int = 0
+    drops: Counter[str] = field(default_factory=Counter)
+
+    def add(self, other: Figures) -> None:
+        self.rx_bytes += other.rx_bytes
+        self.tx_bytes += other.tx_bytes
+        self.handshakes += other.handshakes
+        self.drops.update(other.drops)
+
+
+class SessionRegistry:
+    """Every live session, and the totals of the closed ones, for ``/metrics``.
+
+    A scrape reads each session's figures without its lock (``PeerSession.figures``), so
+    it costs no lock round with the data path; this registry's own lock is taken only when
+    a session starts or closes and by the scrape, so a session's totals are never counted
+    twice or missed while it moves from live to closed (counters stay monotonic).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._live: weakref.WeakSet[PeerSession] = weakref.WeakSet()
+        self._closed = Figures(Counter())
+
+    def register(self, session: PeerSession) -> None:
+        with self._lock:
+            self._live.add(session)
+
+    def retire(self, session: PeerSession, final: Figures) -> None:
+        with self._lock:
+            if session in self._live:
+                self._live.discard(session)
+                self._closed.add(final)
+
+    def figures(self) -> Figures:
+        """Live sessions by path (``direct``, ``relay``, ``connecting``) and every total."""
+        with self._lock:
+            total = Figures(Counter())
+            total.add(self._closed)
+            for session in list(self._live):
+                own = session.figures()
+                total.paths[own.paths.most_common(1)[0][0]] += 1
+                total.add(own)
+        return total
+
+
+#: The process's sessions (one gateway per process).
+SESSIONS = SessionRegistry()
+
+
 @dataclass(frozen=True, slots=True)
 class PeerIdle:
     """Told to the NodeActor on Connected <-> Idle transitions (only then, never per packet)."""
@@ -85,6 +145,10 @@ class PeerFailed:
 class PeerSession:
     """One client's WireGuard session, authorizations, filters and path; thread-safe."""
 
+    #: The port range of the client's DNS-resource NAT (1.4's); ``devstack`` narrows it
+    #: for the end-to-end test that exhausts it.
+    nat_ports: tuple[int, int] = NAT_PORTS
+
     def __init__(
         self,
         *,
@@ -97,6 +161,7 @@ class PeerSession:
         timer: Timer,
         notify_node: NodeNotify,
         icmp_prohibited: bool = False,
+        registry: SessionRegistry = SESSIONS,
     ) -> None:
         self.client_id = client_id
         self.lock = threading.Lock()
@@ -120,7 +185,14 @@ class PeerSession:
         self.owner: str | None = None
         self.counters: Counter[str] = Counter()  # drops by reason
         self.handshakes = 0
+        #: bytes of WireGuard sessions replaced or expired (the Tunnel's own count is lost)
+        self._retired_rx = 0
+        self._retired_tx = 0
+        #: odd while figures move between the tunnel/client and the session (see figures)
+        self._figures_gen = 0
+        self._registry = registry
         self.log = logging.LoggerAdapter(log, {"client_id": str(client_id), "actor": "PeerActor"})
+        registry.register(self)
 
     def _cannot_resolve(
         self, resource_id: uuid.UUID, domain: str, proxy_ips: tuple[IPAddress, ...], reply: bool
@@ -192,6 +264,7 @@ class PeerSession:
         rate_limiter: HandshakeRateLimiter,
         now: float,
     ) -> None:
+        self._retire_tunnel()
         self._tunnel = Tunnel(
             static=static,
             peer_public=peer_public,
@@ -221,6 +294,7 @@ class PeerSession:
                 ipv6=ipaddress.IPv6Address(ipv6),
                 now=now,
                 icmp_prohibited=self._icmp_prohibited,
+                nat_ports=self.nat_ports,
             )
         # Every authorization's addresses reach this client from the TUN (dataplane.md §4),
         # though its own packets must keep coming from the first ones (anti-spoofing).
@@ -267,16 +341,18 @@ class PeerSession:
         if self._client is not None:
             self.log.info("client state dropped")
             self._tun.tell(UnregisterClient(self.client_id))
-            self._client = None
+            self._retire_client()
 
     def close_locked(self) -> None:
         """The owner stops: no more data, no more timers, the TUN forgets the client."""
         self._closed = True
         self._wake.arm(None)
         if self._client is not None:
-            self._client = None
             with contextlib.suppress(pykka.ActorDeadError):  # the TUN is gone: so is its table
                 self._tun.tell(UnregisterClient(self.client_id))
+            self._retire_client()
+        self._retire_tunnel()
+        self._registry.retire(self, self.figures())
 
     # --------------------------------------------------------------- data path internals
 
@@ -350,6 +426,8 @@ class PeerSession:
     def _send(self, datagram: bytes) -> None:
         path = self._path
         if path is None:
+            if len(self._pending) == PENDING_DATAGRAMS:
+                self.counters["pending_full"] += 1  # the oldest goes (snownet.md §8.1)
             self._pending.append(datagram)
         elif isinstance(path, DirectPath):
             self._sockets.send(path.remote, datagram, path.local)
@@ -398,7 +476,7 @@ class PeerSession:
         if self._client is not None and self._client.is_empty():
             self.log.info("no resources left; client state dropped")
             self._tun.tell(UnregisterClient(self.client_id))
-            self._client = None
+            self._retire_client()
 
     def _drain_tunnel_events(self) -> None:
         if self._tunnel is None:
@@ -412,7 +490,7 @@ class PeerSession:
                 self._notify_node(
                     PeerFailed(self.client_id, "WireGuard connection expired", self.owner)
                 )
-                self._tunnel = None
+                self._retire_tunnel()
                 return
 
     def _next_deadline(self) -> float | None:
@@ -435,6 +513,53 @@ class PeerSession:
     def _arm_earlier(self) -> None:
         """After a data batch: only make sure no new, earlier deadline is missed."""
         self._wake.arm_earlier(self._next_deadline())
+
+    # --------------------------------------------------------------- figures
+
+    def _retire_tunnel(self) -> None:
+        """Keep a replaced or expired tunnel's byte counts (lock held)."""
+        tunnel = self._tunnel
+        if tunnel is None:
+            return
+        self._figures_gen += 1
+        self._retired_rx += tunnel.rx_bytes
+        self._retired_tx += tunnel.tx_bytes
+        self._tunnel = None
+        self._figures_gen += 1
+
+    def _retire_client(self) -> None:
+        """Keep a dropped client state's drop counters (lock held)."""
+        client = self._client
+        if client is None:
+            return
+        self._figures_gen += 1
+        self.counters.update(client.counters)
+        self._client = None
+        self._figures_gen += 1
+
+    def figures(self) -> Figures:
+        """This session's totals, read WITHOUT the lock (a ``/metrics`` scrape must not
+        queue behind the data path). Safe under the GIL: attributes are replaced whole,
+        ``dict(counter)`` copies in one step, and the generation count (odd while the
+        owner moves a tunnel's or a client's figures into the session's own) makes the
+        reader retry rather than count them twice or not at all."""
+        while True:
+            generation = self._figures_gen
+            if generation & 1:
+                time.sleep(0)  # the owner is between the two steps: let it finish
+                continue
+            tunnel, client, path = self._tunnel, self._client, self._path
+            rx, tx = self._retired_rx, self._retired_tx
+            drops = Counter(dict(self.counters))
+            if tunnel is not None:
+                rx += tunnel.rx_bytes
+                tx += tunnel.tx_bytes
+            if client is not None:
+                drops.update(dict(client.counters))
+            if generation == self._figures_gen:
+                break
+        kind = "connecting" if path is None else path.describe().split(":")[0]
+        return Figures(Counter({kind: 1}), rx, tx, self.handshakes, drops)
 
     # --------------------------------------------------------------- status
 

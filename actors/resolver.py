@@ -3,6 +3,10 @@
 ``getaddrinfo`` cannot be cancelled, so a worker pool runs it and a watchdog answers with an
 empty list when the deadline passes first (dataplane.md §7.2: error or timeout = empty).
 At most ``max_in_flight`` resolutions run; excess requests are answered empty at once.
+A lookup keeps its slot until ``getaddrinfo`` really returns, also after the watchdog has
+answered for it: otherwise lookups that hang longer than the timeout would queue behind
+the pool without bound. Per client, ``gateway.peer`` caps the lookups in flight (32), so
+one client cannot take this whole budget.
 """
 
 from __future__ import annotations
@@ -55,15 +59,29 @@ class Resolver:
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="Resolver")
         self._max_in_flight = max_in_flight
         self._in_flight = 0
+        #: lookups answered empty at once because every slot was taken
+        self.refused = 0
         self._lock = threading.Lock()
+
+    @property
+    def in_flight(self) -> int:
+        """Lookups holding a slot (running, or hung past their watchdog)."""
+        return self._in_flight
 
     def resolve(self, domain: str, callback: ResolveCallback) -> None:
         with self._lock:
             if self._in_flight >= self._max_in_flight:
-                log.warning("too many DNS resolutions in flight; dropping %s", domain)
-                callback([])
-                return
-            self._in_flight += 1
+                self.refused += 1
+                refused = self.refused
+            else:
+                refused = 0
+                self._in_flight += 1
+        if refused:
+            if refused == 1 or refused % 1000 == 0:
+                log.warning("too many DNS resolutions in flight; %s answered empty "
+                            "(%d so far)", domain, refused)
+            callback([])
+            return
         done = threading.Event()
 
         def finish(result: list[IPAddress]) -> None:
@@ -71,7 +89,6 @@ class Resolver:
                 if done.is_set():
                     return
                 done.set()
-                self._in_flight -= 1
             callback(result)
 
         def work() -> None:
@@ -80,6 +97,9 @@ class Resolver:
             except Exception as exc:
                 log.info("resolving %s failed: %s", domain, exc)
                 finish([])
+            finally:
+                with self._lock:
+                    self._in_flight -= 1
 
         watchdog = threading.Timer(self._timeout, lambda: finish([]))
         watchdog.daemon = True

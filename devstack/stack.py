@@ -37,6 +37,9 @@ from devstack.topology import (
 
 GATEWAY_TOKEN = "e2e-gateway-token-SFMyNTY"
 CLIENT_TOKEN = "e2e-client-token"
+#: A second client ("bob", same resources as alice), for tests where clients must not
+#: affect each other; its namespace is made by ``Stack.start_client(role="client2")``.
+CLIENT2_TOKEN = "e2e-client-token-bob"
 CIDR_RESOURCE = uuid.UUID("0b3c6d7e-1f2a-4b5c-8d9e-0f1a2b3c4d5e")
 DNS_RESOURCE = uuid.UUID("1c4d7e8f-2a3b-4c5d-9e0f-1a2b3c4d5e6f")
 FILTERED_RESOURCE = uuid.UUID("2d5e8f9a-3b4c-4d5e-af10-2b3c4d5e6f70")
@@ -56,7 +59,8 @@ def portal_config(relay_port: int, secret: str, *, expires_in: float | None = No
     return parse_config({
         "account": "e2e",
         "gateway_tokens": [GATEWAY_TOKEN],
-        "clients": [{"name": "alice", "token": CLIENT_TOKEN}],
+        "clients": [{"name": "alice", "token": CLIENT_TOKEN},
+                    {"name": "bob", "token": CLIENT2_TOKEN}],
         "resources": [
             {"id": str(CIDR_RESOURCE), "type": "cidr", "address": RESOURCE_NET, "name": "lan"},
             {"id": str(DNS_RESOURCE), "type": "dns", "address": "*.corp.test", "name": "corp"},
@@ -66,7 +70,7 @@ def portal_config(relay_port: int, secret: str, *, expires_in: float | None = No
             {"id": str(UNAUTHORIZED_RESOURCE), "type": "cidr", "address": "10.204.0.4/32",
              "name": "not for alice"},
         ],
-        "policies": [policy],
+        "policies": [policy, {**policy, "client": "bob"}],
         "relays": [{"id": str(RELAY_ID), "addrs": [f"{ADDRESSES['relay']}:{relay_port}"],
                     "secret": secret}],
     })
@@ -167,11 +171,13 @@ class Stack:
 
     def start_gateway(
         self, *extra: str, log_filter: str | None = "debug,pykka=info,wire=info",
-        config: Path | None = None,
+        config: Path | None = None, nat_ports: tuple[int, int] | None = None,
     ) -> Proc:
         """``python -m actors.cli run`` in the gateway namespace (token from the env).
 
         ``log_filter=None`` leaves RUST_LOG unset so a config file's filter applies.
+        ``nat_ports`` (test only) narrows the DNS-resource NAT's port range, so that a
+        test can exhaust it with a few flows (``devstack/narrow_nat.py``).
         """
         env = dict(os.environ)
         env.update({
@@ -188,8 +194,10 @@ class Stack:
         if config is None:
             config = self.tmp / "none.yaml"
             config.write_text("{}\n")
+        entry = ["actors.cli"] if nat_ports is None else [
+            "devstack.narrow_nat", str(nat_ports[0]), str(nat_ports[1])]
         args = [
-            python(), "-m", "actors.cli", "run",
+            python(), "-m", *entry, "run",
             "--health-check-addr", "127.0.0.1:18080",
             "--control-socket", self.control_socket,
             "--config", str(config),
@@ -228,16 +236,21 @@ class Stack:
 
     # ----------------------------------------------------------------- clients
 
-    def start_client(self, *resources: uuid.UUID, extra: tuple[str, ...] = ()) -> Proc:
+    def start_client(self, *resources: uuid.UUID, extra: tuple[str, ...] = (),
+                     role: str = "client") -> Proc:
+        """Client alice in the client namespace, or (``role="client2"``) bob in his own."""
         fifo = self.tmp / f"client{len(self.clients)}.cmd"
         os.mkfifo(fifo)
         env = dict(os.environ, PYTHONPATH=str(REPO))
+        if role != "client" and role not in self.topo.names:
+            self.topo.add_wan_host(role)
+        token, name = (CLIENT_TOKEN, "alice") if role == "client" else (CLIENT2_TOKEN, "bob")
         args = [
-            python(), "-m", "devclient", "--portal", self.portal_url, "--token", CLIENT_TOKEN,
-            "--name", "alice", "--bind", ADDRESSES["client"], "--commands", str(fifo),
+            python(), "-m", "devclient", "--portal", self.portal_url, "--token", token,
+            "--name", name, "--bind", ADDRESSES[role], "--commands", str(fifo),
             *[a for r in resources for a in ("--resource", str(r))], *extra,
         ]
-        popen = self.topo.popen("client", args, stdout=subprocess.PIPE,
+        popen = self.topo.popen(role, args, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
         name = f"client{len(self.clients)}"
         proc = Proc(name, popen, self.tmp / f"{name}.log")
@@ -274,8 +287,10 @@ class Stack:
             self.servers.append(proc)
         self.servers[1].wait_line(lambda line: "ready" in line, timeout=10)
 
-    def udp_echo(self, ip: str, port: int, payload: bytes, timeout: float = 2.0) -> bytes | None:
-        """Send a datagram from the client namespace and return the echo (None on loss)."""
+    def udp_echo(self, ip: str, port: int, payload: bytes, timeout: float = 2.0,
+                 role: str = "client") -> bytes | None:
+        """Send a datagram from a client namespace (a new source port, so a new flow each
+        time) and return the echo (None on loss)."""
 
         def exchange() -> bytes | None:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
@@ -283,7 +298,7 @@ class Stack:
                 ready, _, _ = select.select([sock], [], [], timeout)
                 return sock.recv(2048) if ready else None
 
-        return in_netns(self.topo.ns("client"), exchange)
+        return in_netns(self.topo.ns(role), exchange)
 
     def resource_received(self, text: str) -> bool:
         """Whether the resource's UDP echo server ever got a datagram containing ``text``."""

@@ -27,7 +27,8 @@ from pathlib import Path
 from devstack import netns
 
 WAN = "10.203.0"
-ADDRESSES = {"client": f"{WAN}.2", "gateway": f"{WAN}.3", "relay": f"{WAN}.4", "portal": f"{WAN}.5"}
+ADDRESSES = {"client": f"{WAN}.2", "gateway": f"{WAN}.3", "relay": f"{WAN}.4", "portal": f"{WAN}.5",
+             "client2": f"{WAN}.6"}
 GATEWAY_LAN = "10.204.0.1"
 RESOURCE = "10.204.0.2"
 RESOURCE_NET = "10.204.0.0/24"
@@ -63,6 +64,13 @@ class Topology:
         (directory / "hosts").write_text("\n".join(lines) + "\n")
         self.hosts_files.append(directory)
 
+    def add_wan_host(self, role: str) -> None:
+        """Another namespace on the bridge at ``ADDRESSES[role]`` (e.g. a second client,
+        whose routes to the resources must not collide with the first one's); removed
+        with the others."""
+        self.names[role] = netns.unique_name(f"fz{role[:3]}{role[-1]}")
+        _attach_to_wan(self, role)
+
     def block_udp_port(self, role: str, peer_ip: str, port: int) -> None:
         """Drop UDP from ``role`` to ``peer_ip:port`` only (e.g. a relay's TURN port)."""
         ns = self.names[role]
@@ -87,19 +95,23 @@ class Topology:
                   ns=ns)
 
 
+def _attach_to_wan(topo: Topology, role: str) -> None:
+    ns = topo.names[role]
+    netns.add(ns)
+    port = f"v{role[:3]}" if role[-1].isalpha() else f"v{role[:3]}{role[-1]}"
+    netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns",
+              topo.wan, ns=ns)
+    netns.run("ip", "link", "set", port, "master", "br0", "up", ns=topo.wan)
+    netns.run("ip", "addr", "add", f"{ADDRESSES[role]}/24", "dev", "eth0", ns=ns)
+    netns.run("ip", "link", "set", "eth0", "up", ns=ns)
+
+
 def _build(topo: Topology) -> None:
     netns.add(topo.wan)
     netns.run("ip", "link", "add", "br0", "type", "bridge", ns=topo.wan)
     netns.run("ip", "link", "set", "br0", "up", ns=topo.wan)
     for role in ("client", "gateway", "relay", "portal"):
-        ns = topo.names[role]
-        netns.add(ns)
-        port = f"v{role[:3]}"
-        netns.run("ip", "link", "add", "eth0", "type", "veth", "peer", "name", port, "netns",
-                  topo.wan, ns=ns)
-        netns.run("ip", "link", "set", port, "master", "br0", "up", ns=topo.wan)
-        netns.run("ip", "addr", "add", f"{ADDRESSES[role]}/24", "dev", "eth0", ns=ns)
-        netns.run("ip", "link", "set", "eth0", "up", ns=ns)
+        _attach_to_wan(topo, role)
     resource = topo.names["resource"]
     gateway = topo.names["gateway"]
     netns.add(resource)

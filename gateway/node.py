@@ -580,7 +580,9 @@ class Node:
                 log.warning("ignoring unparseable candidate from %s: %s", client_id, exc)
                 continue
             conn.got_remote_candidate = True
-            conn.agent.add_remote_candidate(candidate)
+            if not conn.agent.add_remote_candidate(candidate) and conn.agent.remote_candidates_full:
+                self.counters["remote_candidates_full"] += 1  # neither indexed nor bound
+                continue
             self._index_remote(conn, candidate.address)
             if candidate.kind != "host":
                 allocation = self._allocations.get(conn.relay_id)

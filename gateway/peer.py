@@ -3,7 +3,7 @@
 Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.9):
 
 * ``add_resource``/``remove_resource``/``update_resource`` change the authorized set; each
-  change rebuilds the filter table (§5.1).
+  change rebuilds the filter table (§5.1). A DNS set-up only inserts its proxy IPs.
 * ``handle_inbound`` takes a decrypted packet from the client: p2p control packets are
   consumed (§7), then anti-spoofing, the destination check (§5.2) and the forward NAT of
   DNS-resource proxy IPs (§8.2). The result is the packet itself (``bytes``: write it to
@@ -19,6 +19,11 @@ Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.
   session TTL (§8.4) and translation health, which emits ``NeedsResolution`` events for
   domains whose proxy IPs saw no reply for 120 s. The shell resolves off-thread and calls
   ``handle_resolved``.
+
+Bounds (1.4 has none; README "Limits"): DNS translations, domains and AssignedIps
+lookups in flight per client (``MAX_DNS_*``, ``MAX_RESOLUTIONS_IN_FLIGHT``), proxy IPs only
+inside the proxy ranges, and the NAT's sessions and ports (``gateway/packet/nat.py``). A
+limit hit is counted in ``counters`` and logged once per client.
 
 Sans-IO: no clocks, sockets or threads; bad packets are counted in ``counters``.
 """
@@ -61,10 +66,10 @@ from gateway.packet.ip import (
     in_resources_range,
     rewrite,
 )
-from gateway.packet.nat import NatTable
+from gateway.packet.nat import NAT_EXHAUSTED, NAT_MAX_SESSIONS, NAT_PORTS, NatTable
 from gateway.packet.nat46 import ipv4_to_ipv6, ipv6_to_ipv4
 from gateway.packet.p2p_control import AssignedIps, decode, encode_domain_status
-from gateway.resources import DnsResource, Filter, InternetResource, Resource
+from gateway.resources import CidrResource, DnsResource, Filter, InternetResource, Resource
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +81,13 @@ NO_INCOMING_WINDOW = 120.0
 NO_INCOMING_LOOKAHEAD = 10.0
 GRACE_PERIOD = 1.0
 DNS_RESOLUTION_TIMEOUT = 10.0
+#: Bounds on what one client can make the gateway hold or do for its DNS resources. 1.4
+#: has none; a client sends 8 proxy IPs per domain, so 4096 is 512 domains in use at once.
+MAX_DNS_TRANSLATIONS = 4096
+#: Domains with a stored resolution, all resources together.
+MAX_DNS_DOMAINS = 4096
+#: AssignedIps lookups outstanding; the resolver's own budget (1000) is shared by all.
+MAX_RESOLUTIONS_IN_FLIGHT = 32
 
 _ZERO_ADDRESSES = bytes(32)
 _ECHO_TYPES = frozenset({ICMP_ECHO_REQUEST, ICMP_ECHO_REPLY})
@@ -126,7 +138,9 @@ DROP_NOT_ALLOWED = Drop("not_allowed")
 DROP_UNKNOWN_PROTOCOL = Drop("unknown_protocol")
 DROP_NAT_FAILED = Drop("nat_failed")
 DROP_NAT_EXHAUSTED = Drop("nat_exhausted")
+DROP_NAT_SESSIONS_LIMIT = Drop("nat_sessions_limit")
 DROP_P2P_IGNORED = Drop("p2p_ignored")
+DROP_RESOLUTIONS_LIMIT = Drop("dns_resolutions_limit")
 
 
 @dataclass(slots=True)
@@ -172,6 +186,11 @@ class ClientOnGateway:
         ipv6: ipaddress.IPv6Address,
         now: float,
         icmp_prohibited: bool = False,
+        nat_ports: tuple[int, int] = NAT_PORTS,
+        max_nat_sessions: int = NAT_MAX_SESSIONS,
+        max_translations: int = MAX_DNS_TRANSLATIONS,
+        max_domains: int = MAX_DNS_DOMAINS,
+        max_resolutions: int = MAX_RESOLUTIONS_IN_FLIGHT,
     ) -> None:
         self.client_id = client_id
         self.ipv4 = ipv4
@@ -186,7 +205,14 @@ class ClientOnGateway:
         self._active_translations: dict[bytes, _Translation] = {}
         self._filters: PrefixTable[FilterEngine] = PrefixTable()
         self._has_internet = False
-        self._nat = NatTable()
+        self._nat = NatTable(ports=nat_ports, max_sessions=max_nat_sessions)
+        self._max_translations = max_translations
+        self._max_domains = max_domains
+        self._max_resolutions = max_resolutions
+        #: deadlines of the AssignedIps lookups outstanding, oldest first
+        self._resolving: deque[float] = deque()
+        #: limits already logged for this client (each is logged once, then only counted)
+        self._logged: set[str] = set()
         self._events: deque[Event] = deque()
         self._next_tick: float | None = None
         #: (resource, domain) -> deadline of an outstanding §8.4 re-resolution
@@ -264,26 +290,64 @@ class ClientOnGateway:
 
         False if the resource is not authorized, not a DNS resource, or ``domain`` does
         not match its pattern. An empty ``resolved`` succeeds without installing anything.
+
+        Beyond 1.4: proxy IPs outside the DNS proxy ranges (100.96.0.0/11,
+        fd00:2021:1111:8000::/107) are ignored, since a translation for any other
+        address would override that address's filters; with none left, or past the
+        client's caps on translations and domains, the set-up fails (``Inactive``). The
+        filter table is updated in place for the new proxy IPs, not rebuilt, so a
+        client's AssignedIps costs the same with 10 translations as with 4000.
         """
         auth = self._resources.get(resource_id)
         if auth is None or not dns_nat_allowed(auth.resource, domain):
             return False
         domain = domain.rstrip(".")
+        proxies_v4: list[bytes] = []
+        proxies_v6: list[bytes] = []
+        for ip in proxy_ips:
+            raw = ip.packed
+            if in_resources_range(raw):
+                (proxies_v4 if len(raw) == 4 else proxies_v6).append(raw)
+        rejected = len(proxy_ips) - len(proxies_v4) - len(proxies_v6)
+        if rejected:
+            self._limit_hit("proxy_ip_out_of_range", rejected,
+                            "proxy IPs outside the DNS proxy ranges ignored")
+            if not proxies_v4 and not proxies_v6:
+                return False
+        if not resolved:
+            # Nothing to install (1.4 answers Active all the same). Forgetting the domain's
+            # old list is what storing an empty one would do, without a new entry.
+            if auth.resolved.pop(domain, None):
+                self._rebuild_filters()
+            return True
+        translations = self._translations
+        new = sum(1 for raw in (*proxies_v4, *proxies_v6) if raw not in translations)
+        if new and len(translations) + new > self._max_translations:
+            self._limit_hit("dns_translations_limit", 1,
+                            f"more than {self._max_translations} DNS translations refused")
+            return False
+        if domain not in auth.resolved and self._domain_count() >= self._max_domains:
+            self._limit_hit("dns_domains_limit", 1,
+                            f"more than {self._max_domains} DNS domains refused")
+            return False
         real_v4 = [ip.packed for ip in resolved if ip.version == 4]
         real_v6 = [ip.packed for ip in resolved if ip.version == 6]
-        proxies_v4 = [ip.packed for ip in proxy_ips if ip.version == 4]
-        proxies_v6 = [ip.packed for ip in proxy_ips if ip.version == 6]
+        installed: list[tuple[bytes, _Translation]] = []
         for proxies, pool in ((proxies_v4, real_v4 or real_v6), (proxies_v6, real_v6 or real_v4)):
-            if not pool:
-                continue
             for index, proxy in enumerate(proxies):
-                self._translations[proxy] = _Translation(
-                    resource_id, domain, pool[index % len(pool)], now
-                )
+                translation = _Translation(resource_id, domain, pool[index % len(pool)], now)
+                translations[proxy] = translation
+                installed.append((proxy, translation))
+        previous = auth.resolved.get(domain, ())
         auth.resolved[domain] = tuple(resolved)
-        self._rebuild_filters()
-        if self._translations:
-            self._arm(now)
+        if self._host_resources_touched(set(previous) ^ set(resolved)):
+            self._rebuild_filters()
+        else:
+            engine = FilterEngine.from_filter_lists([auth.resource.filters])
+            for proxy, translation in installed:
+                self._filters.insert(ipaddress.ip_network(proxy), engine)
+                self._active_translations[proxy] = translation
+        self._arm(now)
         return True
 
     def handle_resolved(
@@ -303,6 +367,8 @@ class ClientOnGateway:
         """
         domain = domain.rstrip(".")
         key = (resource_id, domain)
+        if reply and self._resolving:
+            self._resolving.popleft()
         if not reply and self._refreshing.pop(key, None) is not None:
             auth = self._resources.get(resource_id)
             if auth is not None and set(auth.resolved.get(domain, ())) == set(resolved):
@@ -346,7 +412,7 @@ class ClientOnGateway:
                 packet = packet[:end]
             protocol = packet[6]
             if protocol == PROTO_P2P_CONTROL and packet[8:40] == _ZERO_ADDRESSES:
-                return self._handle_control(packet)
+                return self._handle_control(packet, now)
             if packet[8:24] != self._ipv6:
                 self.counters["spoofed_source"] += 1
                 return DROP_SPOOFED
@@ -533,7 +599,7 @@ class ClientOnGateway:
                 return Reply(reply)
         return DROP_NOT_ALLOWED
 
-    def _handle_control(self, packet: bytes) -> Reply | NeedsResolution | Drop:
+    def _handle_control(self, packet: bytes, now: float) -> Reply | NeedsResolution | Drop:
         event = decode(packet)
         if not isinstance(event, AssignedIps):
             self.counters["p2p_ignored"] += 1
@@ -548,7 +614,44 @@ class ClientOnGateway:
         ):
             self.counters["p2p_inactive"] += 1
             return Reply(encode_domain_status(event.resource_id, event.domain, False))
+        # One client may not hold more than its share of the resolver: the client
+        # retransmits AssignedIps until answered, so a dropped one is retried later.
+        resolving = self._resolving
+        while resolving and resolving[0] <= now:
+            resolving.popleft()  # an answer that never came back
+        if len(resolving) >= self._max_resolutions:
+            self._limit_hit("dns_resolutions_limit", 1,
+                            f"more than {self._max_resolutions} DNS lookups in flight; "
+                            "AssignedIps dropped")
+            return DROP_RESOLUTIONS_LIMIT
+        resolving.append(now + DNS_RESOLUTION_TIMEOUT + EXPIRE_RESOURCES_INTERVAL)
         return NeedsResolution(event.resource_id, event.domain, event.proxy_ips)
+
+    def _limit_hit(self, counter: str, count: int, message: str) -> None:
+        """Count a refusal; log it the first time for this client only."""
+        self.counters[counter] += count
+        if counter not in self._logged:
+            self._logged.add(counter)
+            logger.warning("client %s: %s (counted as %s from now on)",
+                           self.client_id, message, counter)
+
+    def _domain_count(self) -> int:
+        return sum(len(auth.resolved) for auth in self._resources.values())
+
+    def _host_resources_touched(self, addresses: set[IPAddress]) -> bool:
+        """Whether a CIDR resource is exactly one of ``addresses`` (a /32 or /128): only
+        then does a DNS resource's resolved list change a CIDR entry's filters (§5.1)."""
+        if not addresses:
+            return False
+        for auth in self._resources.values():
+            resource = auth.resource
+            if isinstance(resource, CidrResource):
+                network = resource.address
+                if network.prefixlen == network.max_prefixlen and (
+                    network.network_address in addresses
+                ):
+                    return True
+        return False
 
     @staticmethod
     def _nat_key(
@@ -589,9 +692,12 @@ class ClientOnGateway:
         port = (packet[l4 + port_offset] << 8) | packet[l4 + port_offset + 1]
         real = translation.real_ip
         new_port = self._nat.translate_outgoing(kind, port, dst, real, now)
-        if new_port is None:
-            self.counters["nat_exhausted"] += 1
-            return DROP_NAT_EXHAUSTED
+        if new_port < 0:
+            if new_port == NAT_EXHAUSTED:
+                self.counters["nat_exhausted"] += 1
+                return DROP_NAT_EXHAUSTED
+            self.counters["nat_sessions_limit"] += 1
+            return DROP_NAT_SESSIONS_LIMIT
         if translation.grace_started is None:
             last = translation.last_incoming
             since = translation.created_at if last is None else last

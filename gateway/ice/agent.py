@@ -68,6 +68,10 @@ NOMINATION_WAIT = 0.5
 _TRANSACTIONS_PER_PAIR = 10
 #: Addresses remembered for ``accepts_from`` (verified ICE traffic only).
 _MAX_SEEN_FROM = 64
+#: Remote candidates per connection, signalled and peer-reflexive together: a client
+#: has a few host, server-reflexive and relay candidates; the portal forwards whatever
+#: it sends, and each one costs a scan of the list and a pair per local candidate.
+MAX_REMOTE_CANDIDATES = 100
 
 
 #: A selected pair with this many consecutive unanswered checks gives way to another
@@ -277,6 +281,11 @@ class IceAgent:
         self._remove_pairs(doomed, self._pair_time(now))
         return True
 
+    @property
+    def remote_candidates_full(self) -> bool:
+        """``MAX_REMOTE_CANDIDATES`` are known: further ones are refused."""
+        return len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES
+
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
         """Add a trickled remote candidate; False if duplicate or unusable."""
         if c.component != 1:
@@ -293,6 +302,9 @@ class IceAgent:
                         pair.remote = c
                         pair.priority = self._priority_of(pair.local, c)
                 return True
+            return False
+        if len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES:
+            self.counters["remote_candidates_full"] += 1
             return False
         self._remote_candidates.append(c)
         at = self._pair_time(now)
@@ -383,6 +395,9 @@ class IceAgent:
             priority = msg.priority()
             if priority is None or priority == 0:
                 self._drop("request_without_priority", src)
+                return
+            if len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES:
+                self._drop("remote_candidates_full", src)
                 return
             remote = Candidate("prflx", src, priority, foundation_for("prflx", src[0]))
             self._remote_candidates.append(remote)

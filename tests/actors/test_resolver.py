@@ -74,3 +74,25 @@ def test_beyond_the_in_flight_limit_the_excess_answers_empty_at_once(lookups: Lo
     finally:
         lookups.release.set()
         resolver.shutdown()
+
+
+def test_a_lookup_hung_past_its_timeout_keeps_its_slot(lookups: Lookups) -> None:
+    """The watchdog answers, but the worker is still stuck in getaddrinfo: admitting more
+    would queue lookups behind the pool without bound."""
+    resolver = Resolver(lookups.resolve, timeout=0.05, max_in_flight=2)
+    try:
+        assert _answer(resolver, "slow-1.example", timeout=2.0) == []  # by the watchdog
+        assert _answer(resolver, "slow-2.example", timeout=2.0) == []
+        assert resolver.in_flight == 2
+        assert _answer(resolver, "fast.example", timeout=1.0) == []  # refused at once
+        assert resolver.refused == 1
+        lookups.release.set()  # the hung lookups return: their slots come back
+        deadline = threading.Event()
+        for _ in range(200):
+            if resolver.in_flight == 0:
+                break
+            deadline.wait(0.01)
+        assert _answer(resolver, "fast.example", timeout=2.0) == ANSWER
+    finally:
+        lookups.release.set()
+        resolver.shutdown()
