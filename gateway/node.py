@@ -9,7 +9,10 @@ Theory of operation (snownet.md):
   goes to that relay's allocation; ChannelData from a relay is unwrapped and handled as if
   it came from the peer; STUN goes to the ICE agent that accepts it; WireGuard is returned
   to the caller as :class:`WireGuardDatagram` naming the client, because the WireGuard
-  session itself lives in the client's PeerActor.
+  session itself lives in the client's PeerActor. It is routed by receiver index, and an
+  initiation (which has none) by its source, if the client's ICE agent verified traffic
+  from there: an address a client merely signals routes nothing.
+* TURN channels for a client's candidates are bounded per connection and per relay.
 * Local candidates: host candidates are learned from the local address each datagram
   arrived on; server-reflexive and relayed candidates come from the allocations. New
   candidates are signalled per client as :class:`CandidatesAdded` (the shell turns them
@@ -61,6 +64,15 @@ CANDIDATE_TIMEOUT = 10.0
 #: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
 #: tunnel may use the low 8 bits for its sessions.
 INDEX_SHIFT = 8
+#: TURN channels one connection may ask for on a signalled candidate's or a check's behalf
+#: (1.4 binds one per non-host candidate, unbounded; a client needs about four). Refilled
+#: when the client asks again with the same credentials (it roamed). A nominated relayed
+#: path always gets its channel.
+MAX_CHANNELS_PER_CONNECTION = 16
+#: Channels all live connections together may ask one relay for, short of a nominated
+#: path: an allocation has 4,096 numbers (``gateway/turn/allocation.py``), shared by every
+#: client, and a quarter stays for nominated paths.
+MAX_CANDIDATE_CHANNELS_PER_RELAY = 3072
 
 
 # --------------------------------------------------------------------------- paths
@@ -189,7 +201,15 @@ class Connection:
     path: Path | None = None
     nominated: tuple[Candidate, Address] | None = None
     failed: str | None = None
+    #: Addresses our checks go to or came from: STUN responses are routed by these.
     remote_addresses: set[Address] = field(default_factory=set)
+    #: Addresses ICE traffic was verified from, and the nominated one: only these route
+    #: handshake initiations here (snownet.md §7 step 5). A subset of what the agent
+    #: ``accepts_from`` (at most its 64 seen addresses and the nominated one).
+    seen: set[Address] = field(default_factory=set)
+    #: (relay id, peer) channels this connection asked for, and what is left of its budget.
+    channels: set[tuple[str, Address]] = field(default_factory=set)
+    channel_budget: int = MAX_CHANNELS_PER_CONNECTION
     #: After a reuse, remote candidates are accepted again until then (roaming clients).
     accept_candidates_until: float = 0.0
     idle: bool = False
@@ -224,9 +244,13 @@ class Node:
         self._connections: dict[uuid.UUID, Connection] = {}
         self._by_index: dict[int, uuid.UUID] = {}
         # Demultiplexing indexes, so a datagram costs O(1) connections, not O(clients):
-        # STUN requests by our ICE ufrag, responses and WireGuard handshakes by remote address.
+        # STUN requests by our ICE ufrag, responses by the address our checks went to.
         self._by_ufrag: dict[str, list[Connection]] = {}
         self._by_remote: dict[Address, list[Connection]] = {}
+        # WireGuard initiations (no receiver index) by an address ICE traffic came from.
+        self._by_seen: dict[Address, list[Connection]] = {}
+        #: relay id -> channels the live connections asked it for (bounded, see above).
+        self._relay_channels: Counter[str] = Counter()
         #: relay id -> connections nominated on it that wait for their channel to be bound.
         self._awaiting_channel: dict[str, dict[uuid.UUID, Connection]] = {}
         self._host_candidates: dict[Address, Candidate] = {}
@@ -266,6 +290,8 @@ class Node:
         self._by_index.clear()
         self._by_ufrag.clear()
         self._by_remote.clear()
+        self._by_seen.clear()
+        self._relay_channels.clear()
         self._awaiting_channel.clear()
         self._allocations.clear()
         self._deleting.clear()
@@ -361,9 +387,9 @@ class Node:
         # bind their channels; the allocation buffers the binds until it is made.
         for conn in self._connections.values():
             if conn.relay_id == relay.relay_id and conn.path is None:
-                for candidate in conn.agent.remote_candidates:
-                    if candidate.kind != "host":
-                        allocation.bind_channel(candidate.address, now)
+                for relay_id, peer in conn.channels:
+                    if relay_id == relay.relay_id:
+                        allocation.bind_channel(peer, now)
         self._drain_allocation(allocation, now)
 
     def _refresh_relay_servers(self) -> None:
@@ -503,6 +529,13 @@ class Node:
         for srflx in self._srflx_candidates.values():
             self._queue_added(conn.client_id, srflx)
         conn.accept_candidates_until = now + CANDIDATE_TIMEOUT
+        # Its new candidates need channels again; the old ones' stay bound on the relay
+        # until they expire, and only the nominated path's is still accounted here.
+        keep = self._nominated_channel(conn)
+        for grant in conn.channels - keep:
+            self._relay_channels[grant[0]] -= 1
+        conn.channels &= keep
+        conn.channel_budget = MAX_CHANNELS_PER_CONNECTION
         self._flush_candidate_events()
 
     def _new_index(self, client_id: uuid.UUID) -> int:
@@ -568,10 +601,9 @@ class Node:
             conn.agent.add_remote_candidate(candidate)
             self._index_remote(conn, candidate.address)
             if candidate.kind != "host":
-                allocation = self._allocations.get(conn.relay_id)
-                if allocation is not None:
-                    allocation.bind_channel(candidate.address, now)
-                    self._drain_allocation(allocation, now)
+                # So that the client's relayed and reflexive candidates reach our relayed
+                # one (snownet.md §4.4), within the connection's and the relay's budget.
+                self._bind_channel(conn, conn.relay_id, candidate.address, now)
         self._drain_agent(conn, now)
 
     def remove_remote_candidates(
@@ -586,6 +618,7 @@ class Node:
                 conn.agent.invalidate_remote_candidate(Candidate.parse(line))
             except ValueError:
                 self.counters["bad_remote_candidate"] += 1
+        self._prune_seen(conn)
         self._drain_agent(conn, now)
 
     # ------------------------------------------------------------------ datagrams
@@ -644,6 +677,13 @@ class Node:
         return None
 
     def _route_wireguard(self, data: bytes, src: Address) -> uuid.UUID | None:
+        """Responses, cookie replies and transport data by their receiver index; the rest
+        (initiations) by their source, if ICE traffic was verified from it (snownet.md §7).
+
+        Signalled candidates never route: a client could name another client's address and
+        capture its handshakes. Among connections that saw ``src`` (only possible with
+        spoofed checks) the one nominated on it wins, else the first.
+        """
         mtype = message_type(data)
         if mtype in (2, 3, 4):
             index = receiver_index(data)
@@ -651,10 +691,14 @@ class Node:
                 client_id = self._by_index.get(index >> INDEX_SHIFT)
                 if client_id is not None:
                     return client_id
-        for conn in self._by_remote.get(src, ()):
-            if conn.failed is None:
-                return conn.client_id
-        return None
+        first: Connection | None = None
+        for conn in self._by_seen.get(src, ()):
+            if conn.failed is None and conn.agent.accepts_from(src):
+                if conn.nominated is not None and conn.nominated[1] == src:
+                    return conn.client_id
+                if first is None:
+                    first = conn
+        return None if first is None else first.client_id
 
     def _handle_relay_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
         try:
@@ -713,6 +757,8 @@ class Node:
             if conn.failed is None and conn.agent.accepts(message, data):
                 self._index_remote(conn, src)
                 conn.agent.handle_stun(message, data, src, local, now)
+                if conn.agent.accepts_from(src):  # verified, not merely addressed to us
+                    self._index_seen(conn, src)
                 self._drain_agent(conn, now)
                 self._flush_candidate_events()
                 return
@@ -723,10 +769,62 @@ class Node:
             conn.remote_addresses.add(address)
             self._by_remote.setdefault(address, []).append(conn)
 
+    def _index_seen(self, conn: Connection, address: Address) -> None:
+        if address not in conn.seen:
+            conn.seen.add(address)
+            self._by_seen.setdefault(address, []).append(conn)
+
+    def _prune_seen(self, conn: Connection) -> None:
+        """Forget addresses the agent no longer accepts (invalidated, or a former path)."""
+        stale = [a for a in conn.seen if not conn.agent.accepts_from(a)]
+        for address in stale:
+            conn.seen.discard(address)
+            _discard(self._by_seen, address, conn)
+
     def _unindex(self, conn: Connection) -> None:
         _discard(self._by_ufrag, conn.local_credentials.ufrag, conn)
         for address in conn.remote_addresses:
             _discard(self._by_remote, address, conn)
+        for address in conn.seen:
+            _discard(self._by_seen, address, conn)
+        for relay_id, _ in conn.channels:
+            self._relay_channels[relay_id] -= 1
+            if self._relay_channels[relay_id] <= 0:
+                del self._relay_channels[relay_id]
+        conn.channels.clear()
+
+    def _nominated_channel(self, conn: Connection) -> set[tuple[str, Address]]:
+        if conn.nominated is None or conn.nominated[0].relay_id is None:
+            return set()
+        return {(conn.nominated[0].relay_id, conn.nominated[1])}
+
+    def _bind_channel(
+        self, conn: Connection, relay_id: str, peer: Address, now: float, *,
+        nominated: bool = False,
+    ) -> bool:
+        """Ask ``relay_id`` for a channel to ``peer`` on ``conn``'s behalf, within budget.
+
+        Bounded per connection and per relay (see the constants); refusals are counted.
+        Made before the allocation exists, the grant is bound when it is made.
+        """
+        grant = (relay_id, peer)
+        if grant not in conn.channels:
+            if not nominated:
+                if conn.channel_budget <= 0:
+                    self.counters["channel_refused_connection_budget"] += 1
+                    return False
+                if self._relay_channels[relay_id] >= MAX_CANDIDATE_CHANNELS_PER_RELAY:
+                    self.counters["channel_refused_relay_budget"] += 1
+                    return False
+                conn.channel_budget -= 1
+            conn.channels.add(grant)
+            self._relay_channels[relay_id] += 1
+        allocation = self._allocations.get(relay_id)
+        if allocation is None:
+            return False
+        allocation.bind_channel(peer, now)
+        self._drain_allocation(allocation, now)
+        return True
 
     def _learn_host_candidate(self, local: Address, now: float) -> bool:
         if local in self._host_candidates or self._is_relayed_address(local):
@@ -858,10 +956,12 @@ class Node:
     def _drain_agent(self, conn: Connection, now: float) -> None:
         agent = conn.agent
         while (tx := agent.poll_transmit()) is not None:
-            self._send_from(tx, now)
+            self._send_from(conn, tx, now)
         while (event := agent.poll_event()) is not None:
             if isinstance(event, Nominated):
                 conn.nominated = (event.local, event.remote)
+                self._prune_seen(conn)
+                self._index_seen(conn, event.remote)
                 self._update_path(conn, now)
             elif isinstance(event, PeerReflexive):
                 # A verified check taught the agent a remote candidate: the client's
@@ -887,6 +987,10 @@ class Node:
             channel = allocation.channel_for(remote)
             server = allocation.active_server()
             if channel is None or server is None:
+                grant = (local.relay_id, remote)
+                if grant not in conn.channels:
+                    conn.channels.add(grant)
+                    self._relay_channels[local.relay_id] += 1
                 allocation.bind_channel(remote, now)
                 while (tx := allocation.poll_transmit()) is not None:
                     self._transmits.append(tx)
@@ -902,15 +1006,17 @@ class Node:
             log.info("connection to %s uses %s path to %s", conn.client_id, path.describe(), remote)
             self._events.append(PathChanged(conn.client_id, path))
 
-    def _send_from(self, tx: Transmit, now: float) -> None:
-        """Route an ICE transmit: from a relayed address it is wrapped in ChannelData."""
+    def _send_from(self, conn: Connection, tx: Transmit, now: float) -> None:
+        """Route an ICE transmit: from a relayed address it is wrapped in ChannelData.
+
+        Without a channel the check is dropped and one is bound on demand, within the
+        connection's budget (1.4 only drops it)."""
         if tx.src is not None:
             for allocation in self._allocations.values():
                 if tx.src in allocation.relay_addresses():
                     wrapped = allocation.encapsulate(tx.dst, tx.payload, now)
                     if wrapped is None:
-                        allocation.bind_channel(tx.dst, now)
-                        self._drain_allocation(allocation, now)
+                        self._bind_channel(conn, allocation.relay_id, tx.dst, now)
                         self.counters["no_channel"] += 1
                     else:
                         self._transmits.append(wrapped)
