@@ -590,20 +590,31 @@ class Node:
         if conn.path is not None and now >= conn.accept_candidates_until:
             self.counters["candidates_after_nomination"] += 1
             return
-        for line in candidates:
+        lines = list(candidates)
+        bad: ValueError | None = None
+        for n, line in enumerate(lines):
+            if conn.agent.remote_candidates_full:
+                # Bounded (``gateway/ice/agent.py``): the rest is counted, not parsed.
+                self.counters["remote_candidates_over_limit"] += len(lines) - n
+                log.warning("client %s signalled more candidates than kept; %d ignored",
+                            client_id, len(lines) - n)
+                break
             try:
                 candidate = Candidate.parse(line)
             except ValueError as exc:
                 self.counters["bad_remote_candidate"] += 1
-                log.warning("ignoring unparseable candidate from %s: %s", client_id, exc)
+                bad = exc
                 continue
             conn.got_remote_candidate = True
-            conn.agent.add_remote_candidate(candidate)
+            if not conn.agent.add_remote_candidate(candidate):
+                continue  # a duplicate (already indexed) or unusable
             self._index_remote(conn, candidate.address)
             if candidate.kind != "host":
                 # So that the client's relayed and reflexive candidates reach our relayed
                 # one (snownet.md §4.4), within the connection's and the relay's budget.
                 self._bind_channel(conn, conn.relay_id, candidate.address, now)
+        if bad is not None:  # one line per message, however many were bad
+            log.warning("ignoring unparseable candidate(s) from %s: %s", client_id, bad)
         self._drain_agent(conn, now)
 
     def remove_remote_candidates(

@@ -68,6 +68,9 @@ NOMINATION_WAIT = 0.5
 _TRANSACTIONS_PER_PAIR = 10
 #: Addresses remembered for ``accepts_from`` (verified ICE traffic only).
 _MAX_SEEN_FROM = 64
+#: Remote candidates kept (signalled and learned): a client has a few per interface and
+#: family; more would only cost a scan each (pairs are capped separately).
+MAX_REMOTE_CANDIDATES = 100
 
 
 #: A selected pair with this many consecutive unanswered checks gives way to another
@@ -194,6 +197,7 @@ class IceAgent:
         rng: Rng,
         now: float,
         max_pairs: int = 300,
+        max_remote_candidates: int = MAX_REMOTE_CANDIDATES,
         pacing: float = 0.0,
     ) -> None:
         self.controlling = controlling
@@ -202,6 +206,7 @@ class IceAgent:
         self._rng = rng
         self._tie_breaker = rng.getrandbits(64)
         self._max_pairs = max_pairs
+        self._max_remote = max_remote_candidates
         self._pacing = pacing
         self._next_paced_check = now
         self._timings = DEFAULT_TIMINGS
@@ -277,8 +282,12 @@ class IceAgent:
         self._remove_pairs(doomed, self._pair_time(now))
         return True
 
+    @property
+    def remote_candidates_full(self) -> bool:
+        return len(self._remote_candidates) >= self._max_remote
+
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
-        """Add a trickled remote candidate; False if duplicate or unusable."""
+        """Add a trickled remote candidate; False if duplicate, unusable or one too many."""
         if c.component != 1:
             self.counters["remote_candidate_rejected"] += 1
             return False
@@ -293,6 +302,9 @@ class IceAgent:
                         pair.remote = c
                         pair.priority = self._priority_of(pair.local, c)
                 return True
+            return False
+        if len(self._remote_candidates) >= self._max_remote:
+            self.counters["remote_candidates_full"] += 1
             return False
         self._remote_candidates.append(c)
         at = self._pair_time(now)
@@ -380,6 +392,9 @@ class IceAgent:
             return
         remote = self._remote_at(src)
         if remote is None:
+            if len(self._remote_candidates) >= self._max_remote:
+                self._drop("remote_candidates_full", src)  # answered, not paired
+                return
             priority = msg.priority()
             if priority is None or priority == 0:
                 self._drop("request_without_priority", src)
