@@ -41,7 +41,13 @@ from typing import Any
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
-from gateway.ice.agent import Disconnected, IceAgent, Nominated, PeerReflexive
+from gateway.ice.agent import (
+    MAX_REMOTE_CANDIDATES,
+    Disconnected,
+    IceAgent,
+    Nominated,
+    PeerReflexive,
+)
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.slack import fire_at
 from gateway.stun.message import MessageClass
@@ -73,6 +79,9 @@ MAX_CHANNELS_PER_CONNECTION = 16
 #: path: an allocation has 4,096 numbers (``gateway/turn/allocation.py``), shared by every
 #: client, and a quarter stays for nominated paths.
 MAX_CANDIDATE_CHANNELS_PER_RELAY = 3072
+#: Lines of one ``ice_candidates``/``invalidate_ice_candidates`` message looked at: twice
+#: what a connection keeps; the rest is counted, not parsed.
+MAX_CANDIDATE_LINES = 2 * MAX_REMOTE_CANDIDATES
 
 
 # --------------------------------------------------------------------------- paths
@@ -201,7 +210,8 @@ class Connection:
     path: Path | None = None
     nominated: tuple[Candidate, Address] | None = None
     failed: str | None = None
-    #: Addresses our checks go to or came from: STUN responses are routed by these.
+    #: Its remote candidates' addresses (signalled or learned; at most the agent's 100):
+    #: our checks go there, and STUN responses are routed by them.
     remote_addresses: set[Address] = field(default_factory=set)
     #: Addresses ICE traffic was verified from, and the nominated one: only these route
     #: handshake initiations here (snownet.md §7 step 5). A subset of what the agent
@@ -593,7 +603,7 @@ class Node:
         lines = list(candidates)
         bad: ValueError | None = None
         for n, line in enumerate(lines):
-            if conn.agent.remote_candidates_full:
+            if n >= MAX_CANDIDATE_LINES or conn.agent.remote_candidates_full:
                 # Bounded (``gateway/ice/agent.py``): the rest is counted, not parsed.
                 self.counters["remote_candidates_over_limit"] += len(lines) - n
                 log.warning("client %s signalled more candidates than kept; %d ignored",
@@ -624,11 +634,23 @@ class Node:
         conn = self._connections.get(client_id)
         if conn is None:
             return
-        for line in candidates:
+        lines = list(candidates)
+        if len(lines) > MAX_CANDIDATE_LINES:
+            self.counters["invalidations_over_limit"] += len(lines) - MAX_CANDIDATE_LINES
+            del lines[MAX_CANDIDATE_LINES:]
+        for line in lines:
             try:
-                conn.agent.invalidate_remote_candidate(Candidate.parse(line))
+                candidate = Candidate.parse(line)
             except ValueError:
                 self.counters["bad_remote_candidate"] += 1
+                continue
+            address = candidate.address
+            if address not in conn.remote_addresses and address not in conn.seen:
+                continue  # nothing of ours there: no scan of the agent's pairs
+            conn.agent.invalidate_remote_candidate(candidate)
+            if not conn.agent.has_remote_candidate(address):
+                conn.remote_addresses.discard(address)
+                _discard(self._by_remote, address, conn)
         self._prune_seen(conn)
         self._drain_agent(conn, now)
 
@@ -766,8 +788,9 @@ class Node:
             candidates = self._by_remote.get(src, ())
         for conn in candidates:
             if conn.failed is None and conn.agent.accepts(message, data):
-                self._index_remote(conn, src)
                 conn.agent.handle_stun(message, data, src, local, now)
+                if src not in conn.remote_addresses and conn.agent.has_remote_candidate(src):
+                    self._index_remote(conn, src)  # learned: our checks go there now
                 if conn.agent.accepts_from(src):  # verified, not merely addressed to us
                     self._index_seen(conn, src)
                 self._drain_agent(conn, now)

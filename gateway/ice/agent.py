@@ -286,6 +286,10 @@ class IceAgent:
     def remote_candidates_full(self) -> bool:
         return len(self._remote_candidates) >= self._max_remote
 
+    def has_remote_candidate(self, address: Address) -> bool:
+        """Whether a remote candidate (signalled or learned) is at ``address``."""
+        return self._remote_at(address) is not None
+
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
         """Add a trickled remote candidate; False if duplicate, unusable or one too many."""
         if c.component != 1:

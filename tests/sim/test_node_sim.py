@@ -781,3 +781,34 @@ def test_a_spoofed_initiation_flood_under_load_sends_no_cookie_replies() -> None
     to_client = [payload[0] for _, dst, payload in sim.wire if dst == CLIENT]
     assert to_client.count(3) == 0 and len(to_client) <= 1  # at most the one response
     assert sim.gw_tunnel is not None and sim.gw_tunnel.counters["under_load"] >= 900
+
+
+def test_signalling_invalidating_and_checking_from_many_ports_keeps_the_indexes_bounded() -> None:
+    """A client cycling candidates, or checking from port after port, grows no table."""
+    sim = Sim()
+    sim.add_relay()
+    intruder = _intruder(sim)
+    conn = sim.node.connection(intruder)
+    assert conn is not None
+    for round_ in range(3):
+        lines = [Candidate.host((f"10.7.{round_}.{i + 1}", 5000)).to_sdp() for i in range(100)]
+        sim.node.add_remote_candidates(intruder, lines, sim.now)
+        sim.node.remove_remote_candidates(intruder, lines, sim.now)
+    assert len(conn.remote_addresses) == 0
+    assert not any(conn in entries for entries in sim.node._by_remote.values())
+    # One invalidation message of 50,000 lines: looked at up to a bound, the rest counted.
+    flood = [Candidate.host((f"10.8.{i // 250 % 250}.{i % 250}", 1)).to_sdp()
+             for i in range(50_000)]
+    sim.node.remove_remote_candidates(intruder, flood, sim.now)
+    assert sim.node.counters["invalidations_over_limit"] == 50_000 - 200
+    # Authenticated checks from 300 source ports: answered, indexed at most 100 times.
+    from gateway.stun.message import Attr, Method, encode, new_request, short_term_key
+
+    for port in range(300):
+        check = new_request(Method.BINDING, sim.rng)
+        check.add_str(Attr.USERNAME, "intr:bbbb").add_u32(Attr.PRIORITY, 1853824767)
+        check.add_u64(Attr.ICE_CONTROLLING, 1)
+        raw = encode(check, integrity_key=short_term_key("zfjrrjdkbci42t2axyd45a"),
+                     fingerprint=True)
+        sim.node.handle_datagram(GATEWAY, ("10.9.9.9", 20000 + port), raw, sim.now)
+    assert len(conn.remote_addresses) <= 100 and len(conn.seen) <= 65
