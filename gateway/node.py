@@ -539,12 +539,9 @@ class Node:
         for srflx in self._srflx_candidates.values():
             self._queue_added(conn.client_id, srflx)
         conn.accept_candidates_until = now + CANDIDATE_TIMEOUT
-        # Its new candidates need channels again; the old ones' stay bound on the relay
-        # until they expire, and only the nominated path's is still accounted here.
-        keep = self._nominated_channel(conn)
-        for grant in conn.channels - keep:
-            self._relay_channels[grant[0]] -= 1
-        conn.channels &= keep
+        # Its new candidates need channels again: a fresh budget, and only the nominated
+        # path's channel is still accounted to it.
+        self._release_channels(conn, self._nominated_channel(conn))
         conn.channel_budget = MAX_CHANNELS_PER_CONNECTION
         self._flush_candidate_events()
 
@@ -821,36 +818,39 @@ class Node:
             _discard(self._by_remote, address, conn)
         for address in conn.seen:
             _discard(self._by_seen, address, conn)
-        for relay_id, _ in conn.channels:
+        self._release_channels(conn, set())
+
+    def _release_channels(self, conn: Connection, keep: set[tuple[str, Address]]) -> None:
+        """Return ``conn``'s channel grants but ``keep`` to their relays' budgets (the
+        channels themselves stay bound on the relay until they expire)."""
+        for grant in conn.channels - keep:
+            relay_id = grant[0]
             self._relay_channels[relay_id] -= 1
             if self._relay_channels[relay_id] <= 0:
                 del self._relay_channels[relay_id]
-        conn.channels.clear()
+        conn.channels &= keep
 
     def _nominated_channel(self, conn: Connection) -> set[tuple[str, Address]]:
         if conn.nominated is None or conn.nominated[0].relay_id is None:
             return set()
         return {(conn.nominated[0].relay_id, conn.nominated[1])}
 
-    def _bind_channel(
-        self, conn: Connection, relay_id: str, peer: Address, now: float, *,
-        nominated: bool = False,
-    ) -> bool:
+    def _bind_channel(self, conn: Connection, relay_id: str, peer: Address, now: float) -> bool:
         """Ask ``relay_id`` for a channel to ``peer`` on ``conn``'s behalf, within budget.
 
         Bounded per connection and per relay (see the constants); refusals are counted.
-        Made before the allocation exists, the grant is bound when it is made.
+        Made before the allocation exists, the grant is bound when it is made. (A
+        nominated path's channel is asked for by ``_update_path``, outside the budget.)
         """
         grant = (relay_id, peer)
         if grant not in conn.channels:
-            if not nominated:
-                if conn.channel_budget <= 0:
-                    self.counters["channel_refused_connection_budget"] += 1
-                    return False
-                if self._relay_channels[relay_id] >= MAX_CANDIDATE_CHANNELS_PER_RELAY:
-                    self.counters["channel_refused_relay_budget"] += 1
-                    return False
-                conn.channel_budget -= 1
+            if conn.channel_budget <= 0:
+                self.counters["channel_refused_connection_budget"] += 1
+                return False
+            if self._relay_channels[relay_id] >= MAX_CANDIDATE_CHANNELS_PER_RELAY:
+                self.counters["channel_refused_relay_budget"] += 1
+                return False
+            conn.channel_budget -= 1
             conn.channels.add(grant)
             self._relay_channels[relay_id] += 1
         allocation = self._allocations.get(relay_id)

@@ -812,3 +812,30 @@ def test_signalling_invalidating_and_checking_from_many_ports_keeps_the_indexes_
                      fingerprint=True)
         sim.node.handle_datagram(GATEWAY, ("10.9.9.9", 20000 + port), raw, sim.now)
     assert len(conn.remote_addresses) <= 100 and len(conn.seen) <= 65
+
+
+def test_a_client_asking_again_with_the_same_credentials_gets_a_fresh_channel_budget() -> None:
+    """A roaming client keeps its connection (same credentials): its new candidates need
+    channels, so the budget is refilled, and the old grants leave the relay's account."""
+    sim = Sim()
+    sim.add_relay()
+    intruder = _intruder(sim)
+    srflx = [Candidate.srflx((f"10.6.0.{i + 1}", 4000), CLIENT).to_sdp() for i in range(20)]
+    sim.node.add_remote_candidates(intruder, srflx, sim.now)
+    sim.pump()
+    (allocation,) = sim.relay.allocations.values()
+    assert len(allocation.channels) == 16
+    assert sim.node._relay_channels["relay-1"] == 16
+    again = sim.node.upsert_connection(
+        INTRUDER_ID, client_public_key=bytes(32), preshared_key=bytes(32),
+        local=IceCredentials("intr", "zfjrrjdkbci42t2axyd45a"),
+        remote=IceCredentials("bbbb", "j2fqufatn7xlrrvv6fsvea"), now=sim.now,
+    )
+    assert isinstance(again, ConnectionReused)
+    roamed = [Candidate.srflx((f"10.6.1.{i + 1}", 4000), CLIENT).to_sdp() for i in range(4)]
+    sim.node.add_remote_candidates(intruder, roamed, sim.now)
+    sim.pump()
+    assert len(allocation.channels) == 20
+    assert sim.node._relay_channels["relay-1"] == 4
+    sim.node.remove_connection(intruder, "test")
+    assert "relay-1" not in sim.node._relay_channels
