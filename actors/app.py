@@ -41,6 +41,7 @@ from actors.gcpolicy import GcPolicy
 from actors.io.udp import UdpSockets
 from actors.io.websocket import WebSocketFactory, connect_websocket
 from actors.messages import GetPortalStatus, PortalStatus
+from actors.metrics import node_event_samples
 from actors.node import AttachPortal, GetNodeStatus, NodeActor, Reset
 from actors.peer import GetPeerStatus
 from actors.peer_session import SESSIONS
@@ -468,7 +469,6 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
     without its lock and keeps closed sessions' totals, so counters never go back when a
     client leaves. The rest is one ask each to the portal, node and TUN actors.
     """
-    from actors.metrics import node_event_samples
 
     def collect() -> list[tuple[str, dict[str, str], float]]:
         try:

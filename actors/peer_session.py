@@ -584,6 +584,6 @@ class PeerSession:
             "tx_bytes": tunnel.tx_bytes if tunnel is not None else 0,
             "resources": resources,
             "drops": dict(self.counters + (self._client.counters if self._client else Counter())),
-            # Handshakes answered with a cookie reply because the node was under load.
+            # Handshakes dropped because the node was under load (no cookie replies, as 1.4).
             "handshakes_under_load": tunnel.counters["under_load"] if tunnel is not None else 0,
         }

@@ -9,7 +9,10 @@ Theory of operation (snownet.md):
   goes to that relay's allocation; ChannelData from a relay is unwrapped and handled as if
   it came from the peer; STUN goes to the ICE agent that accepts it; WireGuard is returned
   to the caller as :class:`WireGuardDatagram` naming the client, because the WireGuard
-  session itself lives in the client's PeerActor.
+  session itself lives in the client's PeerActor. It is routed by receiver index, and an
+  initiation (which has none) by its source, if the client's ICE agent verified traffic
+  from there: an address a client merely signals routes nothing.
+* TURN channels for a client's candidates are bounded per connection and per relay.
 * Local candidates: host candidates are learned from the local address each datagram
   arrived on; server-reflexive and relayed candidates come from the allocations. New
   candidates are signalled per client as :class:`CandidatesAdded` (the shell turns them
@@ -38,7 +41,13 @@ from typing import Any
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
-from gateway.ice.agent import Disconnected, IceAgent, Nominated, PeerReflexive
+from gateway.ice.agent import (
+    MAX_REMOTE_CANDIDATES,
+    Disconnected,
+    IceAgent,
+    Nominated,
+    PeerReflexive,
+)
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.slack import fire_at
 from gateway.stun.message import MessageClass
@@ -61,6 +70,18 @@ CANDIDATE_TIMEOUT = 10.0
 #: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
 #: tunnel may use the low 8 bits for its sessions.
 INDEX_SHIFT = 8
+#: TURN channels one connection may ask for on a signalled candidate's or a check's behalf
+#: (1.4 binds one per non-host candidate, unbounded; a client needs about four). Refilled
+#: when the client asks again with the same credentials (it roamed). A nominated relayed
+#: path always gets its channel.
+MAX_CHANNELS_PER_CONNECTION = 16
+#: Channels all live connections together may ask one relay for, short of a nominated
+#: path: an allocation has 4,096 numbers (``gateway/turn/allocation.py``), shared by every
+#: client, and a quarter stays for nominated paths.
+MAX_CANDIDATE_CHANNELS_PER_RELAY = 3072
+#: Lines of one ``ice_candidates``/``invalidate_ice_candidates`` message looked at: twice
+#: what a connection keeps; the rest is counted, not parsed.
+MAX_CANDIDATE_LINES = 2 * MAX_REMOTE_CANDIDATES
 
 
 # --------------------------------------------------------------------------- paths
@@ -189,7 +210,16 @@ class Connection:
     path: Path | None = None
     nominated: tuple[Candidate, Address] | None = None
     failed: str | None = None
+    #: Its remote candidates' addresses (signalled or learned; at most the agent's 100):
+    #: our checks go there, and STUN responses are routed by them.
     remote_addresses: set[Address] = field(default_factory=set)
+    #: Addresses ICE traffic was verified from, and the nominated one: only these route
+    #: handshake initiations here (snownet.md §7 step 5). A subset of what the agent
+    #: ``accepts_from`` (at most its 64 seen addresses and the nominated one).
+    seen: set[Address] = field(default_factory=set)
+    #: (relay id, peer) channels this connection asked for, and what is left of its budget.
+    channels: set[tuple[str, Address]] = field(default_factory=set)
+    channel_budget: int = MAX_CHANNELS_PER_CONNECTION
     #: After a reuse, remote candidates are accepted again until then (roaming clients).
     accept_candidates_until: float = 0.0
     idle: bool = False
@@ -224,9 +254,13 @@ class Node:
         self._connections: dict[uuid.UUID, Connection] = {}
         self._by_index: dict[int, uuid.UUID] = {}
         # Demultiplexing indexes, so a datagram costs O(1) connections, not O(clients):
-        # STUN requests by our ICE ufrag, responses and WireGuard handshakes by remote address.
+        # STUN requests by our ICE ufrag, responses by the address our checks went to.
         self._by_ufrag: dict[str, list[Connection]] = {}
         self._by_remote: dict[Address, list[Connection]] = {}
+        # WireGuard initiations (no receiver index) by an address ICE traffic came from.
+        self._by_seen: dict[Address, list[Connection]] = {}
+        #: relay id -> channels the live connections asked it for (bounded, see above).
+        self._relay_channels: Counter[str] = Counter()
         #: relay id -> connections nominated on it that wait for their channel to be bound.
         self._awaiting_channel: dict[str, dict[uuid.UUID, Connection]] = {}
         self._host_candidates: dict[Address, Candidate] = {}
@@ -266,6 +300,8 @@ class Node:
         self._by_index.clear()
         self._by_ufrag.clear()
         self._by_remote.clear()
+        self._by_seen.clear()
+        self._relay_channels.clear()
         self._awaiting_channel.clear()
         self._allocations.clear()
         self._deleting.clear()
@@ -376,9 +412,9 @@ class Node:
         # bind their channels; the allocation buffers the binds until it is made.
         for conn in self._connections.values():
             if conn.relay_id == relay.relay_id and conn.path is None:
-                for candidate in conn.agent.remote_candidates:
-                    if candidate.kind != "host":
-                        allocation.bind_channel(candidate.address, now)
+                for relay_id, peer in conn.channels:
+                    if relay_id == relay.relay_id:
+                        allocation.bind_channel(peer, now)
         self._drain_allocation(allocation, now)
 
     def _refresh_relay_servers(self) -> None:
@@ -518,6 +554,10 @@ class Node:
         for srflx in self._srflx_candidates.values():
             self._queue_added(conn.client_id, srflx)
         conn.accept_candidates_until = now + CANDIDATE_TIMEOUT
+        # Its new candidates need channels again: a fresh budget, and only the nominated
+        # path's channel is still accounted to it.
+        self._release_channels(conn, self._nominated_channel(conn))
+        conn.channel_budget = MAX_CHANNELS_PER_CONNECTION
         self._flush_candidate_events()
 
     def _new_index(self, client_id: uuid.UUID) -> int:
@@ -572,23 +612,31 @@ class Node:
         if conn.path is not None and now >= conn.accept_candidates_until:
             self.counters["candidates_after_nomination"] += 1
             return
-        for line in candidates:
+        lines = list(candidates)
+        bad: ValueError | None = None
+        for n, line in enumerate(lines):
+            if n >= MAX_CANDIDATE_LINES or conn.agent.remote_candidates_full:
+                # Bounded (``gateway/ice/agent.py``): the rest is counted, not parsed.
+                self.counters["remote_candidates_over_limit"] += len(lines) - n
+                log.warning("client %s signalled more candidates than kept; %d ignored",
+                            client_id, len(lines) - n)
+                break
             try:
                 candidate = Candidate.parse(line)
             except ValueError as exc:
                 self.counters["bad_remote_candidate"] += 1
-                log.warning("ignoring unparseable candidate from %s: %s", client_id, exc)
+                bad = exc
                 continue
             conn.got_remote_candidate = True
-            if not conn.agent.add_remote_candidate(candidate) and conn.agent.remote_candidates_full:
-                self.counters["remote_candidates_full"] += 1  # neither indexed nor bound
-                continue
+            if not conn.agent.add_remote_candidate(candidate):
+                continue  # a duplicate (already indexed) or unusable
             self._index_remote(conn, candidate.address)
             if candidate.kind != "host":
-                allocation = self._allocations.get(conn.relay_id)
-                if allocation is not None:
-                    allocation.bind_channel(candidate.address, now)
-                    self._drain_allocation(allocation, now)
+                # So that the client's relayed and reflexive candidates reach our relayed
+                # one (snownet.md §4.4), within the connection's and the relay's budget.
+                self._bind_channel(conn, conn.relay_id, candidate.address, now)
+        if bad is not None:  # one line per message, however many were bad
+            log.warning("ignoring unparseable candidate(s) from %s: %s", client_id, bad)
         self._drain_agent(conn, now)
 
     def remove_remote_candidates(
@@ -598,11 +646,24 @@ class Node:
         conn = self._connections.get(client_id)
         if conn is None:
             return
-        for line in candidates:
+        lines = list(candidates)
+        if len(lines) > MAX_CANDIDATE_LINES:
+            self.counters["invalidations_over_limit"] += len(lines) - MAX_CANDIDATE_LINES
+            del lines[MAX_CANDIDATE_LINES:]
+        for line in lines:
             try:
-                conn.agent.invalidate_remote_candidate(Candidate.parse(line))
+                candidate = Candidate.parse(line)
             except ValueError:
                 self.counters["bad_remote_candidate"] += 1
+                continue
+            address = candidate.address
+            if address not in conn.remote_addresses and address not in conn.seen:
+                continue  # nothing of ours there: no scan of the agent's pairs
+            conn.agent.invalidate_remote_candidate(candidate)
+            if not conn.agent.has_remote_candidate(address):
+                conn.remote_addresses.discard(address)
+                _discard(self._by_remote, address, conn)
+        self._prune_seen(conn)
         self._drain_agent(conn, now)
 
     # ------------------------------------------------------------------ datagrams
@@ -661,6 +722,13 @@ class Node:
         return None
 
     def _route_wireguard(self, data: bytes, src: Address) -> uuid.UUID | None:
+        """Responses, cookie replies and transport data by their receiver index; the rest
+        (initiations) by their source, if ICE traffic was verified from it (snownet.md §7).
+
+        Signalled candidates never route: a client could name another client's address and
+        capture its handshakes. Among connections that saw ``src`` (only possible with
+        spoofed checks) the one nominated on it wins, else the first.
+        """
         mtype = message_type(data)
         if mtype in (2, 3, 4):
             index = receiver_index(data)
@@ -668,10 +736,14 @@ class Node:
                 client_id = self._by_index.get(index >> INDEX_SHIFT)
                 if client_id is not None:
                     return client_id
-        for conn in self._by_remote.get(src, ()):
-            if conn.failed is None:
-                return conn.client_id
-        return None
+        first: Connection | None = None
+        for conn in self._by_seen.get(src, ()):
+            if conn.failed is None and conn.agent.accepts_from(src):
+                if conn.nominated is not None and conn.nominated[1] == src:
+                    return conn.client_id
+                if first is None:
+                    first = conn
+        return None if first is None else first.client_id
 
     def _handle_relay_stun(self, data: bytes, src: Address, local: Address, now: float) -> None:
         try:
@@ -728,8 +800,11 @@ class Node:
             candidates = self._by_remote.get(src, ())
         for conn in candidates:
             if conn.failed is None and conn.agent.accepts(message, data):
-                self._index_remote(conn, src)
                 conn.agent.handle_stun(message, data, src, local, now)
+                if src not in conn.remote_addresses and conn.agent.has_remote_candidate(src):
+                    self._index_remote(conn, src)  # learned: our checks go there now
+                if conn.agent.accepts_from(src):  # verified, not merely addressed to us
+                    self._index_seen(conn, src)
                 self._drain_agent(conn, now)
                 self._flush_candidate_events()
                 return
@@ -740,10 +815,65 @@ class Node:
             conn.remote_addresses.add(address)
             self._by_remote.setdefault(address, []).append(conn)
 
+    def _index_seen(self, conn: Connection, address: Address) -> None:
+        if address not in conn.seen:
+            conn.seen.add(address)
+            self._by_seen.setdefault(address, []).append(conn)
+
+    def _prune_seen(self, conn: Connection) -> None:
+        """Forget addresses the agent no longer accepts (invalidated, or a former path)."""
+        stale = [a for a in conn.seen if not conn.agent.accepts_from(a)]
+        for address in stale:
+            conn.seen.discard(address)
+            _discard(self._by_seen, address, conn)
+
     def _unindex(self, conn: Connection) -> None:
         _discard(self._by_ufrag, conn.local_credentials.ufrag, conn)
         for address in conn.remote_addresses:
             _discard(self._by_remote, address, conn)
+        for address in conn.seen:
+            _discard(self._by_seen, address, conn)
+        self._release_channels(conn, set())
+
+    def _release_channels(self, conn: Connection, keep: set[tuple[str, Address]]) -> None:
+        """Return ``conn``'s channel grants but ``keep`` to their relays' budgets (the
+        channels themselves stay bound on the relay until they expire)."""
+        for grant in conn.channels - keep:
+            relay_id = grant[0]
+            self._relay_channels[relay_id] -= 1
+            if self._relay_channels[relay_id] <= 0:
+                del self._relay_channels[relay_id]
+        conn.channels &= keep
+
+    def _nominated_channel(self, conn: Connection) -> set[tuple[str, Address]]:
+        if conn.nominated is None or conn.nominated[0].relay_id is None:
+            return set()
+        return {(conn.nominated[0].relay_id, conn.nominated[1])}
+
+    def _bind_channel(self, conn: Connection, relay_id: str, peer: Address, now: float) -> bool:
+        """Ask ``relay_id`` for a channel to ``peer`` on ``conn``'s behalf, within budget.
+
+        Bounded per connection and per relay (see the constants); refusals are counted.
+        Made before the allocation exists, the grant is bound when it is made. (A
+        nominated path's channel is asked for by ``_update_path``, outside the budget.)
+        """
+        grant = (relay_id, peer)
+        if grant not in conn.channels:
+            if conn.channel_budget <= 0:
+                self.counters["channel_refused_connection_budget"] += 1
+                return False
+            if self._relay_channels[relay_id] >= MAX_CANDIDATE_CHANNELS_PER_RELAY:
+                self.counters["channel_refused_relay_budget"] += 1
+                return False
+            conn.channel_budget -= 1
+            conn.channels.add(grant)
+            self._relay_channels[relay_id] += 1
+        allocation = self._allocations.get(relay_id)
+        if allocation is None:
+            return False
+        allocation.bind_channel(peer, now)
+        self._drain_allocation(allocation, now)
+        return True
 
     def _learn_host_candidate(self, local: Address, now: float) -> bool:
         if local in self._host_candidates or self._is_relayed_address(local):
@@ -875,10 +1005,12 @@ class Node:
     def _drain_agent(self, conn: Connection, now: float) -> None:
         agent = conn.agent
         while (tx := agent.poll_transmit()) is not None:
-            self._send_from(tx, now)
+            self._send_from(conn, tx, now)
         while (event := agent.poll_event()) is not None:
             if isinstance(event, Nominated):
                 conn.nominated = (event.local, event.remote)
+                self._prune_seen(conn)
+                self._index_seen(conn, event.remote)
                 self._update_path(conn, now)
             elif isinstance(event, PeerReflexive):
                 # A verified check taught the agent a remote candidate: the client's
@@ -904,6 +1036,10 @@ class Node:
             channel = allocation.channel_for(remote)
             server = allocation.active_server()
             if channel is None or server is None:
+                grant = (local.relay_id, remote)
+                if grant not in conn.channels:
+                    conn.channels.add(grant)
+                    self._relay_channels[local.relay_id] += 1
                 allocation.bind_channel(remote, now)
                 while (tx := allocation.poll_transmit()) is not None:
                     self._transmits.append(tx)
@@ -919,15 +1055,17 @@ class Node:
             log.info("connection to %s uses %s path to %s", conn.client_id, path.describe(), remote)
             self._events.append(PathChanged(conn.client_id, path))
 
-    def _send_from(self, tx: Transmit, now: float) -> None:
-        """Route an ICE transmit: from a relayed address it is wrapped in ChannelData."""
+    def _send_from(self, conn: Connection, tx: Transmit, now: float) -> None:
+        """Route an ICE transmit: from a relayed address it is wrapped in ChannelData.
+
+        Without a channel the check is dropped and one is bound on demand, within the
+        connection's budget (1.4 only drops it)."""
         if tx.src is not None:
             for allocation in self._allocations.values():
                 if tx.src in allocation.relay_addresses():
                     wrapped = allocation.encapsulate(tx.dst, tx.payload, now)
                     if wrapped is None:
-                        allocation.bind_channel(tx.dst, now)
-                        self._drain_allocation(allocation, now)
+                        self._bind_channel(conn, allocation.relay_id, tx.dst, now)
                         self.counters["no_channel"] += 1
                     else:
                         self._transmits.append(wrapped)

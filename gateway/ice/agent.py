@@ -68,9 +68,8 @@ NOMINATION_WAIT = 0.5
 _TRANSACTIONS_PER_PAIR = 10
 #: Addresses remembered for ``accepts_from`` (verified ICE traffic only).
 _MAX_SEEN_FROM = 64
-#: Remote candidates per connection, signalled and peer-reflexive together: a client
-#: has a few host, server-reflexive and relay candidates; the portal forwards whatever
-#: it sends, and each one costs a scan of the list and a pair per local candidate.
+#: Remote candidates kept (signalled and learned): a client has a few per interface and
+#: family; more would only cost a scan each (pairs are capped separately).
 MAX_REMOTE_CANDIDATES = 100
 
 
@@ -198,6 +197,7 @@ class IceAgent:
         rng: Rng,
         now: float,
         max_pairs: int = 300,
+        max_remote_candidates: int = MAX_REMOTE_CANDIDATES,
         pacing: float = 0.0,
     ) -> None:
         self.controlling = controlling
@@ -206,6 +206,7 @@ class IceAgent:
         self._rng = rng
         self._tie_breaker = rng.getrandbits(64)
         self._max_pairs = max_pairs
+        self._max_remote = max_remote_candidates
         self._pacing = pacing
         self._next_paced_check = now
         self._timings = DEFAULT_TIMINGS
@@ -283,11 +284,14 @@ class IceAgent:
 
     @property
     def remote_candidates_full(self) -> bool:
-        """``MAX_REMOTE_CANDIDATES`` are known: further ones are refused."""
-        return len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES
+        return len(self._remote_candidates) >= self._max_remote
+
+    def has_remote_candidate(self, address: Address) -> bool:
+        """Whether a remote candidate (signalled or learned) is at ``address``."""
+        return self._remote_at(address) is not None
 
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
-        """Add a trickled remote candidate; False if duplicate or unusable."""
+        """Add a trickled remote candidate; False if duplicate, unusable or one too many."""
         if c.component != 1:
             self.counters["remote_candidate_rejected"] += 1
             return False
@@ -303,7 +307,7 @@ class IceAgent:
                         pair.priority = self._priority_of(pair.local, c)
                 return True
             return False
-        if len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES:
+        if len(self._remote_candidates) >= self._max_remote:
             self.counters["remote_candidates_full"] += 1
             return False
         self._remote_candidates.append(c)
@@ -392,12 +396,12 @@ class IceAgent:
             return
         remote = self._remote_at(src)
         if remote is None:
+            if len(self._remote_candidates) >= self._max_remote:
+                self._drop("remote_candidates_full", src)  # answered, not paired
+                return
             priority = msg.priority()
             if priority is None or priority == 0:
                 self._drop("request_without_priority", src)
-                return
-            if len(self._remote_candidates) >= MAX_REMOTE_CANDIDATES:
-                self._drop("remote_candidates_full", src)
                 return
             remote = Candidate("prflx", src, priority, foundation_for("prflx", src[0]))
             self._remote_candidates.append(remote)

@@ -1,9 +1,12 @@
 """mac1, mac2 and cookie replies (whitepaper §5.4.4 and §5.4.7), both sides.
 
 Responder side, :class:`CookieChecker` (one per node, keyed by our static public key):
-verifies mac1 of every handshake message, and under load verifies mac2 or builds a cookie
-reply. Initiator side, :class:`CookieJar` (one per tunnel, keyed by the peer's public key):
-adds mac1/mac2 to the handshake messages we send and decrypts cookie replies.
+verifies mac1 of every handshake message. Under load the gateway drops handshakes as
+Firezone 1.4 does (``gateway/wg/tunnel.py``) and sends no cookie replies; ``verify_mac2``
+and ``cookie_reply`` are the whitepaper's responder half, kept for the tests and peers
+that exercise :class:`CookieJar`. Initiator side, :class:`CookieJar` (one per tunnel, keyed
+by the peer's public key): adds mac1/mac2 to the handshake messages we send and decrypts
+cookie replies (a client under load may send us one).
 
 The cookie is ``MAC(secret, source ip bytes || source port)``; the secret belongs to the
 rate limiter, which rotates it every two minutes.

@@ -24,10 +24,11 @@ Theory of operation (whitepaper §5 and §6):
   without sending while a session exists; all keys erased (``ConnectionExpired``) when no
   session was made for 3 x REJECT_AFTER_TIME.
 * Under load (the shared :class:`HandshakeRateLimiter` counted more than its limit in the
-  current second) a handshake message needs a valid mac2; without one we answer with a
-  cookie reply. **Deviation:** the Firezone 1.4 gateway (boringtun without a source
-  address) drops such messages instead; cookie replies are what the whitepaper asks for
-  and what this project's issue requires.
+  current second) further initiations and responses are dropped, as the Firezone 1.4
+  gateway does (boringtun is given no source address, ``rust/connlib/snownet/src/node.rs``).
+  No cookie reply is sent: the source of an initiation is whatever the sender claims, and
+  the reply would go down the client's path, so a spoofed flood would be reflected onto
+  the client whose address it names. mac1 is verified first, always.
 
 Keys cannot be wiped from Python ``bytes``; "erasing" drops every reference to them.
 """
@@ -615,12 +616,8 @@ class Tunnel:
             return self._handle_cookie_reply(datagram, now)
         if not self._checker.verify_mac1(datagram):
             return self._drop("bad_mac1")
-        limiter = self._limiter
-        if limiter.note_handshake(now):
-            secret = limiter.cookie_secret(now)
-            if not self._checker.verify_mac2(datagram, src, secret):
-                self.counters["under_load"] += 1
-                return WriteToNetwork(self._checker.cookie_reply(datagram, src, secret, self._rng))
+        if self._limiter.note_handshake(now):
+            return self._drop("under_load")
         if kind == MSG_INITIATION:
             return self._handle_initiation(datagram, now)
         return self._handle_response(datagram, now, unix_now)

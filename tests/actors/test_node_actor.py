@@ -456,6 +456,7 @@ def test_ice_answers_leave_from_the_local_address_the_check_was_sent_to(
     _with_relay(harness, portal_fixtures, relay)
     port = _status(harness["ref"])["ports"]["ipv4"]
     harness["ref"].tell(_ingress(portal_fixtures, "authorize_flow.json"))
+    _status(harness["ref"])  # the flow is set up before the check arrives (else a race)
     flow = json.loads((portal_fixtures / "authorize_flow.json").read_text())["payload"]
     gateway, client_creds = flow["gateway_ice_credentials"], flow["client_ice_credentials"]
     check = new_request(Method.BINDING, random.Random(5))

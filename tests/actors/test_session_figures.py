@@ -100,7 +100,7 @@ def test_a_scrape_asks_no_peer_actor_and_takes_no_session_lock() -> None:
     session._tunnel.rx_bytes = 7
     runtime = mock.Mock()
     runtime.gc_policy = None
-    runtime.node.ask.return_value = {"resets": 2}
+    runtime.node.ask.return_value = {"resets": 2, "counters": {"garbage": 4}}
     runtime.portal.ask.return_value = PortalStatus(state="joined", joined_since=None,
                                                    reconnects=1, url="wss://portal")
     runtime.tun.ask.return_value = {"dropped": {"kernel": 5}}
@@ -115,6 +115,7 @@ def test_a_scrape_asks_no_peer_actor_and_takes_no_session_lock() -> None:
     assert 'firezone_connections{path="connecting"}' in text
     assert 'firezone_dropped_packets_total{reason="tun_kernel"} 5' in text
     assert "firezone_resets_total 2" in text and "firezone_portal_joined 1" in text
+    assert 'firezone_node_events_total{event="garbage"} 4' in text
     rx = next(line for line in text.splitlines() if line.startswith("firezone_rx_bytes_total"))
     assert int(rx.split()[1]) >= 7
 

@@ -18,7 +18,7 @@ def test_remote_candidates_beyond_the_cap_are_neither_indexed_nor_bound() -> Non
         for n in range(MAX_REMOTE_CANDIDATES + extra)
     ]
     sim.node.add_remote_candidates(CLIENT_ID, lines, sim.now)
-    assert sim.node.counters["remote_candidates_full"] == extra
+    assert sim.node.counters["remote_candidates_over_limit"] == extra
     (allocation,) = sim.node._allocations.values()
     assert len(allocation._channel_by_peer) <= MAX_REMOTE_CANDIDATES
     assert len(sim.node._by_remote) <= MAX_REMOTE_CANDIDATES

@@ -12,6 +12,8 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 
+import pytest
+
 from gateway.ice.agent import IceAgent, Nominated
 from gateway.ice.candidate import Candidate, IceCredentials
 from gateway.node import (
@@ -699,3 +701,194 @@ def test_a_relayed_nomination_waits_for_its_channel_without_scanning_or_recursin
     assert isinstance(conn.path, RelayedPath)
     assert "relay-1" not in sim.node._awaiting_channel
     assert any(isinstance(e, PathChanged) for e in iter(sim.node.poll_event, None))
+
+
+# -------------------------------------------------------------- hostile signalling (issue 14)
+
+INTRUDER_ID = uuid.UUID("00000000-0000-4000-8000-0000000000bb")
+
+
+def _intruder(sim: Sim, ufrag: str = "intr") -> uuid.UUID:
+    """Another client's connection (its ICE never runs: nobody answers for it)."""
+    result = sim.node.upsert_connection(
+        INTRUDER_ID, client_public_key=StaticKeyPair.generate(sim.rng).public,
+        preshared_key=bytes(32), local=IceCredentials(ufrag, "zfjrrjdkbci42t2axyd45a"),
+        remote=IceCredentials("bbbb", "j2fqufatn7xlrrvv6fsvea"), now=sim.now,
+    )
+    assert isinstance(result, ConnectionCreated)
+    return INTRUDER_ID
+
+
+def _initiation(sim: Sim) -> bytes:
+    """A handshake initiation with a valid mac1 for the gateway (from a throwaway tunnel
+    with the client's key, so the simulated client's own tunnel is left alone)."""
+    tunnel = Tunnel(
+        static=sim.client_static, peer_public=sim.node.public_key,
+        preshared_key=bytes(range(32)), local_index=0x5550000, rng=sim.rng, now=sim.now,
+        rate_limiter=HandshakeRateLimiter(sim.client_static.public, sim.rng),
+    )
+    result = tunnel.initiate(sim.now, sim.clock.unix())
+    assert isinstance(result, WriteToNetwork) and result.datagram[0] == 1
+    return result.datagram
+
+
+def test_a_signalled_candidate_does_not_capture_another_clients_handshakes() -> None:
+    """Client B signals client A's address: A's initiations never reach B's connection.
+
+    Handshake initiations carry no receiver index; they are routed by their source only
+    when the connection's ICE agent verified traffic from it (snownet.md §7 step 5).
+    """
+    sim = Sim()
+    sim.add_relay()
+    intruder = _intruder(sim)
+    sim.node.add_remote_candidates(
+        intruder,
+        [Candidate.host(CLIENT).to_sdp(), Candidate.srflx(CLIENT, CLIENT).to_sdp()],
+        sim.now,
+    )
+    sim.pump()
+    sim.authorize(signal=False)
+    # Nothing verified from A's address yet: dropped, not handed to B.
+    assert sim.node.handle_datagram(GATEWAY, CLIENT, _initiation(sim), sim.now) is None
+    sim.node.add_remote_candidates(CLIENT_ID, [Candidate.host(CLIENT).to_sdp()], sim.now)
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    routed = sim.node.handle_datagram(GATEWAY, CLIENT, _initiation(sim), sim.now)
+    assert routed is not None and routed.client_id == CLIENT_ID
+    conn = sim.node.connection(intruder)
+    assert conn is not None and not conn.seen  # B's checks to A's address went unanswered
+    _exchange(sim)
+
+
+def test_a_client_signalling_thousands_of_relayed_candidates_binds_a_bounded_few() -> None:
+    """1.4 binds a channel per non-host candidate; a relay has 4,096 for every client."""
+    sim = Sim()
+    sim.add_relay()
+    intruder = _intruder(sim)
+    lines = [
+        Candidate.relay((f"10.{9 + i // 60000}.{(i // 250) % 240}.{i % 250 + 1}", 40000 + i % 7),
+                        "x").to_sdp()
+        for i in range(5000)
+    ]
+    sim.node.add_remote_candidates(intruder, lines, sim.now)
+    sim.pump()
+    (allocation,) = sim.relay.allocations.values()
+    assert len(allocation.channels) == 16  # MAX_CHANNELS_PER_CONNECTION
+    # The agent keeps 100 remote candidates; the rest is counted without being parsed.
+    assert sim.node.counters["remote_candidates_over_limit"] == 5000 - 100
+    assert sim.node.counters["channel_refused_connection_budget"] == 100 - 16
+    # Its checks from our relayed candidate do not bind any more on demand either.
+    for _ in range(20):
+        sim.clock.tick(0.25)
+        sim.node.handle_timeout(sim.now)
+        sim.pump()
+    assert len(allocation.channels) == 16
+
+
+def test_channels_asked_of_one_relay_are_bounded_across_connections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import gateway.node as node_module
+
+    monkeypatch.setattr(node_module, "MAX_CANDIDATE_CHANNELS_PER_RELAY", 20, raising=False)
+    sim = Sim()
+    sim.add_relay()
+    for n in range(3):
+        client = uuid.UUID(int=n + 1)
+        sim.node.upsert_connection(
+            client, client_public_key=sim.client_static.public, preshared_key=bytes(32),
+            local=IceCredentials(f"c{n:03d}", "zfjrrjdkbci42t2axyd45a"), remote=CLIENT_CREDS,
+            now=sim.now,
+        )
+        sim.node.add_remote_candidates(
+            client,
+            [Candidate.srflx((f"10.5.{n}.{i + 1}", 4000), CLIENT).to_sdp() for i in range(10)],
+            sim.now,
+        )
+    sim.pump()
+    (allocation,) = sim.relay.allocations.values()
+    assert len(allocation.channels) == 20
+    assert sim.node.counters["channel_refused_relay_budget"] == 10
+    # A connection that goes away returns its share.
+    sim.node.remove_connection(uuid.UUID(int=1), "test")
+    sim.node.add_remote_candidates(
+        uuid.UUID(int=3), [Candidate.srflx(("10.5.9.9", 4000), CLIENT).to_sdp()], sim.now
+    )
+    sim.pump()
+    assert len(allocation.channels) == 21
+
+
+def test_a_spoofed_initiation_flood_under_load_sends_no_cookie_replies() -> None:
+    """Initiations claiming client A's address, over the node's handshake limit: nothing
+    goes to A (1.4 drops under load; cookie replies would be reflected onto A)."""
+    sim = Sim()
+    sim.add_relay()
+    sim.authorize()
+    sim.run_until(lambda: sim.gw_path is not None and sim.client_nominated is not None)
+    _exchange(sim)
+    forged = _initiation(sim)  # valid mac1, replayed, from A's address
+    sim.wire.clear()
+    for _ in range(1000):
+        wg = sim.node.handle_datagram(GATEWAY, CLIENT, forged, sim.now)
+        assert wg is not None and wg.client_id == CLIENT_ID
+        sim._gateway_wireguard(wg.datagram, wg.src)
+    to_client = [payload[0] for _, dst, payload in sim.wire if dst == CLIENT]
+    assert to_client.count(3) == 0 and len(to_client) <= 1  # at most the one response
+    assert sim.gw_tunnel is not None and sim.gw_tunnel.counters["under_load"] >= 900
+
+
+def test_signalling_invalidating_and_checking_from_many_ports_keeps_the_indexes_bounded() -> None:
+    """A client cycling candidates, or checking from port after port, grows no table."""
+    sim = Sim()
+    sim.add_relay()
+    intruder = _intruder(sim)
+    conn = sim.node.connection(intruder)
+    assert conn is not None
+    for round_ in range(3):
+        lines = [Candidate.host((f"10.7.{round_}.{i + 1}", 5000)).to_sdp() for i in range(100)]
+        sim.node.add_remote_candidates(intruder, lines, sim.now)
+        sim.node.remove_remote_candidates(intruder, lines, sim.now)
+    assert len(conn.remote_addresses) == 0
+    assert not any(conn in entries for entries in sim.node._by_remote.values())
+    # One invalidation message of 50,000 lines: looked at up to a bound, the rest counted.
+    flood = [Candidate.host((f"10.8.{i // 250 % 250}.{i % 250}", 1)).to_sdp()
+             for i in range(50_000)]
+    sim.node.remove_remote_candidates(intruder, flood, sim.now)
+    assert sim.node.counters["invalidations_over_limit"] == 50_000 - 200
+    # Authenticated checks from 300 source ports: answered, indexed at most 100 times.
+    from gateway.stun.message import Attr, Method, encode, new_request, short_term_key
+
+    for port in range(300):
+        check = new_request(Method.BINDING, sim.rng)
+        check.add_str(Attr.USERNAME, "intr:bbbb").add_u32(Attr.PRIORITY, 1853824767)
+        check.add_u64(Attr.ICE_CONTROLLING, 1)
+        raw = encode(check, integrity_key=short_term_key("zfjrrjdkbci42t2axyd45a"),
+                     fingerprint=True)
+        sim.node.handle_datagram(GATEWAY, ("10.9.9.9", 20000 + port), raw, sim.now)
+    assert len(conn.remote_addresses) <= 100 and len(conn.seen) <= 65
+
+
+def test_a_client_asking_again_with_the_same_credentials_gets_a_fresh_channel_budget() -> None:
+    """A roaming client keeps its connection (same credentials): its new candidates need
+    channels, so the budget is refilled, and the old grants leave the relay's account."""
+    sim = Sim()
+    sim.add_relay()
+    intruder = _intruder(sim)
+    srflx = [Candidate.srflx((f"10.6.0.{i + 1}", 4000), CLIENT).to_sdp() for i in range(20)]
+    sim.node.add_remote_candidates(intruder, srflx, sim.now)
+    sim.pump()
+    (allocation,) = sim.relay.allocations.values()
+    assert len(allocation.channels) == 16
+    assert sim.node._relay_channels["relay-1"] == 16
+    again = sim.node.upsert_connection(
+        INTRUDER_ID, client_public_key=bytes(32), preshared_key=bytes(32),
+        local=IceCredentials("intr", "zfjrrjdkbci42t2axyd45a"),
+        remote=IceCredentials("bbbb", "j2fqufatn7xlrrvv6fsvea"), now=sim.now,
+    )
+    assert isinstance(again, ConnectionReused)
+    roamed = [Candidate.srflx((f"10.6.1.{i + 1}", 4000), CLIENT).to_sdp() for i in range(4)]
+    sim.node.add_remote_candidates(intruder, roamed, sim.now)
+    sim.pump()
+    assert len(allocation.channels) == 20
+    assert sim.node._relay_channels["relay-1"] == 4
+    sim.node.remove_connection(intruder, "test")
+    assert "relay-1" not in sim.node._relay_channels

@@ -427,6 +427,24 @@ def test_max_pairs_keeps_the_best(clock: ManualClock) -> None:
     assert agent.counters["pairs_pruned"] == 2
 
 
+def test_remote_candidates_are_bounded_signalled_or_learned(clock: ManualClock) -> None:
+    """A client signalling thousands of candidates costs a bounded table and no scan each."""
+    agent = _agent(clock)  # MAX_REMOTE_CANDIDATES: 100
+    agent.add_local_candidate(Candidate.host(GW_HOST))
+    added = [agent.add_remote_candidate(Candidate.host((f"10.1.{i // 250}.{i % 250}", 1000)))
+             for i in range(105)]
+    assert added == [True] * 100 + [False] * 5
+    assert getattr(agent, "remote_candidates_full", False) and len(agent.remote_candidates) == 100
+    assert agent.counters["remote_candidates_full"] == 5
+    # A verified check from a new address is still answered (and may carry WireGuard),
+    # but no peer-reflexive candidate or pair is made for it.
+    msg, raw = _client_check()
+    agent.handle_stun(msg, raw, CL_OTHER, GW_HOST, clock.monotonic())
+    assert len(_drain(agent)) == 1 and _events(agent) == []
+    assert len(agent.remote_candidates) == 100 and agent.accepts_from(CL_OTHER)
+    assert all(remote != CL_OTHER for _, remote in agent.pair_states())
+
+
 def test_pair_priority_formula() -> None:
     g = Candidate.host(GW_HOST)
     d = Candidate.relay(GW_RELAY, "r")

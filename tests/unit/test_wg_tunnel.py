@@ -546,38 +546,55 @@ def test_message_count_limits() -> None:
     assert isinstance(result, WriteToNetwork) and message_type(result.datagram) == 1
 
 
-# ------------------------------------------------------------------ cookies under load
+# ------------------------------------------------------------------ under load
 
 
-def test_under_load_an_initiation_gets_a_cookie_and_the_retry_with_mac2_is_accepted() -> None:
+def test_under_load_an_initiation_is_dropped_without_a_cookie_reply() -> None:
+    """1.4 (boringtun without a source address): over the limit, handshakes are dropped.
+
+    A cookie reply would go wherever the initiation claims to come from (through the
+    client's path), so a spoofed flood would be reflected onto that client.
+    """
     pair = WgPair()
     for _ in range(100):
         pair.limiter_b.note_handshake(pair.now)
     pair.handshake()
-    assert kinds(pair) == [("a", 1), ("b", 3)]
-    assert len(pair.log[1].datagram) == 64 and pair.log[1].result is DONE
+    assert kinds(pair) == [("a", 1)]
+    assert pair.log[0].result == Dropped("under_load")
     assert pair.b.counters == {"under_load": 1} and not pair.b.has_session
+    assert pair.b.poll_transmit() is None
+    # The initiator retries after REKEY_TIMEOUT; the window has ended by then.
     retry_at = pair.a.poll_timeout()
     assert retry_at is not None
-    pair.clock.skip_to(retry_at)
-    for _ in range(150):  # still (or again) over 100/s when the retry arrives
-        pair.limiter_b.note_handshake(pair.now)
     pair.run_until(retry_at)
-    retry = pair.log[2]
-    assert (retry.sender, retry.kind) == ("a", 1) and retry.datagram[-16:] != bytes(16)
-    assert isinstance(retry.result, WriteToNetwork)  # the response: mac2 was accepted
+    assert kinds(pair) == [("a", 1), ("a", 1), ("b", 2), ("a", 4)]
     assert pair.a.has_session and pair.b.has_session
     assert pair.b.counters == {"under_load": 1}
 
 
-def test_under_load_on_both_sides_responses_need_cookies_too() -> None:
-    pair = WgPair(limit=0)  # every handshake message counts as "under load"
+def test_under_load_responses_are_dropped_too_and_no_cookie_reply_is_sent() -> None:
+    pair = WgPair(limit=0)  # every handshake message is over the limit
     pair.handshake()
     pair.advance(2 * (REKEY_TIMEOUT + REKEY_TIMEOUT_JITTER_MAX))
-    assert ("b", 3) in kinds(pair) and ("a", 3) in kinds(pair)
-    assert pair.a.has_session and pair.b.has_session
-    pair.encapsulate("a", ip4(40))
-    assert pair.to_tunnel["b"] == [ip4(40)]
+    assert 3 not in {kind for _, kind in kinds(pair)}  # never a cookie reply
+    assert not pair.a.has_session and not pair.b.has_session
+    assert pair.b.counters["under_load"] >= 2
+    pair.handshake("b")  # b's initiation: a is under load too
+    assert pair.a.counters["under_load"] >= 1 and not pair.a.has_session
+
+
+def test_under_load_mac1_is_still_verified_first() -> None:
+    pair = WgPair()
+    for _ in range(100):
+        pair.limiter_b.note_handshake(pair.now)
+    initiation = pair.a.initiate(pair.now, pair.clock.unix())
+    assert isinstance(initiation, WriteToNetwork)
+    bad = bytearray(initiation.datagram)
+    bad[20] ^= 1
+    assert pair.b.decapsulate(bytes(bad), ADDR_A, pair.now, pair.clock.unix()) == Dropped(
+        "bad_mac1"
+    )
+    assert pair.b.counters == {"bad_mac1": 1}
 
 
 def test_not_under_load_mac2_is_not_required() -> None:
