@@ -109,6 +109,8 @@ log = logging.getLogger(__name__)
 
 #: Node batches the UDP reader may queue while another thread runs a node step.
 NODE_QUEUED_BATCHES = 256
+#: Seconds before the node's timers run again after a step that raised.
+TIMER_RETRY = 1.0
 #: Handshake batches in flight towards one PeerActor (data goes to its session directly).
 PEER_INFLIGHT = 8
 
@@ -330,9 +332,18 @@ class NodeActor(pykka.ThreadingActor):
         if self._stopped:
             return
         now = self._clock.monotonic()
-        self._fold_channel_activity(now)
-        self.node.handle_timeout(now)
-        self._drain(now)
+        try:
+            self._fold_channel_activity(now)
+            self.node.handle_timeout(now)
+            self._drain(now)
+        except Exception:
+            # A bug, contained like a dropped datagram batch; but the node's timers must
+            # not stop with it (nothing else may re-arm them on an idle gateway), nor spin
+            # on a deadline that keeps failing.
+            log.exception("node timer step failed; retrying in %.0f s", TIMER_RETRY)
+            self.node.counters["timer_step_failed"] += 1
+            if self._wake is not None:
+                self._wake.arm(now + TIMER_RETRY)
 
     def _set_portal_state(self, state: str) -> None:
         self.portal_state = state

@@ -129,7 +129,8 @@ def harness(clock: ManualClock) -> Iterator[dict[str, Any]]:
         resolver=resolver, peer_factory=peer_factory,
     )
     ref.tell(AttachPortal(portal))
-    yield {"ref": ref, "portal": portal, "tun": tun, "peers": peers, "lookups": lookups}
+    yield {"ref": ref, "portal": portal, "tun": tun, "peers": peers, "lookups": lookups,
+           "timer": timer}
     lookups.gate.set()
     ref.stop()
     resolver.shutdown()
@@ -471,3 +472,29 @@ def test_ice_answers_leave_from_the_local_address_the_check_was_sent_to(
             answer, source = client.recvfrom(2048)
             assert parse(answer).cls == MessageClass.SUCCESS
             assert source == (local, port)
+
+
+def test_a_node_timer_step_that_raises_is_retried_later(
+    harness: dict[str, Any], clock: ManualClock
+) -> None:
+    """A failing timer step must not leave the node without timers (an idle gateway has
+    nothing else to re-arm them), nor re-arm it at a deadline that keeps failing."""
+    ref = harness["ref"]
+    _status(ref)  # on_start has armed the node's wake
+    timer = harness["timer"]
+    actor = ref._actor_weakref()
+    node = actor.node  # type: ignore[union-attr]
+    calls: list[float] = []
+
+    def failing(now: float) -> None:
+        calls.append(now)
+        raise RuntimeError("planted bug")
+
+    node.handle_timeout = failing
+    timer.schedule_call.reset_mock()
+    actor._on_timer()  # type: ignore[union-attr]  # as the Timer thread would
+    _status(ref)
+    assert calls == [clock.monotonic()]
+    deadline = timer.schedule_call.call_args.args[0]
+    assert deadline == pytest.approx(clock.monotonic() + 1.0)
+    assert _status(ref)["counters"]["timer_step_failed"] == 1
