@@ -20,3 +20,9 @@ class RemoteProtocolError(GatewayError):
 
 class MalformedPacket(RemoteProtocolError):
     """Bytes that do not parse as the expected wire format."""
+
+
+class MalformedMessage(RemoteProtocolError, ValueError):
+    """Structured input (a portal frame or field, a candidate line, a resource) that does
+    not validate. Also a ``ValueError``, so the callers that drop a bad message on
+    ``ValueError`` keep working; new code should catch :class:`RemoteProtocolError`."""
