@@ -11,6 +11,7 @@ import ipaddress
 import json
 import logging
 import random
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -296,3 +297,17 @@ def test_non_finite_or_out_of_range_expires_at_is_refused(
     presence["payload"]["connected"][0]["expires_at"] = value
     with pytest.raises(RemoteProtocolError, match="expires_at"):
         parse_ingress("relays_presence", presence["payload"])
+
+
+@pytest.mark.parametrize("body", ['"' + '\\"' * 100_000, '["a' * 100_000, "[{" * 100_000])
+def test_frame_bounds_are_checked_in_linear_time(
+    body: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An earlier depth check blanked strings with a regex that went quadratic on escaped
+    quotes (minutes for this frame); the generous bound only catches that, not noise."""
+    chan = Channel()
+    started = time.perf_counter()
+    chan.text('{"topic":"gateway","event":"init","ref":null,"payload":' + body + "}")
+    assert time.perf_counter() - started < 5.0
+    assert not any(isinstance(e, Ingress) for e in chan.events())
+    assert chan.channel.state in ("joined", "backoff")  # a cut string reads as a cut frame
