@@ -100,7 +100,10 @@ def decode(packet: bytes) -> AssignedIps | DomainStatus | None:
         body = json.loads(payload[8:].decode("utf-8"))
         if not isinstance(body, dict):
             return None
-        resource_id = uuid.UUID(body["resource"])
+        resource = body["resource"]
+        if not isinstance(resource, str) or not resource.isascii():
+            return None
+        resource_id = uuid.UUID(resource)
         domain = body["domain"]
         if not isinstance(domain, str):
             return None

@@ -47,7 +47,7 @@ def _read_everything(msg: StunMessage) -> None:
     msg.address(Attr.MAPPED_ADDRESS), msg.address(Attr.ALTERNATE_SERVER)
 
 
-@fuzz(400)
+@fuzz(1000)
 @given(st.sampled_from(_STUN).flatmap(mutated_bytes))
 def test_stun_parse_and_readers(data: bytes) -> None:
     def run() -> None:
@@ -56,7 +56,7 @@ def test_stun_parse_and_readers(data: bytes) -> None:
     only_gateway_errors(run)
 
 
-@fuzz(300)
+@fuzz(1000)
 @given(st.one_of(st.binary(max_size=64), st.sampled_from(_ALL).flatmap(mutated_bytes)))
 def test_demux_channel_data_and_wireguard_headers_never_raise(data: bytes) -> None:
     classify(data, ("10.0.0.4", 3478), {("10.0.0.4", 3478)})
@@ -98,7 +98,7 @@ _PACKETS = [
 ]
 
 
-@fuzz(400)
+@fuzz(1000)
 @given(st.sampled_from(_PACKETS).flatmap(mutated_bytes))
 def test_ip_views_icmp_and_nat46_on_valid_packets(packet: bytes) -> None:
     ip.ip_version(packet)
@@ -115,7 +115,7 @@ def test_ip_views_icmp_and_nat46_on_valid_packets(packet: bytes) -> None:
         ipv6_to_ipv4(packet, bytes(4), b"\x0a\x00\x00\x01")
 
 
-@fuzz(400)
+@fuzz(1000)
 @given(st.sampled_from(_PACKETS).flatmap(mutated_bytes))
 def test_client_on_gateway_inbound_never_raises(packet: bytes) -> None:
     peer = ClientOnGateway(client_id=uuid.uuid4(), ipv4=_CLIENT4, ipv6=_CLIENT6, now=0.0)
@@ -139,9 +139,16 @@ _WIREGUARD = [p for p in _ALL if p and p[0] in (1, 2, 3, 4) and p[1:4] == b"\x00
 def test_tunnel_decapsulate_never_raises(data: st.DataObject) -> None:
     """The gateway's tunnel, after a handshake, fed mutated WireGuard messages."""
     sim = connected_sim(relayed=False)
-    assert sim.gw_tunnel is not None
-    for _ in range(data.draw(st.integers(1, 3))):
-        datagram = data.draw(st.sampled_from(_WIREGUARD).flatmap(mutated_bytes))
-        sim.gw_tunnel.decapsulate(datagram, ("10.0.0.2", 50000), sim.now, sim.clock.unix())
-        while sim.gw_tunnel.poll_transmit() is not None or sim.gw_tunnel.poll_event():
-            pass
+    tunnel = sim.gw_tunnel
+    assert tunnel is not None
+    src = ("10.0.0.2", 50000)
+    batch = data.draw(st.lists(st.sampled_from(_WIREGUARD).flatmap(mutated_bytes),
+                               min_size=1, max_size=4))
+    if data.draw(st.booleans()):  # the PeerSession's batched path
+        tunnel.decapsulate_many([(d, src) for d in batch], sim.now, sim.clock.unix(), [])
+    else:
+        for datagram in batch:
+            tunnel.decapsulate(datagram, src, sim.now, sim.clock.unix())
+    tunnel.handle_timeout(sim.now + 1.0, sim.clock.unix() + 1.0)
+    while tunnel.poll_transmit() is not None or tunnel.poll_event() is not None:
+        pass
