@@ -1,8 +1,9 @@
 """The two error families of the cores.
 
 ``LocalProtocolError``: we misused an API (a bug on our side; may raise).
-``RemoteProtocolError`` / ``MalformedPacket``: bad input from the wire. Cores catch these
-at their ``handle_*`` boundary, count and drop; they never escape to the shells.
+``RemoteProtocolError`` / ``MalformedPacket`` / ``MalformedMessage``: bad input from the
+wire or the portal. Cores catch these at their ``handle_*`` boundary, count and drop; they
+never escape to the shells. Parsers of hostile input raise nothing else (``tests/fuzz``).
 """
 
 
