@@ -311,3 +311,11 @@ def test_frame_bounds_are_checked_in_linear_time(
     assert time.perf_counter() - started < 5.0
     assert not any(isinstance(e, Ingress) for e in chan.events())
     assert chan.channel.state in ("joined", "backoff")  # a cut string reads as a cut frame
+
+
+def test_a_cut_frame_stays_a_cut_frame_however_deep() -> None:
+    """The depth bound sees only complete containers, so a frame cut short inside deep
+    nesting is still the transient IO error it was (gateway/portal/phoenix.py), not a drop."""
+    chan = Channel()
+    chan.text('{"topic":"gateway","event":"init","ref":null,"payload":' + "[" * 100)
+    assert chan.channel.state == "backoff" and chan.channel.malformed_frames == 0
