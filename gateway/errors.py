@@ -1,8 +1,9 @@
 """The two error families of the cores.
 
 ``LocalProtocolError``: we misused an API (a bug on our side; may raise).
-``RemoteProtocolError`` / ``MalformedPacket``: bad input from the wire. Cores catch these
-at their ``handle_*`` boundary, count and drop; they never escape to the shells.
+``RemoteProtocolError`` / ``MalformedPacket`` / ``MalformedMessage``: bad input from the
+wire or the portal. Cores catch these at their ``handle_*`` boundary, count and drop; they
+never escape to the shells. Parsers of hostile input raise nothing else (``tests/fuzz``).
 """
 
 
@@ -20,3 +21,9 @@ class RemoteProtocolError(GatewayError):
 
 class MalformedPacket(RemoteProtocolError):
     """Bytes that do not parse as the expected wire format."""
+
+
+class MalformedMessage(RemoteProtocolError, ValueError):
+    """Structured input (a portal frame or field, a candidate line, a resource) that does
+    not validate. Also a ``ValueError``, so the callers that drop a bad message on
+    ``ValueError`` keep working; new code should catch :class:`RemoteProtocolError`."""

@@ -1,7 +1,8 @@
 """Resources and filters as the portal describes them (gateway-messages.md §0.2, §0.3).
 
-Immutable models plus strict parsers. Parsers raise ``ValueError`` with a message naming
-the offending field; the portal-message layer turns that into "drop the whole message".
+Immutable models plus strict parsers. Parsers raise :class:`~gateway.errors.MalformedMessage`
+(a ``ValueError``) with a message naming the offending field, and nothing else; the
+portal-message layer turns that into "drop the whole message".
 """
 
 from __future__ import annotations
@@ -12,7 +13,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
+from gateway.errors import MalformedMessage
+
 IpNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: A DNS resource's address is a name (at most 253 characters) or a glob over one; this
+#: is a generous bound on what the per-name matching (gateway.dns_pattern) walks.
+MAX_DNS_ADDRESS = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,37 +72,37 @@ Resource: TypeAlias = CidrResource | DnsResource | InternetResource
 
 def _require(obj: Mapping[str, Any], key: str, where: str) -> Any:
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{where}: expected an object, got {type(obj).__name__}")
+        raise MalformedMessage(f"{where}: expected an object, got {type(obj).__name__}")
     if key not in obj or obj[key] is None:
-        raise ValueError(f"{where}: missing field {key!r}")
+        raise MalformedMessage(f"{where}: missing field {key!r}")
     return obj[key]
 
 
 def _string(obj: Mapping[str, Any], key: str, where: str) -> str:
     value = _require(obj, key, where)
     if not isinstance(value, str):
-        raise ValueError(f"{where}.{key}: expected a string")
+        raise MalformedMessage(f"{where}.{key}: expected a string")
     return value
 
 
 def parse_uuid(value: Any, where: str) -> uuid.UUID:
     """A UUID string (any case, hyphenated or not, as Rust's uuid crate accepts)."""
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: expected a UUID string")
+    if not isinstance(value, str) or not value.isascii() or len(value) > 45:
+        raise MalformedMessage(f"{where}: expected a UUID string")
     try:
         return uuid.UUID(value)
     except ValueError:
-        raise ValueError(f"{where}: not a UUID: {value!r}") from None
+        raise MalformedMessage(f"{where}: not a UUID: {value!r}") from None
 
 
 def parse_network(value: Any, where: str) -> IpNetwork:
     """A CIDR with explicit prefix and zero host bits (``10.0.0.1/8`` is rejected)."""
-    if not isinstance(value, str) or "/" not in value:
-        raise ValueError(f"{where}: expected a CIDR like 10.0.0.0/8, got {value!r}")
+    if not isinstance(value, str) or "/" not in value or "%" in value or len(value) > 64:
+        raise MalformedMessage(f"{where}: expected a CIDR like 10.0.0.0/8, got {value!r:.64}")
     try:
         return ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        raise ValueError(f"{where}: invalid CIDR {value!r}: {exc}") from None
+        raise MalformedMessage(f"{where}: invalid CIDR {value!r}: {exc}") from None
 
 
 def _port(obj: Mapping[str, Any], key: str, default: int, where: str) -> int:
@@ -103,7 +110,7 @@ def _port(obj: Mapping[str, Any], key: str, default: int, where: str) -> int:
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 65535:
-        raise ValueError(f"{where}.{key}: expected a port number 0..65535, got {value!r}")
+        raise MalformedMessage(f"{where}.{key}: expected a port number 0..65535, got {value!r}")
     return value
 
 
@@ -115,14 +122,14 @@ def parse_filter(obj: Any, where: str = "filter") -> Filter:
         start = _port(obj, "port_range_start", 0, where)
         end = _port(obj, "port_range_end", 65535, where)
         if start > end:
-            raise ValueError(f"{where}: port_range_start {start} > port_range_end {end}")
+            raise MalformedMessage(f"{where}: port_range_start {start} > port_range_end {end}")
         return PortRangeFilter(protocol, start, end)
-    raise ValueError(f"{where}.protocol: unknown protocol {protocol!r}")
+    raise MalformedMessage(f"{where}.protocol: unknown protocol {protocol!r:.40}")
 
 
 def parse_filters(value: Any, where: str) -> tuple[Filter, ...]:
     if not isinstance(value, list):
-        raise ValueError(f"{where}: expected an array of filters")
+        raise MalformedMessage(f"{where}: expected an array of filters")
     return tuple(parse_filter(item, f"{where}[{i}]") for i, item in enumerate(value))
 
 
@@ -141,15 +148,18 @@ def parse_resource(obj: Any, where: str = "resource") -> Resource:
         )
     if kind == "dns":
         address = _string(obj, "address", where)
-        if not address or address.endswith("."):
-            raise ValueError(f"{where}.address: expected a domain without trailing dot")
+        if not address or address.endswith(".") or len(address) > MAX_DNS_ADDRESS:
+            raise MalformedMessage(
+                f"{where}.address: expected a domain or pattern without trailing dot, "
+                f"at most {MAX_DNS_ADDRESS} characters"
+            )
         return DnsResource(
             rid,
             address,
             _string(obj, "name", where),
             parse_filters(_require(obj, "filters", where), f"{where}.filters"),
         )
-    raise ValueError(f"{where}.type: unknown resource type {kind!r}")
+    raise MalformedMessage(f"{where}.type: unknown resource type {kind!r:.40}")
 
 
 def filter_to_json(flt: Filter) -> dict[str, Any]:

@@ -3,8 +3,9 @@
 The portal carries candidates as SDP ``candidate`` attribute values without ``a=``
 (snownet.md §4.3). We produce exactly what the 1.4 gateway produces (component 1, udp, no
 raddr/rport, no ufrag) and accept the grammar clients and aioice emit, with the optional
-trailing tokens. Parsing is strict: every malformation raises ``ValueError`` so the caller
-can drop just that candidate.
+trailing tokens. Parsing is strict: every malformation raises
+:class:`~gateway.errors.MalformedMessage` (a ``ValueError``) so the caller can drop just
+that candidate, and nothing else does.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import ipaddress
 import string
 from dataclasses import dataclass, field
 
+from gateway.errors import MalformedMessage
 from gateway.types import Address, Rng
 
 KINDS = ("host", "srflx", "prflx", "relay")
@@ -26,6 +28,8 @@ LOCAL_PREF_IPV4 = 65534
 _ICE_CHARS = frozenset(string.ascii_letters + string.digits + "+/")
 _ALNUM = string.ascii_letters + string.digits
 _MAX_U32 = 0xFFFFFFFF
+#: Longest candidate line we read; a full one with every extension is about 200.
+MAX_LINE = 1024
 #: Optional tokens a client may append after ``typ <kind>`` (each a name/value pair).
 _KNOWN_EXTENSIONS = frozenset({"tcptype", "generation", "network-id", "ufrag", "network-cost"})
 
@@ -65,19 +69,19 @@ def foundation_for(kind: str, base_ip: str) -> str:
 def _parse_ip(text: str) -> str:
     """A literal IP in the canonical text form sockets use (mDNS names are rejected)."""
     if "%" in text:
-        raise ValueError(f"scoped addresses are not usable: {text!r}")
+        raise MalformedMessage(f"scoped addresses are not usable: {text!r}")
     try:
         return str(ipaddress.ip_address(text))
     except ValueError as exc:
-        raise ValueError(f"not an IP literal: {text!r}") from exc
+        raise MalformedMessage(f"not an IP literal: {text!r}") from exc
 
 
 def _parse_int(text: str, what: str, low: int, high: int) -> int:
     if not text.isascii() or not text.isdigit() or len(text) > 10:
-        raise ValueError(f"{what} is not a number: {text!r}")
+        raise MalformedMessage(f"{what} is not a number: {text!r}")
     value = int(text)
     if not low <= value <= high:
-        raise ValueError(f"{what} out of range: {value}")
+        raise MalformedMessage(f"{what} out of range: {value}")
     return value
 
 
@@ -130,9 +134,11 @@ class Candidate:
     def parse(cls, line: str) -> Candidate:
         """Parse a Firezone/WebRTC candidate string (with or without ``candidate:``).
 
-        Raises ``ValueError`` on any malformation, including non-UDP transports and
-        hostnames (we cannot use either).
+        Raises ``MalformedMessage`` on any malformation, including non-UDP transports and
+        hostnames (we cannot use either), and lines longer than :data:`MAX_LINE`.
         """
+        if len(line) > MAX_LINE:
+            raise MalformedMessage(f"candidate longer than {MAX_LINE} characters")
         text = line.strip()
         if text.startswith("a="):
             text = text[2:]
@@ -140,37 +146,37 @@ class Candidate:
             text = text[len("candidate:"):]
         tokens = text.split(" ")
         if len(tokens) < 8 or "" in tokens:
-            raise ValueError("candidate needs 8 space-separated fields")
+            raise MalformedMessage("candidate needs 8 space-separated fields")
         foundation, component_s, transport, priority_s, ip_s, port_s, typ, kind = tokens[:8]
         if not 1 <= len(foundation) <= 32 or not set(foundation) <= _ICE_CHARS:
-            raise ValueError(f"bad foundation {foundation!r}")
+            raise MalformedMessage(f"bad foundation {foundation!r:.40}")
         component = _parse_int(component_s, "component", 1, 256)
         if transport.lower() != "udp":
-            raise ValueError(f"unsupported transport {transport!r}")
+            raise MalformedMessage(f"unsupported transport {transport!r}")
         priority = _parse_int(priority_s, "priority", 1, _MAX_U32)
         ip = _parse_ip(ip_s)
         port = _parse_int(port_s, "port", 1, 65535)
         if typ != "typ":
-            raise ValueError("expected 'typ'")
+            raise MalformedMessage("expected 'typ'")
         if kind not in KINDS:
-            raise ValueError(f"unknown candidate type {kind!r}")
+            raise MalformedMessage(f"unknown candidate type {kind!r}")
         rest = tokens[8:]
         if len(rest) % 2:
-            raise ValueError("dangling extension token")
+            raise MalformedMessage("dangling extension token")
         related_ip: str | None = None
         related_port: int | None = None
         seen: set[str] = set()
         for name, value in zip(rest[::2], rest[1::2], strict=True):
             if name in seen:
-                raise ValueError(f"duplicate {name!r}")
+                raise MalformedMessage(f"duplicate {name!r}")
             seen.add(name)
             if name == "raddr":
                 related_ip = _parse_ip(value)
             elif name == "rport":
                 related_port = _parse_int(value, "rport", 0, 65535)
             elif name not in _KNOWN_EXTENSIONS:
-                raise ValueError(f"unknown extension {name!r}")
+                raise MalformedMessage(f"unknown extension {name!r}")
         if (related_ip is None) != (related_port is None):
-            raise ValueError("raddr and rport must come together")
+            raise MalformedMessage("raddr and rport must come together")
         related = None if related_ip is None or related_port is None else (related_ip, related_port)
         return cls(kind, (ip, port), priority, foundation, component, related=related)

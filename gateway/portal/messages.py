@@ -1,8 +1,11 @@
 """Typed portal messages on topic ``gateway`` (gateway-messages.md §0-2).
 
 Every message is a frozen dataclass. :func:`parse_ingress` turns an ``(event, payload)``
-pair from the portal into one of them and raises ``ValueError`` naming the offending field
-when the payload does not decode (the caller drops the whole message, §0).
+pair from the portal into one of them and raises
+:class:`~gateway.errors.MalformedMessage` (a ``ValueError`` too) naming the offending field
+when the payload does not decode (the caller drops the whole message, §0), and nothing
+else: strings must be Unicode scalar values (no lone surrogates, which no UTF-8 encoder
+accepts), numbers finite and in range, credentials of bounded length.
 :func:`encode_egress` renders what the gateway sends; :func:`parse_egress` is its inverse
 (used by the development portal and round-trip tests).
 
@@ -16,16 +19,61 @@ echoed in error messages.
 from __future__ import annotations
 
 import ipaddress
+import math
+import re
 import uuid
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
-from gateway.portal.keys import key_bytes, parse_key
+from gateway.errors import MalformedMessage
+from gateway.portal.keys import key_bytes, parse_key, parse_public_key
 from gateway.resources import Resource, parse_resource, parse_uuid
 from gateway.types import Address, format_address
 
 IpAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+#: Latest accepted timestamp: the end of year 9999 (what a timer can still add to).
+MAX_UNIX_SECONDS = 253_402_300_799
+#: ICE ufrag/password: at most 256 characters (RFC 8839 §5.4).
+MAX_ICE_CREDENTIAL = 256
+#: A TURN USERNAME is less than 513 bytes (RFC 8489 §14.3); the password only feeds MD5.
+MAX_TURN_USERNAME_BYTES = 512
+MAX_TURN_PASSWORD = 1024
+#: A DNS name in text form, and the proxy IPs a client assigns to one (1.4 clients: 8).
+MAX_DOMAIN = 253
+MAX_PROXY_IPS = 64
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: str, where: str) -> str:
+    """``value`` if every character is a Unicode scalar value (encodable as UTF-8)."""
+    if not value.isascii() and _SURROGATE.search(value) is not None:
+        raise MalformedMessage(f"{where}: lone surrogate in a string")
+    return value
+
+
+def check_strings(value: Any, where: str) -> None:
+    """Every string (key or value) in a decoded JSON tree is valid text; no recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            check_text(item, where)
+        elif isinstance(item, Mapping):
+            for key, child in item.items():
+                if isinstance(key, str):
+                    check_text(key, where)
+                stack.append(child)
+        elif isinstance(item, list | tuple):
+            stack.extend(item)
+
+
+def _short(value: Any) -> str:
+    """``repr`` of hostile input, cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 # --------------------------------------------------------------------------------------
 # Field helpers
@@ -33,27 +81,34 @@ IpAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 def _object(value: Any, where: str) -> Mapping[str, Any]:
     if not isinstance(value, Mapping):
-        raise ValueError(f"{where}: expected an object, got {type(value).__name__}")
+        raise MalformedMessage(f"{where}: expected an object, got {type(value).__name__}")
     return value
 
 
 def _required(obj: Mapping[str, Any], key: str, where: str) -> Any:
     if obj.get(key) is None:
-        raise ValueError(f"{where}: missing field {key!r}")
+        raise MalformedMessage(f"{where}: missing field {key!r}")
     return obj[key]
 
 
 def _string(obj: Mapping[str, Any], key: str, where: str) -> str:
     value = _required(obj, key, where)
     if not isinstance(value, str):
-        raise ValueError(f"{where}.{key}: expected a string")
+        raise MalformedMessage(f"{where}.{key}: expected a string")
+    return check_text(value, f"{where}.{key}")
+
+
+def _bounded_string(obj: Mapping[str, Any], key: str, where: str, limit: int) -> str:
+    value = _string(obj, key, where)
+    if len(value) > limit:
+        raise MalformedMessage(f"{where}.{key}: longer than {limit} characters")
     return value
 
 
 def _list(obj: Mapping[str, Any], key: str, where: str) -> list[Any]:
     value = _required(obj, key, where)
     if not isinstance(value, list):
-        raise ValueError(f"{where}.{key}: expected an array")
+        raise MalformedMessage(f"{where}.{key}: expected an array")
     return value
 
 
@@ -61,61 +116,76 @@ def _strings(obj: Mapping[str, Any], key: str, where: str) -> tuple[str, ...]:
     items = _list(obj, key, where)
     for i, item in enumerate(items):
         if not isinstance(item, str):
-            raise ValueError(f"{where}.{key}[{i}]: expected a string")
+            raise MalformedMessage(f"{where}.{key}[{i}]: expected a string")
+        check_text(item, f"{where}.{key}[{i}]")
     return tuple(items)
 
 
 def _ipv4(value: Any, where: str) -> ipaddress.IPv4Address:
     if not isinstance(value, str):
-        raise ValueError(f"{where}: expected an IPv4 address string")
+        raise MalformedMessage(f"{where}: expected an IPv4 address string")
     try:
         return ipaddress.IPv4Address(value)
     except ValueError:
-        raise ValueError(f"{where}: not an IPv4 address: {value!r}") from None
+        raise MalformedMessage(f"{where}: not an IPv4 address: {_short(value)}") from None
 
 
 def _ipv6(value: Any, where: str) -> ipaddress.IPv6Address:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: expected an IPv6 address string")
+    if not isinstance(value, str) or "%" in value:
+        raise MalformedMessage(f"{where}: expected an IPv6 address string (no scope)")
     try:
         return ipaddress.IPv6Address(value)
     except ValueError:
-        raise ValueError(f"{where}: not an IPv6 address: {value!r}") from None
+        raise MalformedMessage(f"{where}: not an IPv6 address: {_short(value)}") from None
 
 
 def _ip(value: Any, where: str) -> IpAddress:
-    if not isinstance(value, str):
-        raise ValueError(f"{where}: expected an IP address string")
+    if not isinstance(value, str) or "%" in value:
+        raise MalformedMessage(f"{where}: expected an IP address string (no scope)")
     try:
         return ipaddress.ip_address(value)
     except ValueError:
-        raise ValueError(f"{where}: not an IP address: {value!r}") from None
+        raise MalformedMessage(f"{where}: not an IP address: {_short(value)}") from None
 
 
 def parse_socket_address(value: Any, where: str) -> Address:
     """``"ip:port"`` or ``"[ipv6]:port"`` into ``(ip, port)`` (IPv6 without brackets)."""
     if not isinstance(value, str) or ":" not in value:
-        raise ValueError(f"{where}: expected 'ip:port', got {value!r}")
+        raise MalformedMessage(f"{where}: expected 'ip:port', got {_short(value)}")
     host, _, port_text = value.rpartition(":")
     if host.startswith("[") and host.endswith("]"):
         ip: IpAddress = _ipv6(host[1:-1], where)
     else:
         ip = _ipv4(host, where)
-    if not port_text.isdigit() or not 0 < int(port_text) <= 65535:
-        raise ValueError(f"{where}: invalid port in {value!r}")
+    if (
+        not port_text.isascii()
+        or not port_text.isdigit()
+        or len(port_text) > 5
+        or not 0 < int(port_text) <= 65535
+    ):
+        raise MalformedMessage(f"{where}: invalid port in {_short(value)}")
     return (str(ip), int(port_text))
 
 
 def _unix_seconds(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise ValueError(f"{where}: expected unix seconds (a non-negative number)")
+    """A finite, non-negative timestamp no later than :data:`MAX_UNIX_SECONDS` (a NaN or
+    an infinity would reach the timers, which cannot compare or add them)."""
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 <= value <= MAX_UNIX_SECONDS  # False for NaN
+        or (isinstance(value, float) and not math.isfinite(value))
+    ):
+        raise MalformedMessage(
+            f"{where}: expected unix seconds (a finite number 0..{MAX_UNIX_SECONDS})"
+        )
     return float(value)
 
 
 def _nullable_unix_seconds(obj: Mapping[str, Any], key: str, where: str) -> float | None:
     """Required-but-nullable (§0): the key must be present, ``null`` means "never"."""
     if key not in obj:
-        raise ValueError(f"{where}: missing field {key!r} (may be null, not absent)")
+        raise MalformedMessage(f"{where}: missing field {key!r} (may be null, not absent)")
     value = obj[key]
     return None if value is None else _unix_seconds(value, f"{where}.{key}")
 
@@ -138,7 +208,10 @@ class PortalIceCredentials:
     @classmethod
     def parse(cls, value: Any, where: str) -> PortalIceCredentials:
         obj = _object(value, where)
-        return cls(_string(obj, "username", where), _string(obj, "password", where))
+        return cls(
+            _bounded_string(obj, "username", where, MAX_ICE_CREDENTIAL),
+            _bounded_string(obj, "password", where, MAX_ICE_CREDENTIAL),
+        )
 
     def to_json(self) -> dict[str, str]:
         return {"username": self.username, "password": self.password}
@@ -190,14 +263,19 @@ def parse_relay(value: Any, where: str) -> RelayEntry:
     if kind == "stun":
         return StunRelayEntry(rid, addr)
     if kind == "turn":
+        username = _string(obj, "username", where)
+        if len(username.encode("utf-8")) > MAX_TURN_USERNAME_BYTES:
+            raise MalformedMessage(
+                f"{where}.username: longer than {MAX_TURN_USERNAME_BYTES} bytes"
+            )
         return TurnRelayEntry(
             rid,
             addr,
-            _string(obj, "username", where),
-            _string(obj, "password", where),
+            username,
+            _bounded_string(obj, "password", where, MAX_TURN_PASSWORD),
             _unix_seconds(_required(obj, "expires_at", where), f"{where}.expires_at"),
         )
-    raise ValueError(f"{where}.type: unknown relay type {kind!r}")
+    raise MalformedMessage(f"{where}.type: unknown relay type {_short(kind)}")
 
 
 def relay_to_json(relay: RelayEntry) -> dict[str, Any]:
@@ -269,8 +347,13 @@ class ResolveRequest:
     def parse(cls, value: Any, where: str) -> ResolveRequest:
         obj = _object(value, where)
         ips = _list(obj, "proxy_ips", where)
+        if len(ips) > MAX_PROXY_IPS:
+            raise MalformedMessage(f"{where}.proxy_ips: more than {MAX_PROXY_IPS}")
+        name = _string(obj, "name", where)
+        if not 0 < len(name) <= MAX_DOMAIN:
+            raise MalformedMessage(f"{where}.name: expected a domain of 1..{MAX_DOMAIN} characters")
         return cls(
-            _string(obj, "name", where),
+            name,
             tuple(_ip(ip, f"{where}.proxy_ips[{i}]") for i, ip in enumerate(ips)),
         )
 
@@ -428,7 +511,7 @@ def _parse_init(p: Mapping[str, Any]) -> Init:
     for key in ("ipv4_masquerade_enabled", "ipv6_masquerade_enabled"):
         value = _required(config, key, "init.config")
         if not isinstance(value, bool):
-            raise ValueError(f"init.config.{key}: expected a boolean")
+            raise MalformedMessage(f"init.config.{key}: expected a boolean")
         flags.append(value)
     relays = _relays(p, "relays", "init") if p.get("relays") is not None else ()
     return Init(
@@ -444,7 +527,7 @@ def _parse_authorize_flow(p: Mapping[str, Any]) -> AuthorizeFlow:
     cw = f"{w}.client"
     client = FlowClient(
         parse_uuid(_required(c, "id", cw), f"{cw}.id"),
-        parse_key(_required(c, "public_key", cw), f"{cw}.public_key"),
+        parse_public_key(_required(c, "public_key", cw), f"{cw}.public_key"),
         parse_key(_required(c, "preshared_key", cw), f"{cw}.preshared_key"),
         _ipv4(_required(c, "ipv4", cw), f"{cw}.ipv4"),
         _ipv6(_required(c, "ipv6", cw), f"{cw}.ipv6"),
@@ -474,9 +557,9 @@ def _parse_request_connection(p: Mapping[str, Any]) -> RequestConnection:
     if keepalive is not None and (
         isinstance(keepalive, bool) or not isinstance(keepalive, int) or not 0 <= keepalive < 65536
     ):
-        raise ValueError(f"{pw}.persistent_keepalive: expected 0..65535")
+        raise MalformedMessage(f"{pw}.persistent_keepalive: expected 0..65535")
     peer = LegacyPeer(
-        parse_key(_required(peer_obj, "public_key", pw), f"{pw}.public_key"),
+        parse_public_key(_required(peer_obj, "public_key", pw), f"{pw}.public_key"),
         parse_key(_required(peer_obj, "preshared_key", pw), f"{pw}.preshared_key"),
         _ipv4(_required(peer_obj, "ipv4", pw), f"{pw}.ipv4"),
         _ipv6(_required(peer_obj, "ipv6", pw), f"{pw}.ipv6"),
@@ -562,10 +645,15 @@ INGRESS_EVENTS = frozenset(_INGRESS_PARSERS)
 
 
 def parse_ingress(event: str, payload: Any) -> IngressMessage:
-    """Decode a portal push; ``ValueError`` names the event and field on failure."""
+    """Decode a portal push; :class:`MalformedMessage` names the event and field on failure.
+
+    Any string in the payload that is not valid text refuses the whole message, also in
+    fields the gateway ignores: what the portal sent is not what it meant to send.
+    """
     parser = _INGRESS_PARSERS.get(event)
     if parser is None:
-        raise ValueError(f"unknown event {event!r}")
+        raise MalformedMessage(f"unknown event {_short(event)}")
+    check_strings(payload, f"{event} payload")
     return parser(_object(payload, f"{event} payload"))
 
 
@@ -656,4 +744,4 @@ def parse_egress(event: str, payload: Any) -> EgressMessage:
         if event == "broadcast_ice_candidates":
             return BroadcastIceCandidates(client_ids, candidates)
         return BroadcastInvalidatedIceCandidates(client_ids, candidates)
-    raise ValueError(f"unknown event {event!r}")
+    raise MalformedMessage(f"unknown event {event!r}")

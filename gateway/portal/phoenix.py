@@ -38,8 +38,11 @@ Errors:
   within 10 s, a truncated (or empty) JSON frame. Reconnects use the last URL after one
   backoff step (:mod:`gateway.backoff`). Every transient error drops the socket without
   a close frame (:class:`CloseSocket`, §5).
-* dropped (logged, counted in ``malformed_frames``): frames that are complete but not
-  valid JSON, or not a valid message.
+* dropped (logged once, counted in ``malformed_frames``; the channel stays up): frames
+  that are complete but not valid JSON, or not a valid message, and frames outside the
+  bounds of :func:`decode_frame` (longer than ``MAX_FRAME_CHARS``, nested deeper than
+  ``MAX_DEPTH``, ``NaN``/``Infinity`` or a number that is not a finite double, an integer
+  of more than ``MAX_INT_DIGITS`` digits, a string with a lone surrogate).
 
 Deviations from 1.4.x (documented choices):
 
@@ -61,12 +64,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import re
 from collections import deque
 from dataclasses import dataclass
 from typing import Any, Final, Literal, TypeAlias
 
 from gateway.backoff import ExponentialBackoff
-from gateway.errors import LocalProtocolError
+from gateway.errors import LocalProtocolError, MalformedMessage, RemoteProtocolError
 from gateway.exit_codes import ExitCode
 from gateway.portal.login_url import LoginUrl, LoginUrlPrototype
 from gateway.portal.messages import (
@@ -75,6 +80,7 @@ from gateway.portal.messages import (
     BroadcastInvalidatedIceCandidates,
     EgressMessage,
     IngressMessage,
+    check_strings,
     encode_egress,
     parse_ingress,
 )
@@ -88,6 +94,12 @@ HEARTBEAT_INTERVAL: Final = 30.0
 HEARTBEAT_TIMEOUT: Final = 5.0
 JOIN_TIMEOUT: Final = 10.0
 DEFAULT_MAX_QUEUED: Final = 1024
+#: Bounds of an inbound frame. The largest real frame is an ``init`` with a few dozen
+#: relays (a few KiB) and nests 5 levels; Python's json recurses once per level (a
+#: RecursionError near 1,000) and refuses integers of more than 4,300 digits.
+MAX_FRAME_CHARS: Final = 1 << 20
+MAX_DEPTH: Final = 32
+MAX_INT_DIGITS: Final = 20
 
 State: TypeAlias = Literal["disconnected", "connecting", "joining", "joined", "backoff", "failed"]
 
@@ -170,6 +182,62 @@ def _ends_early(text: str, error: json.JSONDecodeError) -> bool:
     return error.msg == "Expecting value" and (
         rest == "-" or any(literal.startswith(rest) for literal in _LITERALS)
     )
+
+
+_ESCAPE = re.compile(r"\\.", re.DOTALL)
+_STRING = re.compile(r'"[^"]*"')
+_INNERMOST = re.compile(r"\{[^{}\[\]]*\}|\[[^{}\[\]]*\]")
+_BRACKET = re.compile(r"[{}\[\]]")
+
+
+def _nesting_exceeds(text: str, limit: int) -> bool:
+    """Whether the JSON text nests containers deeper than ``limit``, without recursion and
+    in linear time per round: escapes are dropped (so no quote is escaped any more), strings
+    blanked, then each round replaces the innermost containers (all in C)."""
+    shape = _STRING.sub('""', _ESCAPE.sub("", text))
+    for _ in range(limit):
+        shape, replaced = _INNERMOST.subn("0", shape)
+        if not replaced:
+            return False  # nothing left, or unbalanced: json.loads reports that
+    return _BRACKET.search(shape) is not None
+
+
+def _parse_int(digits: str) -> int:
+    if len(digits.lstrip("-")) > MAX_INT_DIGITS:
+        raise MalformedMessage(f"an integer of more than {MAX_INT_DIGITS} digits")
+    return int(digits)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise MalformedMessage("a number out of the range of a double")
+    return value
+
+
+def _parse_constant(name: str) -> float:
+    raise MalformedMessage(f"{name} is not JSON")
+
+
+def decode_frame(text: str) -> Any:
+    """``json.loads`` within bounds: raises ``json.JSONDecodeError`` for text that is not
+    JSON (the caller tells a cut frame from a bad one) and :class:`MalformedMessage` for
+    JSON outside the bounds in the module docstring; nothing else."""
+    if len(text) > MAX_FRAME_CHARS:
+        raise MalformedMessage(f"frame longer than {MAX_FRAME_CHARS} characters")
+    if _nesting_exceeds(text, MAX_DEPTH):
+        raise MalformedMessage(f"frame nested deeper than {MAX_DEPTH} levels")
+    try:
+        value = json.loads(
+            text,
+            parse_int=_parse_int,
+            parse_float=_parse_float,
+            parse_constant=_parse_constant,
+        )
+    except (RecursionError, MemoryError) as exc:  # the bounds above should make these moot
+        raise MalformedMessage(f"frame cannot be decoded ({type(exc).__name__})") from None
+    check_strings(value, "frame")
+    return value
 
 
 class PhoenixChannel:
@@ -288,12 +356,15 @@ class PhoenixChannel:
             log.debug("Ignoring a portal frame in state %s", self._state)
             return
         try:
-            frame = json.loads(text)
+            frame = decode_frame(text)
         except json.JSONDecodeError as exc:
             if _ends_early(text, exc):
                 self._transient(f"truncated frame from the portal ({exc.msg})", now)
             else:
                 self._malformed(f"frame is not JSON ({exc.msg} at offset {exc.pos})")
+            return
+        except RemoteProtocolError as exc:
+            self._malformed(str(exc))
             return
         if not isinstance(frame, dict):
             self._malformed("frame is not a JSON object")
@@ -307,17 +378,17 @@ class PhoenixChannel:
         elif event == "phx_error":
             self._handle_phx_error(topic, now)
         elif event == "phx_close":
-            self._transient(f"portal closed channel {topic!r} (phx_close)", now)
+            self._transient(f"portal closed channel {topic!r:.64} (phx_close)", now)
         elif event == "disconnect":
             self._handle_disconnect(payload, now)
         elif topic != TOPIC:
-            log.warning("Ignoring event %r on unexpected topic %r", event, topic)
+            log.warning("Ignoring event %.64r on unexpected topic %.64r", event, topic)
         elif event not in INGRESS_EVENTS:
-            self._malformed(f"unknown event {event!r}")
+            self._malformed(f"unknown event {event[:64]!r}")
         else:
             try:
                 message = parse_ingress(event, payload)
-            except ValueError as exc:
+            except RemoteProtocolError as exc:
                 self._malformed(f"cannot decode {event!r}: {exc}")
                 return
             self._events.append(Ingress(message))
@@ -428,7 +499,7 @@ class PhoenixChannel:
             return
         response = payload.get("response")
         reason = response.get("reason") if isinstance(response, dict) else None
-        reason_text = reason if isinstance(reason, str) else "other"
+        reason_text = reason[:64] if isinstance(reason, str) else "other"
         if ref == self._join_ref:
             self._fail(
                 f"portal refused to join channel {TOPIC!r}: {reason_text}", ExitCode.AUTH_REJECTED
@@ -447,7 +518,7 @@ class PhoenixChannel:
 
     def _handle_phx_error(self, topic: str, now: float) -> None:
         if topic != TOPIC:
-            log.debug("phx_error on topic %r ignored", topic)
+            log.debug("phx_error on topic %.64r ignored", topic)
             return
         log.warning("Portal reported a crash of channel %r; rejoining", topic)
         if self._state == "joined":
@@ -459,7 +530,7 @@ class PhoenixChannel:
         if reason == "token_expired":
             self._fail("portal disconnected us: token expired", ExitCode.AUTH_REJECTED)
         else:
-            self._transient(f"portal sent disconnect (reason {reason!r})", now)
+            self._transient(f"portal sent disconnect (reason {reason!r:.64})", now)
 
     def _transient(self, reason: str, now: float) -> None:
         self._actions.append(CloseSocket())

@@ -110,6 +110,16 @@ def _decode_type(msg_type: int) -> tuple[int, int]:
     return method, cls
 
 
+def _utf8(text: str) -> bytes:
+    """UTF-8 that cannot raise: credentials come from the portal, and a lone surrogate
+    (which the portal parser refuses) is encoded as is rather than crash the caller; it
+    then simply matches nothing."""
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _pad4(n: int) -> int:
     return (n + 3) & ~3
 
@@ -298,13 +308,13 @@ class StunMessage:
         return self.add(attr, _U64.pack(value))
 
     def add_str(self, attr: int, value: str) -> StunMessage:
-        return self.add(attr, value.encode("utf-8"))
+        return self.add(attr, _utf8(value))
 
     def add_error_code(self, code: int, reason: str) -> StunMessage:
         if not 300 <= code <= 699:
             raise ValueError(f"error code {code} out of range")
         return self.add(
-            Attr.ERROR_CODE, struct.pack("!HBB", 0, code // 100, code % 100) + reason.encode()
+            Attr.ERROR_CODE, struct.pack("!HBB", 0, code // 100, code % 100) + _utf8(reason)
         )
 
 
@@ -431,9 +441,9 @@ def verify_integrity(data: bytes, key: bytes) -> bool:
 
 def long_term_key(username: str, realm: str, password: str) -> bytes:
     """RFC 5389 §15.4 long-term credential key: MD5(username ":" realm ":" password)."""
-    return hashlib.md5(f"{username}:{realm}:{password}".encode(), usedforsecurity=False).digest()
+    return hashlib.md5(_utf8(f"{username}:{realm}:{password}"), usedforsecurity=False).digest()
 
 
 def short_term_key(password: str) -> bytes:
     """ICE short-term credential key: the password itself (RFC 8445 §7.2.2)."""
-    return password.encode("utf-8")
+    return _utf8(password)

@@ -6,7 +6,8 @@ import base64
 import binascii
 from dataclasses import dataclass, field
 
-from nacl.bindings import crypto_scalarmult_base
+from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
+from nacl.exceptions import CryptoError
 
 from gateway.types import Rng
 from gateway.wg.constants import KEY_LEN
@@ -44,6 +45,22 @@ def decode_key(text: str) -> bytes:
     if len(raw) != KEY_LEN or base64.b64encode(raw).decode("ascii") != text:
         raise ValueError("invalid base64 key")
     return raw
+
+
+#: Any clamped scalar works: clamping makes it a multiple of the cofactor 8, so it maps
+#: exactly the points of small order (and their non-canonical encodings) to zero.
+_PROBE_SCALAR = clamp(bytes(range(1, 33)))
+
+
+def is_low_order(public: bytes) -> bool:
+    """Whether X25519 with this peer key yields the all-zero secret for *every* private
+    key (a point of small order). libsodium refuses such a key in ``crypto_scalarmult``,
+    so a handshake with it could never be computed; it is refused where it enters."""
+    try:
+        crypto_scalarmult(_PROBE_SCALAR, bytes(public))
+    except CryptoError:
+        return True
+    return False
 
 
 @dataclass(frozen=True, slots=True)

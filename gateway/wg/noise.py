@@ -45,6 +45,12 @@ INITIATION_BODY_LEN = INITIATION_LEN - 32
 RESPONSE_BODY_LEN = RESPONSE_LEN - 32
 
 
+class LowOrderPeerKey(RemoteProtocolError, ValueError):
+    """A peer static key of small order: no handshake can be computed with it. The portal
+    parser refuses such keys (:func:`gateway.portal.keys.parse_public_key`); this is the
+    last line."""
+
+
 class HandshakeRejected(RemoteProtocolError):
     """A handshake message that is well-formed but must not be accepted."""
 
@@ -131,7 +137,7 @@ class HandshakeContext:
         try:
             self.static_static = crypto_scalarmult(static.private, peer_public)
         except CryptoError as exc:
-            raise ValueError("peer public key is a low-order point") from exc
+            raise LowOrderPeerKey("peer public key is a low-order point") from exc
         self._hash_to_peer = _hash(_INITIAL_HASH + peer_public)
         self._hash_to_us = _hash(_INITIAL_HASH + static.public)
 
