@@ -120,6 +120,7 @@ class Runtime:
                 ),
                 "reconnects": portal.reconnects,
                 "connection_attempts": portal.connection_attempts,
+                "malformed_frames": portal.malformed_frames,
             },
             "resets": node["resets"],
             "ports": node["ports"],
@@ -495,6 +496,7 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
             ("firezone_tx_bytes_total", {}, figures.tx_bytes),
             ("firezone_handshakes_total", {}, figures.handshakes),
             ("firezone_portal_reconnects_total", {}, portal.reconnects),
+            ("firezone_portal_malformed_frames_total", {}, portal.malformed_frames),
             ("firezone_portal_joined", {}, 1.0 if portal.state == "joined" else 0.0),
             ("firezone_resets_total", {}, resets),
         ]

@@ -49,6 +49,7 @@ class PortalStatus:
     reconnects: int  #: times joined again after having been joined (not attempts)
     url: str  #: redacted login URL (no token)
     connection_attempts: int = 0  #: websocket connections opened, failed ones included
+    malformed_frames: int = 0  #: inbound frames refused (unparseable, over the bounds, unknown)
 
 
 # ----------------------------------------------------------------- notifications

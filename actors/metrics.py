@@ -29,6 +29,9 @@ GATEWAY_METRICS: dict[str, tuple[str, str]] = {
         COUNTER, "Node-level events and drops, by name (the counters of status): garbage "
         "datagrams, malformed STUN, WireGuard for no connection, UDP reader and send drops."),
     "firezone_portal_reconnects_total": (COUNTER, "Reconnections to the portal."),
+    "firezone_portal_malformed_frames_total": (
+        COUNTER, "Portal frames refused: unparseable, over the size/nesting/number bounds, "
+        "or not a message of the protocol."),
     "firezone_portal_joined": (GAUGE, "1 while joined to the portal's gateway channel."),
     "firezone_resets_total": (COUNTER, "Resets (new WireGuard key, all connections dropped)."),
     "firezone_gc_collections_total": (COUNTER, "Garbage collections, by generation (2 = full)."),

@@ -202,6 +202,7 @@ class PortalActor(pykka.ThreadingActor):
             joined_since=self._joined_since,
             reconnects=self._channel.reconnects,
             connection_attempts=self._channel.connection_attempts,
+            malformed_frames=self._channel.malformed_frames,
             url=url.redacted() if url is not None else self._channel.prototype.redacted(),
         )
 

@@ -1,10 +1,11 @@
-"""Node-wide handshake rate limiter and cookie secret (snownet spec §8.2, whitepaper §5.3).
+"""Node-wide handshake rate limiter (Firezone ``rust/connlib/snownet/src/node.rs``, which
+passes boringtun's ``RateLimiter`` no source address).
 
 Every tunnel of a node shares one limiter. Each handshake message (initiation or
 response) that passed mac1 is counted; once more than ``limit_per_second`` arrived in the
-current one-second window the node is "under load" and tunnels demand a valid mac2
-(answering with a cookie reply otherwise). The limiter also owns the cookie secret that
-cookies are derived from, rotated every ``COOKIE_SECRET_MAX_AGE`` seconds.
+current one-second window the node is "under load" and tunnels drop further handshake
+messages until the window ends, as the 1.4 gateway does. No cookie reply is sent: it
+would go to whatever source a spoofed initiation claims.
 
 The window is reset by ``handle_timeout`` and also lazily on use, so a node whose tunnels
 are all idle need not wake up every second: ``poll_timeout`` only reports a reset while
@@ -17,7 +18,7 @@ whose ``next()`` is atomic, so every message is counted exactly once; windows ar
 replaced by a compare-and-swap built on ``list.append`` (every thread that saw the same
 expired window gets the same successor); a window covers every ``now`` before its end,
 so a thread whose clock reading is a little older than the window's start counts in it
-instead of starting it over. The cookie secret is swapped the same way.
+instead of starting it over.
 """
 
 from __future__ import annotations
@@ -27,9 +28,7 @@ import logging
 
 from gateway.types import Rng
 from gateway.wg.constants import (
-    COOKIE_SECRET_MAX_AGE,
     HANDSHAKE_LIMIT_PER_SECOND,
-    KEY_LEN,
     RATE_LIMIT_WINDOW,
 )
 from gateway.wg.cookie import CookieChecker
@@ -61,19 +60,6 @@ class _Window:
         return self._successors[0]
 
 
-class _Secret:
-    __slots__ = ("_successors", "born", "value")
-
-    def __init__(self, value: bytes, born: float | None) -> None:
-        self.value = value
-        self.born = born
-        self._successors: list[_Secret] = []
-
-    def successor(self, candidate: _Secret) -> _Secret:
-        self._successors.append(candidate)
-        return self._successors[0]
-
-
 class HandshakeRateLimiter:
     """Counts handshake messages per window; see the module docstring."""
 
@@ -87,7 +73,6 @@ class HandshakeRateLimiter:
         self.rng = rng
         self.limit = limit_per_second
         self._window = _Window(None)
-        self._secret = _Secret(b"", None)
 
     def _current(self, now: float) -> _Window:
         """The window ``now`` counts in, starting one (at ``now``) if the last one ended."""
@@ -106,21 +91,13 @@ class HandshakeRateLimiter:
         window.over = True
         if number == self.limit + 1:
             _log.info("under load: over %d handshake messages in this %g s window; "
-                      "demanding cookies until it ends", self.limit, RATE_LIMIT_WINDOW)
+                      "dropping handshakes until it ends", self.limit, RATE_LIMIT_WINDOW)
         return True
 
     def is_under_load(self, now: float) -> bool:
         """Whether the current window is already over the limit (counts nothing)."""
         window = self._window
         return window.covers(now) and window.over
-
-    def cookie_secret(self, now: float) -> bytes:
-        """The current secret cookies are derived from, renewed when older than 120 s."""
-        secret = self._secret
-        while secret.born is None or now - secret.born >= COOKIE_SECRET_MAX_AGE:
-            secret = secret.successor(_Secret(self.rng.randbytes(KEY_LEN), now))
-            self._secret = secret
-        return secret.value
 
     def handle_timeout(self, now: float) -> None:
         window = self._window

@@ -305,3 +305,15 @@ def test_websocket_library_logger_cannot_leak_the_token(caplog: pytest.LogCaptur
     caplog.set_level("DEBUG", logger="websocket")
     logging.getLogger("websocket").debug("connect %s", "wss://h/gateway/websocket?token=SECRET&x=1")
     assert "SECRET" not in caplog.text and "token=<redacted>" in caplog.text
+
+
+def test_status_counts_refused_frames_and_the_channel_stays_joined(rig: Rig) -> None:
+    rig.join()
+    sock = rig.factory.last
+    sock.listener.on_text('{"topic":"gateway","event":"init","payload":' + "[" * 40 + "]" * 40
+                          + ',"ref":null}')
+    sock.listener.on_text('{"topic":"gateway","event":"init","payload":NaN,"ref":null}')
+    status = rig.status()
+    assert status.malformed_frames == 2 and status.state == "joined"
+    sock.push("init", INIT)
+    assert isinstance(next_of(rig.inbox, PortalIngress).message, Init)

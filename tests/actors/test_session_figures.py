@@ -102,7 +102,8 @@ def test_a_scrape_asks_no_peer_actor_and_takes_no_session_lock() -> None:
     runtime.gc_policy = None
     runtime.node.ask.return_value = {"resets": 2, "counters": {"garbage": 4}}
     runtime.portal.ask.return_value = PortalStatus(state="joined", joined_since=None,
-                                                   reconnects=1, url="wss://portal")
+                                                   reconnects=1, url="wss://portal",
+                                                   malformed_frames=3)
     runtime.tun.ask.return_value = {"dropped": {"kernel": 5}}
     runtime.status.side_effect = AssertionError("a scrape must not gather every status")
     metrics = new_gateway_metrics()
@@ -116,6 +117,7 @@ def test_a_scrape_asks_no_peer_actor_and_takes_no_session_lock() -> None:
     assert 'firezone_dropped_packets_total{reason="tun_kernel"} 5' in text
     assert "firezone_resets_total 2" in text and "firezone_portal_joined 1" in text
     assert 'firezone_node_events_total{event="garbage"} 4' in text
+    assert "firezone_portal_malformed_frames_total 3" in text
     rx = next(line for line in text.splitlines() if line.startswith("firezone_rx_bytes_total"))
     assert int(rx.split()[1]) >= 7
 

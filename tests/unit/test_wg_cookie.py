@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from gateway.wg.constants import COOKIE_EXPIRATION, COOKIE_REPLY_LEN, COOKIE_SECRET_MAX_AGE
+from gateway.wg.constants import COOKIE_EXPIRATION, COOKIE_REPLY_LEN
 from gateway.wg.cookie import CookieChecker, CookieJar
 from gateway.wg.keys import StaticKeyPair
 from gateway.wg.ratelimit import HandshakeRateLimiter
@@ -94,14 +94,6 @@ def test_default_limit_is_100_per_second() -> None:
     limiter = HandshakeRateLimiter(bytes(32), random.Random(1))
     results = [limiter.note_handshake(0.5) for _ in range(101)]
     assert results.count(True) == 1 and results[-1]
-
-
-def test_cookie_secret_rotates_every_two_minutes() -> None:
-    limiter = HandshakeRateLimiter(bytes(32), random.Random(1))
-    first = limiter.cookie_secret(0.0)
-    assert limiter.cookie_secret(COOKIE_SECRET_MAX_AGE - 0.1) == first
-    second = limiter.cookie_secret(COOKIE_SECRET_MAX_AGE)
-    assert second != first and len(second) == 32
 
 
 def test_rate_limiter_counts_exactly_under_concurrent_use() -> None:
