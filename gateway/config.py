@@ -208,7 +208,7 @@ def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if value in ("true", "false"):
-        return value == "true"
+        return bool(value == "true")
     raise ConfigError(key, f"expected true or false, got {value!r}")
 
 

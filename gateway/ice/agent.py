@@ -88,7 +88,7 @@ class StunTimings:
 
     def rto(self, unanswered: int) -> float:
         """Delay after the ``unanswered``-th consecutive unanswered check (1-based)."""
-        return min(self.initial_rto * (2 ** max(unanswered - 1, 0)), self.max_rto)
+        return min(self.initial_rto * (2.0 ** max(unanswered - 1, 0)), self.max_rto)
 
 
 DEFAULT_TIMINGS = StunTimings(initial_rto=0.25, max_rto=1.5, max_retransmits=8)

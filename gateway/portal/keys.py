@@ -40,7 +40,7 @@ def parse_public_key(value: Any, where: str) -> str:
     secret), so the flow that carries one is refused with its message: it gets no
     connection that could never carry traffic, and the session set-up never sees the key.
     """
-    parse_key(value, where)
-    if is_low_order(decode_key(value)):
+    key = parse_key(value, where)
+    if is_low_order(decode_key(key)):
         raise MalformedMessage(f"{where}: a low-order X25519 point cannot be a peer key")
-    return value
+    return key
