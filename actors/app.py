@@ -489,7 +489,8 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
             ("firezone_connections", {"path": path}, count)
             for path, count in figures.paths.items()
         ]
-        samples += [("firezone_dropped_packets_total", {"reason": r}, c) for r, c in drops.items()]
+        samples += [("firezone_dropped_packets_total", {"reason": str(r)}, c)
+                    for r, c in drops.items()]
         samples += node_event_samples(node["counters"])
         samples += [
             ("firezone_rx_bytes_total", {}, figures.rx_bytes),

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from gateway.dns_pattern import matches
+from gateway.drops import Drop as Reason
 from gateway.packet.filter import (
     KIND_ICMP,
     KIND_OTHER,
@@ -132,15 +133,15 @@ class ResourceExpired:
 InboundResult: TypeAlias = bytes | Drop | Reply | NeedsResolution
 Event: TypeAlias = ResourceExpired | NeedsResolution
 
-DROP_MALFORMED = Drop("malformed")
-DROP_SPOOFED = Drop("spoofed_source")
-DROP_NOT_ALLOWED = Drop("not_allowed")
-DROP_UNKNOWN_PROTOCOL = Drop("unknown_protocol")
-DROP_NAT_FAILED = Drop("nat_failed")
-DROP_NAT_EXHAUSTED = Drop("nat_exhausted")
-DROP_NAT_SESSIONS_LIMIT = Drop("nat_sessions_limit")
-DROP_P2P_IGNORED = Drop("p2p_ignored")
-DROP_RESOLUTIONS_LIMIT = Drop("dns_resolutions_limit")
+DROP_MALFORMED = Drop(Reason.MALFORMED)
+DROP_SPOOFED = Drop(Reason.SPOOFED_SOURCE)
+DROP_NOT_ALLOWED = Drop(Reason.NOT_ALLOWED)
+DROP_UNKNOWN_PROTOCOL = Drop(Reason.UNKNOWN_PROTOCOL)
+DROP_NAT_FAILED = Drop(Reason.NAT_FAILED)
+DROP_NAT_EXHAUSTED = Drop(Reason.NAT_EXHAUSTED)
+DROP_NAT_SESSIONS_LIMIT = Drop(Reason.NAT_SESSIONS_LIMIT)
+DROP_P2P_IGNORED = Drop(Reason.P2P_IGNORED)
+DROP_RESOLUTIONS_LIMIT = Drop(Reason.DNS_RESOLUTIONS_LIMIT)
 
 
 @dataclass(slots=True)
@@ -249,7 +250,7 @@ class ClientOnGateway:
         if existing is None:
             return
         if type(existing.resource) is not type(resource):
-            self.counters["resource_type_change_refused"] += 1
+            self.counters[Reason.RESOURCE_TYPE_CHANGE_REFUSED] += 1
             logger.debug("Refusing to change the type of resource %s", resource.id)
             return
         if existing.resource.filters != resource.filters:
@@ -310,7 +311,7 @@ class ClientOnGateway:
                 (proxies_v4 if len(raw) == 4 else proxies_v6).append(raw)
         rejected = len(proxy_ips) - len(proxies_v4) - len(proxies_v6)
         if rejected:
-            self._limit_hit("proxy_ip_out_of_range", rejected,
+            self._limit_hit(Reason.PROXY_IP_OUT_OF_RANGE, rejected,
                             "proxy IPs outside the DNS proxy ranges ignored")
             if not proxies_v4 and not proxies_v6:
                 return False
@@ -323,11 +324,11 @@ class ClientOnGateway:
         translations = self._translations
         new = sum(1 for raw in (*proxies_v4, *proxies_v6) if raw not in translations)
         if new and len(translations) + new > self._max_translations:
-            self._limit_hit("dns_translations_limit", 1,
+            self._limit_hit(Reason.DNS_TRANSLATIONS_LIMIT, 1,
                             f"more than {self._max_translations} DNS translations refused")
             return False
         if domain not in auth.resolved and self._domain_count() >= self._max_domains:
-            self._limit_hit("dns_domains_limit", 1,
+            self._limit_hit(Reason.DNS_DOMAINS_LIMIT, 1,
                             f"more than {self._max_domains} DNS domains refused")
             return False
         real_v4 = [ip.packed for ip in resolved if ip.version == 4]
@@ -375,7 +376,7 @@ class ClientOnGateway:
                 return None
         ok = self.setup_dns_translation(resource_id, domain, proxy_ips, resolved, now)
         if not ok:
-            self.counters["dns_setup_failed"] += 1
+            self.counters[Reason.DNS_SETUP_FAILED] += 1
         return encode_domain_status(resource_id, domain, ok) if reply else None
 
     # --- data path -------------------------------------------------------------------------
@@ -384,19 +385,19 @@ class ClientOnGateway:
         """A decrypted packet from the client (§3.1 steps 4-7)."""
         n = len(packet)
         if n < 20:
-            self.counters["malformed"] += 1
+            self.counters[Reason.MALFORMED] += 1
             return DROP_MALFORMED
         version = packet[0] >> 4
         if version == 4:
             l4 = (packet[0] & 0x0F) << 2
             end = (packet[2] << 8) | packet[3]
             if l4 < 20 or end < l4 or end > n:
-                self.counters["malformed"] += 1
+                self.counters[Reason.MALFORMED] += 1
                 return DROP_MALFORMED
             if end != n:
                 packet = packet[:end]
             if packet[12:16] != self._ipv4:
-                self.counters["spoofed_source"] += 1
+                self.counters[Reason.SPOOFED_SOURCE] += 1
                 return DROP_SPOOFED
             dst = packet[16:20]
             protocol = packet[9]
@@ -406,7 +407,7 @@ class ClientOnGateway:
         elif version == 6:
             end = 40 + ((packet[4] << 8) | packet[5])
             if n < 40 or end > n:
-                self.counters["malformed"] += 1
+                self.counters[Reason.MALFORMED] += 1
                 return DROP_MALFORMED
             if end != n:
                 packet = packet[:end]
@@ -414,13 +415,13 @@ class ClientOnGateway:
             if protocol == PROTO_P2P_CONTROL and packet[8:40] == _ZERO_ADDRESSES:
                 return self._handle_control(packet, now)
             if packet[8:24] != self._ipv6:
-                self.counters["spoofed_source"] += 1
+                self.counters[Reason.SPOOFED_SOURCE] += 1
                 return DROP_SPOOFED
             dst = packet[24:40]
             l4 = 40 if protocol not in IPV6_EXTENSION_HEADERS else -1
             icmp = PROTO_ICMPV6
         else:
-            self.counters["malformed"] += 1
+            self.counters[Reason.MALFORMED] += 1
             return DROP_MALFORMED
 
         if not self._has_internet or in_resources_range(dst):
@@ -457,14 +458,14 @@ class ClientOnGateway:
         """
         n = len(packet)
         if n < 20:
-            self.counters["outbound_malformed"] += 1
+            self.counters[Reason.OUTBOUND_MALFORMED] += 1
             return None
         version = packet[0] >> 4
         if version == 4:
             l4 = (packet[0] & 0x0F) << 2
             end = (packet[2] << 8) | packet[3]
             if l4 < 20 or end < l4 or end > n:
-                self.counters["outbound_malformed"] += 1
+                self.counters[Reason.OUTBOUND_MALFORMED] += 1
                 return None
             if end != n:
                 packet = packet[:end]
@@ -474,14 +475,14 @@ class ClientOnGateway:
         elif version == 6:
             end = 40 + ((packet[4] << 8) | packet[5])
             if n < 40 or end > n:
-                self.counters["outbound_malformed"] += 1
+                self.counters[Reason.OUTBOUND_MALFORMED] += 1
                 return None
             if end != n:
                 packet = packet[:end]
             l4 = 40
             src = packet[8:24]
         else:
-            self.counters["outbound_malformed"] += 1
+            self.counters[Reason.OUTBOUND_MALFORMED] += 1
             return None
         if not self._nat:
             return packet
@@ -516,7 +517,7 @@ class ClientOnGateway:
         else:
             translated = ipv6_to_ipv4(packet, proxy, self._ipv4)
         if translated is None:
-            self.counters["outbound_nat_failed"] += 1
+            self.counters[Reason.OUTBOUND_NAT_FAILED] += 1
         return translated
 
     # --- timers and events -----------------------------------------------------------------
@@ -584,7 +585,7 @@ class ClientOnGateway:
             return packet
         _, original_port, proxy = inside
         if len(proxy) != len(flow.destination):
-            self.counters["icmp_error_nat46_untranslated"] += 1
+            self.counters[Reason.ICMP_ERROR_NAT46_UNTRANSLATED] += 1
             return packet
         return reverse_icmp_error(
             packet, l4, end, flow, inner_destination=proxy, port=original_port,
@@ -592,7 +593,7 @@ class ClientOnGateway:
         )
 
     def _deny(self, packet: bytes) -> Drop | Reply:
-        self.counters["not_allowed"] += 1
+        self.counters[Reason.NOT_ALLOWED] += 1
         if self._icmp_prohibited:
             reply = build_prohibited(packet)
             if reply is not None:
@@ -602,7 +603,7 @@ class ClientOnGateway:
     def _handle_control(self, packet: bytes, now: float) -> Reply | NeedsResolution | Drop:
         event = decode(packet)
         if not isinstance(event, AssignedIps):
-            self.counters["p2p_ignored"] += 1
+            self.counters[Reason.P2P_IGNORED] += 1
             return DROP_P2P_IGNORED
         auth = self._resources.get(event.resource_id)
         # Checking the type and pattern before resolving spares a DNS lookup of a name we
@@ -612,7 +613,7 @@ class ClientOnGateway:
             or not isinstance(auth.resource, DnsResource)
             or not matches(auth.resource.address, event.domain)
         ):
-            self.counters["p2p_inactive"] += 1
+            self.counters[Reason.P2P_INACTIVE] += 1
             return Reply(encode_domain_status(event.resource_id, event.domain, False))
         # One client may not hold more than its share of the resolver: the client
         # retransmits AssignedIps until answered, so a dropped one is retried later.
@@ -620,7 +621,7 @@ class ClientOnGateway:
         while resolving and resolving[0] <= now:
             resolving.popleft()  # an answer that never came back
         if len(resolving) >= self._max_resolutions:
-            self._limit_hit("dns_resolutions_limit", 1,
+            self._limit_hit(Reason.DNS_RESOLUTIONS_LIMIT, 1,
                             f"more than {self._max_resolutions} DNS lookups in flight; "
                             "AssignedIps dropped")
             return DROP_RESOLUTIONS_LIMIT
@@ -686,7 +687,7 @@ class ClientOnGateway:
         else:
             key = self._nat_key(packet, packet[0] >> 4, protocol, l4, end, reply=False)
         if key is None:
-            self.counters["unknown_protocol"] += 1
+            self.counters[Reason.UNKNOWN_PROTOCOL] += 1
             return DROP_UNKNOWN_PROTOCOL
         kind, port_offset = key
         port = (packet[l4 + port_offset] << 8) | packet[l4 + port_offset + 1]
@@ -694,9 +695,9 @@ class ClientOnGateway:
         new_port = self._nat.translate_outgoing(kind, port, dst, real, now)
         if new_port < 0:
             if new_port == NAT_EXHAUSTED:
-                self.counters["nat_exhausted"] += 1
+                self.counters[Reason.NAT_EXHAUSTED] += 1
                 return DROP_NAT_EXHAUSTED
-            self.counters["nat_sessions_limit"] += 1
+            self.counters[Reason.NAT_SESSIONS_LIMIT] += 1
             return DROP_NAT_SESSIONS_LIMIT
         if translation.grace_started is None:
             last = translation.last_incoming
@@ -714,7 +715,7 @@ class ClientOnGateway:
         else:
             translated = ipv6_to_ipv4(packet, self._ipv4, real)
         if translated is None:
-            self.counters["nat_failed"] += 1
+            self.counters[Reason.NAT_FAILED] += 1
             return DROP_NAT_FAILED
         return translated
 
