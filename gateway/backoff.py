@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.errors import InvalidArgument
 from gateway.types import Rng
 
 INITIAL_INTERVAL = 0.5
@@ -32,9 +33,9 @@ class ExponentialBackoff:
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_interval <= self.max_interval:
-            raise ValueError("need 0 < initial_interval <= max_interval")
+            raise InvalidArgument("need 0 < initial_interval <= max_interval")
         if self.multiplier < 1 or not 0 <= self.randomization_factor < 1:
-            raise ValueError("need multiplier >= 1 and 0 <= randomization_factor < 1")
+            raise InvalidArgument("need multiplier >= 1 and 0 <= randomization_factor < 1")
         self._current = self.initial_interval
 
     @property

@@ -51,6 +51,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import GatewayError
 from gateway.portal.login_url import redact_userinfo
 
 #: Unix socket paths are limited by ``sun_path`` (108 bytes including the NUL).
@@ -61,7 +62,7 @@ DEFAULT_CONTROL_SOCKET = "/run/firezone-gateway/control.sock"
 LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
 
 
-class ConfigError(ValueError):
+class ConfigError(GatewayError, ValueError):
     """A configuration value is missing or malformed; ``str()`` is one line naming the key."""
 
     def __init__(self, key: str, message: str) -> None:

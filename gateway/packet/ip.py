@@ -13,6 +13,8 @@ import struct
 from collections.abc import Callable
 from typing import TypeAlias
 
+from gateway.errors import InvalidArgument
+
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressLike: TypeAlias = IPAddress | str | bytes
 
@@ -127,7 +129,7 @@ def address_bytes(address: AddressLike) -> bytes:
     """Raw bytes of an address given as ``ipaddress`` object, string or bytes."""
     if isinstance(address, bytes):
         if len(address) not in (4, 16):
-            raise ValueError(f"raw address must be 4 or 16 bytes, got {len(address)}")
+            raise InvalidArgument(f"raw address must be 4 or 16 bytes, got {len(address)}")
         return address
     if isinstance(address, str):
         address = ipaddress.ip_address(address)
@@ -295,7 +297,7 @@ def build_ip(
     """
     s, d = address_bytes(src), address_bytes(dst)
     if len(s) != len(d):
-        raise ValueError("source and destination must be of the same family")
+        raise InvalidArgument("source and destination must be of the same family")
     if len(s) == 4:
         return ipv4_header(s, d, protocol, len(payload), ttl=ttl) + payload
     if protocol == PROTO_ICMP:

@@ -23,6 +23,8 @@ can exhaust it with a few flows.
 
 from __future__ import annotations
 
+from gateway.errors import InvalidArgument
+
 NAT_SESSION_TTL = 60.0
 #: Sessions per client (about 400 bytes each): far above a browser's concurrent flows to
 #: DNS resources within the 60 s TTL, and a bounded memory cost per client.
@@ -53,7 +55,7 @@ class _Window:
 
     def __init__(self, low: int, high: int) -> None:
         if not 1 <= low <= high <= 65535:
-            raise ValueError(f"NAT port range {low}-{high} is not within 1-65535")
+            raise InvalidArgument(f"NAT port range {low}-{high} is not within 1-65535")
         self.low = low
         self.high = high
         self.size = high - low + 1

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from gateway.drops import Drop, Event
-from gateway.errors import MalformedPacket
+from gateway.errors import InvalidArgument, MalformedPacket
 from gateway.stun.message import (
     Attr,
     MessageClass,
@@ -138,7 +138,7 @@ class Allocation:
         realm: str = "firezone",
     ) -> None:
         if not servers:
-            raise ValueError("an allocation needs at least one server address")
+            raise InvalidArgument("an allocation needs at least one server address")
         self.relay_id = relay_id
         self._servers: tuple[Address, ...] = tuple(dict.fromkeys(servers))
         self._server_set = frozenset(self._servers)

@@ -21,7 +21,7 @@ from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from nacl.exceptions import CryptoError
 
 from gateway.drops import Drop
-from gateway.errors import RemoteProtocolError
+from gateway.errors import InvalidArgument, RemoteProtocolError
 from gateway.wg.constants import (
     CONSTRUCTION,
     IDENTIFIER,
@@ -129,9 +129,9 @@ class HandshakeContext:
 
     def __init__(self, static: StaticKeyPair, peer_public: bytes, psk: bytes | None) -> None:
         if len(peer_public) != KEY_LEN:
-            raise ValueError("peer public key must be 32 bytes")
+            raise InvalidArgument("peer public key must be 32 bytes")
         if psk is not None and len(psk) != KEY_LEN:
-            raise ValueError("preshared key must be 32 bytes")
+            raise InvalidArgument("preshared key must be 32 bytes")
         self.static = static
         self.peer_public = peer_public
         self.psk = psk if psk is not None else _ZERO_KEY

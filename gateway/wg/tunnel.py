@@ -47,7 +47,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
 from gateway.drops import Drop
-from gateway.errors import LocalProtocolError
+from gateway.errors import InvalidArgument, LocalProtocolError
 from gateway.types import Address, Rng
 from gateway.wg.constants import (
     COOKIE_REPLY_LEN,
@@ -226,13 +226,13 @@ class Tunnel:
         persistent_keepalive: float | None = 25.0,
     ) -> None:
         if not 0 <= local_index <= 0xFFFFFFFF:
-            raise ValueError("local_index must be a 32-bit unsigned integer")
+            raise InvalidArgument("local_index must be a 32-bit unsigned integer")
         if persistent_keepalive is not None and persistent_keepalive <= 0:
-            raise ValueError("persistent_keepalive must be positive or None")
+            raise InvalidArgument("persistent_keepalive must be positive or None")
         if rate_limiter.public_key != static.public:
             raise LocalProtocolError("the rate limiter belongs to another static key")
         if preshared_key is not None and len(preshared_key) != KEY_LEN:
-            raise ValueError("preshared key must be 32 bytes")
+            raise InvalidArgument("preshared key must be 32 bytes")
         self._ctx = HandshakeContext(static, bytes(peer_public), preshared_key)
         self._limiter = rate_limiter
         self._checker = rate_limiter.checker
