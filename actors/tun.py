@@ -1,12 +1,12 @@
 """TunActor: owns the TUN device and hands what it reads to each client's data path.
 
-Read path (dataplane spec §3.2 steps 1-2): the ``TunReader`` thread drains the
-non-blocking device, keeps only packets addressed to a registered client inside the peer
+Read path (``handle_tun_input`` in rust/connlib/tunnel/src/gateway.rs): the ``TunReader`` thread
+drains the non-blocking device, keeps only packets addressed to a registered client inside the peer
 ranges, groups them by client and calls that client's ``deliver`` (its
-:class:`~actors.peer_session.PeerSession`) once per batch, on the reader's own thread. No
-actor mailbox sits in the read path: a ``tell`` per batch and the hand-off to another
-thread cost more than encrypting the packets (bench/README.md). A slow client slows the
-reader, and the kernel's queue then drops, which is the backpressure a TUN device has.
+:class:`~actors.peer_session.PeerSession`) once per batch, on the reader's own thread. No actor
+mailbox sits in the read path: a ``tell`` per batch and the hand-off to another thread cost more
+than encrypting the packets (bench/README.md). A slow client slows the reader, and the kernel's
+queue then drops, which is the backpressure a TUN device has.
 
 Write path: ``TunWriter`` is the device's single writer, handed to whoever produces
 packets for the TUN (see its docstring for why it serialises whole batches).

@@ -1,4 +1,4 @@
-"""Reconnect backoff of the portal connection (phoenix-channel.md §6).
+"""Reconnect backoff of the portal connection (rust/phoenix-channel/src/lib.rs).
 
 Mirrors the defaults of the Rust ``backoff`` crate that the 1.4 gateway uses: the
 *interval* starts at 0.5 s and grows by 1.5 per attempt up to 60 s; each *delay* is drawn

@@ -38,7 +38,7 @@ real gateway rejects ``1``). The token may also come from ``token_file`` (any la
 systemd credential, which the loader passes as ``credential_token``.
 
 ``LOG_FORMAT`` is not read: the 1.4-era installer writes it (``google-cloud``) but the 1.4
-binary ignores it (operations.md §1); ``FIREZONE_LOG_FORMAT`` (1.4.18) is the variable.
+binary ignores it (rust/gateway/src/main.rs); ``FIREZONE_LOG_FORMAT`` (1.4.18) is the variable.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ def _optional_str(key: str, value: Any) -> str | None:
 
 def _firezone_id(key: str, value: Any) -> str | None:
     """As given, untrimmed: it is hashed into ``external_id``, and any change of it makes
-    the portal see a new gateway (operations.md §2). Only ``""`` means unset."""
+    the portal see a new gateway (rust/gateway/src/main.rs). Only ``""`` means unset."""
     text = _expect_str(key, value)
     return text or None
 
@@ -371,7 +371,7 @@ ENV_VARS: dict[str, str] = {
 }
 
 
-#: Variables the reference parses with clap and uses exactly as given (operations.md §1-2):
+#: Variables the reference parses with clap and uses exactly as given (rust/gateway/src/main.rs):
 #: no trimming, and only an empty value is unset (a blank one is a value: an odd id, or a
 #: boolean clap rejects).
 EXACT_ENV_VARS = frozenset({"FIREZONE_ID", "FIREZONE_NO_TELEMETRY"})

@@ -1,22 +1,23 @@
 """One client's state on the gateway: authorizations, filters and DNS-resource NAT.
 
-Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.9):
+Theory of operation (``ClientOnGateway`` in rust/connlib/tunnel/src/peer.rs, driven by
+rust/connlib/tunnel/src/gateway.rs and rust/gateway/src/eventloop.rs):
 
 * ``add_resource``/``remove_resource``/``update_resource`` change the authorized set; each
-  change rebuilds the filter table (§5.1). A DNS set-up only inserts its proxy IPs.
+  change rebuilds the filter table. A DNS set-up only inserts its proxy IPs.
 * ``handle_inbound`` takes a decrypted packet from the client: p2p control packets are
-  consumed (§7), then anti-spoofing, the destination check (§5.2) and the forward NAT of
-  DNS-resource proxy IPs (§8.2). The result is the packet itself (``bytes``: write it to
+  consumed, then anti-spoofing, the destination check and the forward NAT of
+  DNS-resource proxy IPs. The result is the packet itself (``bytes``: write it to
   the TUN) or a ``Drop``, ``Reply`` or ``NeedsResolution``.
-* ``handle_outbound`` takes a TUN packet addressed to the client and reverses the NAT
-  (§8.3). Unlike 1.4.0, which drops every packet that is not TCP/UDP/ICMP echo here, it
+* ``handle_outbound`` takes a TUN packet addressed to the client and reverses the NAT.
+  Unlike 1.4.0, which drops every packet that is not TCP/UDP/ICMP echo here, it
   passes such packets (ICMP errors, GRE, ESP, ...) through unchanged, as 1.4.13 does:
   without a NAT session there is nothing to reverse. ICMP errors quoting a packet of a
   same-family NAT session are reversed too (quoted destination and port, and the outer
   source if the resource itself sent the error), so port-unreachable and traceroute work
   for DNS resources.
-* ``handle_timeout`` runs the 1 s tick: authorization expiry by wall clock (§6), NAT
-  session TTL (§8.4) and translation health, which emits ``NeedsResolution`` events for
+* ``handle_timeout`` runs the 1 s tick: authorization expiry by wall clock, NAT
+  session TTL and translation health, which emits ``NeedsResolution`` events for
   domains whose proxy IPs saw no reply for 120 s. The shell resolves off-thread and calls
   ``handle_resolved``.
 
@@ -114,7 +115,7 @@ class NeedsResolution:
     """Resolve ``domain`` (A and AAAA, 10 s timeout), then call ``handle_resolved``.
 
     As an ``handle_inbound`` result it answers an AssignedIps packet (``reply=True``);
-    as an event it is a §8.4 refresh (``reply=False``).
+    as an event it is a translation refresh (``reply=False``).
     """
 
     resource_id: uuid.UUID
@@ -154,7 +155,7 @@ class _Authorization:
 
 @dataclass(slots=True)
 class _Translation:
-    """Proxy IP -> real IP of one domain, with the §8.4 health bookkeeping."""
+    """Proxy IP -> real IP of one domain, with the translation health bookkeeping."""
 
     resource_id: uuid.UUID
     domain: str
@@ -169,15 +170,16 @@ class _Translation:
 
 
 def dns_nat_allowed(resource: Resource, domain: str) -> bool:
-    """Whether ``domain``'s proxy IPs may be translated for ``resource`` (§8.1): it is a
+    """Whether ``domain``'s proxy IPs may be translated for ``resource``: it is a
     DNS resource and the domain matches its address pattern. The only ways an
     authorized resource's NAT set-up fails, so a legacy ``request_connection`` can know
-    before its reply (gateway-messages.md §1.3)."""
+    before its reply (rust/gateway/src/eventloop.rs)."""
     return isinstance(resource, DnsResource) and matches(resource.address, domain.rstrip("."))
 
 
 class ClientOnGateway:
-    """One client's authorizations, filters and DNS-resource NAT (dataplane.md §4-§8). Sans-IO."""
+    """One client's authorizations, filters and DNS-resource NAT (rust/connlib/tunnel/src/peer.rs).
+    Sans-IO."""
 
     def __init__(
         self,
@@ -216,7 +218,7 @@ class ClientOnGateway:
         self._logged: set[str] = set()
         self._events: deque[Event] = deque()
         self._next_tick: float | None = None
-        #: (resource, domain) -> deadline of an outstanding §8.4 re-resolution
+        #: (resource, domain) -> deadline of an outstanding re-resolution
         self._refreshing: dict[tuple[uuid.UUID, str], float] = {}
         self._created_at = now
 
@@ -244,7 +246,8 @@ class ClientOnGateway:
     def update_resource(self, resource: Resource) -> None:
         """Replace the filters of an authorized resource (``resource_updated``).
 
-        A change of resource type is refused; address changes are not applied (§1.9).
+        A change of resource type is refused; address changes are not applied (``update_resource``
+        in rust/connlib/tunnel/src/peer.rs).
         """
         existing = self._resources.get(resource.id)
         if existing is None:
@@ -287,7 +290,7 @@ class ClientOnGateway:
         resolved: Sequence[IPAddress],
         now: float,
     ) -> bool:
-        """Map ``proxy_ips`` of ``domain`` round-robin to ``resolved`` (§8.1).
+        """Map ``proxy_ips`` of ``domain`` round-robin to ``resolved``.
 
         False if the resource is not authorized, not a DNS resource, or ``domain`` does
         not match its pattern. An empty ``resolved`` succeeds without installing anything.
@@ -363,7 +366,7 @@ class ClientOnGateway:
     ) -> bytes | None:
         """Apply a resolution; with ``reply`` return the DomainStatus packet for the client.
 
-        A §8.4 refresh (``reply=False`` while a refresh is outstanding) that yields the same
+        A translation refresh (``reply=False`` while a refresh is outstanding) that yields the same
         set of IPs changes nothing.
         """
         domain = domain.rstrip(".")
@@ -382,7 +385,8 @@ class ClientOnGateway:
     # --- data path -------------------------------------------------------------------------
 
     def handle_inbound(self, packet: bytes, now: float) -> InboundResult:
-        """A decrypted packet from the client (§3.1 steps 4-7)."""
+        """A decrypted packet from the client (``handle_network_input`` in
+        rust/connlib/tunnel/src/gateway.rs)."""
         n = len(packet)
         if n < 20:
             self.counters[Reason.MALFORMED] += 1
@@ -452,7 +456,8 @@ class ClientOnGateway:
         return packet
 
     def handle_outbound(self, packet: bytes, now: float) -> bytes | None:
-        """A TUN packet towards this client (§3.2 step 3): reverse NAT if a session matches.
+        """A TUN packet towards this client (``handle_tun_input`` in
+        rust/connlib/tunnel/src/gateway.rs): reverse NAT if a session matches.
 
         None means drop (malformed, or a NAT46/64 translation back that is impossible).
         """
@@ -523,7 +528,7 @@ class ClientOnGateway:
     # --- timers and events -----------------------------------------------------------------
 
     def handle_timeout(self, now: float, unix_now: float) -> None:
-        """The tick: expiry (by ``unix_now``), NAT TTL, translation health (§6, §8.4).
+        """The tick: expiry (by ``unix_now``), NAT TTL, translation health.
 
         It runs every second while NAT sessions or DNS translations exist. With only
         expiries to watch it runs at the next ``expires_at`` instead (at most
@@ -607,7 +612,8 @@ class ClientOnGateway:
             return DROP_P2P_IGNORED
         auth = self._resources.get(event.resource_id)
         # Checking the type and pattern before resolving spares a DNS lookup of a name we
-        # would refuse anyway; the answer (Inactive) is the one §7.2 step 4 would give.
+        # would refuse anyway; the answer (Inactive) is the one rust/connlib/tunnel/src/gateway.rs
+        # gives a resource not allowed.
         if (
             auth is None
             or not isinstance(auth.resource, DnsResource)
@@ -641,7 +647,7 @@ class ClientOnGateway:
 
     def _host_resources_touched(self, addresses: set[IPAddress]) -> bool:
         """Whether a CIDR resource is exactly one of ``addresses`` (a /32 or /128): only
-        then does a DNS resource's resolved list change a CIDR entry's filters (§5.1)."""
+        then does a DNS resource's resolved list change a CIDR entry's filters."""
         if not addresses:
             return False
         for auth in self._resources.values():

@@ -7,14 +7,14 @@ remote candidate of the same IP family; a server-reflexive local candidate sends
 base, so it is redundant with the host candidate of that base (RFC 8445 §6.1.2.4) and is
 kept only as a record. Pairs are keyed by (local base, remote address).
 
-Every pair runs the same check schedule (snownet.md §8.3, str0m's model): a check goes out
-as soon as the pair exists (pacing ``Ta`` defaults to 0), and while checks go unanswered
-the next one follows after an RTO of 250, 500, 1000, 1500, 1500 ... ms (each a new
-transaction; a late answer to any of the last few still counts). Once answered, the pair
-is re-checked every max RTO (1.5 s, idle 60 s): these re-checks are the consent and
-keepalive traffic. A pair whose last ``max_retransmits`` consecutive checks stay unanswered
-for one more RTO fails (str0m's count: 9.25 s after a new pair's first check, 10.75 s
-after a connected pair's last answer, 300 s when idle).
+Every pair runs the same check schedule (str0m's model, the ICE agent
+rust/connlib/snownet/src/node.rs uses): a check goes out as soon as the pair exists (pacing ``Ta``
+defaults to 0), and while checks go unanswered the next one follows after an RTO of 250, 500, 1000,
+1500, 1500 ... ms (each a new transaction; a late answer to any of the last few still counts). Once
+answered, the pair is re-checked every max RTO (1.5 s, idle 60 s): these re-checks are the consent
+and keepalive traffic. A pair whose last ``max_retransmits`` consecutive checks stay unanswered for
+one more RTO fails (str0m's count: 9.25 s after a new pair's first check, 10.75 s after a connected
+pair's last answer, 300 s when idle).
 
 Pair states::
 
@@ -81,7 +81,8 @@ SILENT_AFTER_CHECKS = 2
 
 @dataclass(frozen=True, slots=True)
 class StunTimings:
-    """Check timing (snownet.md §8.2): RTO doubling from ``initial_rto`` up to ``max_rto``."""
+    """Check timing (rust/connlib/snownet/src/node.rs): RTO doubling from ``initial_rto`` up to
+    ``max_rto``."""
 
     initial_rto: float
     max_rto: float
@@ -235,7 +236,8 @@ class IceAgent:
         self._remote_key = short_term_key(remote.pwd)
 
     def set_idle(self, idle: bool, now: float) -> None:
-        """Switch between idle (60 s) and default (1.5 s) check timings (snownet.md §8.2)."""
+        """Switch between idle (60 s) and default (1.5 s) check timings
+        (rust/connlib/snownet/src/node.rs)."""
         timings = IDLE_TIMINGS if idle else DEFAULT_TIMINGS
         if timings is self._timings:
             return
@@ -328,7 +330,8 @@ class IceAgent:
     # ---- STUN input ---------------------------------------------------------------------
 
     def accepts(self, msg: StunMessage, raw: bytes) -> bool:
-        """Whether this datagram belongs to this agent (snownet.md §3 demultiplexing)."""
+        """Whether this datagram belongs to this agent (the demultiplexing of
+        rust/connlib/snownet/src/node.rs)."""
         if msg.method != Method.BINDING:
             return False
         if msg.cls == MessageClass.REQUEST:

@@ -32,7 +32,8 @@ ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
 
-#: Tunnel addresses of clients and gateways (dataplane.md §1).
+#: Tunnel addresses of clients and gateways (``IPV4_PEERS``, ``IPV6_PEERS`` in
+#: rust/connlib/tunnel/src/gateway.rs).
 PEERS_V4 = ipaddress.IPv4Network("100.64.0.0/11")
 PEERS_V6 = ipaddress.IPv6Network("fd00:2021:1111::/107")
 #: Proxy IPs clients assign to DNS-resource names.

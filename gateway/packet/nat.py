@@ -1,4 +1,4 @@
-"""Stateful NAT table of DNS-resource translations (dataplane.md §8.2-§8.4).
+"""Stateful NAT table of DNS-resource translations (rust/connlib/tunnel/src/peer/nat_table.rs).
 
 A session maps an *inside* key ``(kind, client port or ICMP id, proxy IP)`` to an
 *outside* key ``(kind, port or id, real IP)``. ``kind`` is the IPv4 protocol number of the

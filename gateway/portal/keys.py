@@ -1,4 +1,4 @@
-"""WireGuard keys as portal message fields (gateway-messages.md §0.1).
+"""WireGuard keys as portal message fields (rust/connlib/tunnel/src/messages/key.rs).
 
 The rule itself (44 characters of canonical, padded standard base64 for 32 bytes) lives in
 :mod:`gateway.wg.keys`; this module only names the offending field in the error, and never

@@ -1,4 +1,4 @@
-"""TURN client for one relay, as snownet runs it (snownet.md §6); sans-IO.
+"""TURN client for one relay, as snownet runs it (rust/connlib/snownet/src/allocation.rs); sans-IO.
 
 Life cycle: BINDING to every server address (the first answer picks the active server and
 each answer yields a server-reflexive candidate) -> ALLOCATE with long-term credentials ->
@@ -38,7 +38,8 @@ from gateway.types import Address, Rng, Transmit
 
 logger = logging.getLogger(__name__)
 
-#: Datagrams from a relay larger than this are never processed (snownet.md §6.3).
+#: Datagrams from a relay larger than this are never processed
+#: (rust/connlib/snownet/src/allocation.rs).
 MAX_STUN_DATAGRAM = 1336
 INITIAL_RTO = 1.0
 RTO_MULTIPLIER = 1.5
@@ -123,7 +124,7 @@ class _Channel:
 
 
 class Allocation:
-    """TURN client for ONE relay (snownet.md §6); sans-IO."""
+    """TURN client for ONE relay (rust/connlib/snownet/src/allocation.rs); sans-IO."""
 
     def __init__(
         self,
@@ -187,7 +188,8 @@ class Allocation:
         return self._active
 
     def same_config(self, servers: Sequence[Address], username: str, password: str) -> bool:
-        """True when a relay update describes this very allocation (snownet.md §6.1 rule 2)."""
+        """True when a relay update describes this very allocation (``update_relays`` in
+        rust/connlib/snownet/src/node.rs)."""
         return (
             frozenset(servers) == self._server_set
             and username == self._username
@@ -885,7 +887,7 @@ class Allocation:
         msg.add(Attr.SOFTWARE, self._software)
         if self._nonce is None:
             # No nonce yet: go without credentials to get the 401 challenge. (Signing without
-            # a NONCE draws 400 from RFC 5389 servers such as coturn, §10.2.2.)
+            # a NONCE draws 400 from RFC 5389 servers such as coturn, RFC 5389 §10.2.2.)
             request.raw = encode(msg)
         else:
             msg.add_str(Attr.USERNAME, self._username)

@@ -1,4 +1,5 @@
-"""Noise_IKpsk2 handshake messages of WireGuard (whitepaper §5.4.2, §5.4.3, §5.4.5), both roles.
+"""Noise_IKpsk2 handshake messages of WireGuard (the WireGuard paper, §5.4.2, §5.4.3, §5.4.5), both
+roles.
 
 Pure functions over a per-peer :class:`HandshakeContext`. They build and check message
 *bodies* (everything before mac1); :mod:`gateway.wg.cookie` adds and verifies the macs.

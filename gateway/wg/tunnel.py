@@ -6,7 +6,7 @@ datagrams for :meth:`Tunnel.poll_transmit`, events for :meth:`Tunnel.poll_event`
 deadline for :meth:`Tunnel.poll_timeout`. Bad input from the wire never raises; it comes
 back as :class:`Dropped` and is counted in ``counters`` (keyed by reason).
 
-Theory of operation (whitepaper §5 and §6):
+Theory of operation (the WireGuard paper, §5 and §6):
 
 * Sessions: ``current`` (used to send), ``previous`` (still decrypts in-flight packets)
   and ``next`` (a responder's new session, usable for sending only once the initiator's
@@ -585,7 +585,7 @@ class Tunnel:
             self._next = None
 
     def _expire(self, reason: str) -> None:
-        """Erase every key and pending packet and tell the owner (whitepaper §6.3)."""
+        """Erase every key and pending packet and tell the owner (the WireGuard paper, §6.3)."""
         self._current = self._previous = self._next = None
         self._handshake = None
         self._retry_at = math.inf
