@@ -103,3 +103,38 @@ def test_run_time_suffixes_are_known(name: str) -> None:
 @pytest.mark.parametrize("name", ["", "bogus", "send_error_", "Not_Allowed"])
 def test_other_names_are_not(name: str) -> None:
     assert not is_known(name)
+
+
+def test_what_a_battered_gateway_counts_is_in_the_vocabulary() -> None:
+    """Behaviour, not source: a connected gateway (direct and relayed) fed truncated and
+    bit-flipped copies of every datagram it received. Everything the node, its relays'
+    allocations, its ICE agents and the client's tunnel counted must be known names, also
+    those counted under a variable (noise rejections, TURN and ICE error codes)."""
+    import random
+
+    from tests.fuzz.seeds import connected_sim, to_gateway
+    from tests.sim.test_node_sim import GATEWAY
+
+    rng = random.Random(15)
+    counted: set[str] = set()
+    for relayed in (False, True):
+        sim = connected_sim(relayed=relayed)
+        for src, _, payload in to_gateway() * 3:
+            mutated = bytearray(payload)
+            if mutated and rng.random() < 0.5:
+                mutated[rng.randrange(len(mutated))] ^= 1 << rng.randrange(8)
+            else:
+                del mutated[rng.randrange(len(mutated) + 1):]
+            wg = sim.node.handle_datagram(GATEWAY, src, bytes(mutated), sim.now)
+            if wg is not None and sim.gw_tunnel is not None:
+                sim.gw_tunnel.decapsulate(wg.datagram, wg.src, sim.now, sim.clock.unix())
+        sim.node.handle_timeout(sim.now + 1.0)
+        counters: list[Counter[str]] = [sim.node.counters]
+        counters += [a.counters for a in sim.node._allocations.values()]
+        counters += [c.agent.counters for c in sim.node._connections.values()]
+        if sim.gw_tunnel is not None:
+            counters.append(sim.gw_tunnel.counters)
+        for counter in counters:
+            counted |= {name for name, count in counter.items() if count}
+    assert counted, "the mutations were all accepted: the test exercises nothing"
+    assert {name for name in counted if not is_known(name)} == set()
