@@ -77,7 +77,7 @@ class Runtime:
 
     def fail(self, reason: str, code: int) -> None:
         if not self.stopping.is_set():
-            log.error("Eventloop failed: %s", reason)  # the 1.4 gateway's words (§6)
+            log.error("Eventloop failed: %s", reason)  # as rust/gateway/src/main.rs logs it
             self.exit_code = code
             self.stopping.set()
 
@@ -220,7 +220,8 @@ def _gateway_name(config: GatewayConfig) -> str:
 
 
 def resolve_api_host(prototype: LoginUrlPrototype) -> None:
-    """Resolve the portal's host once at start-up (phoenix-channel.md §1.3).
+    """Resolve the portal's host once at start-up (rust/phoenix-channel/src/login_url.rs,
+    rust/gateway/src/main.rs).
 
     As in 1.4, a name that does not resolve now stops the gateway (``run`` exits 1); every
     connection attempt resolves again, and failures then are transient (retried with
@@ -489,7 +490,8 @@ def _register_collectors(metrics: Any, runtime: Runtime) -> None:
             ("firezone_connections", {"path": path}, count)
             for path, count in figures.paths.items()
         ]
-        samples += [("firezone_dropped_packets_total", {"reason": r}, c) for r, c in drops.items()]
+        samples += [("firezone_dropped_packets_total", {"reason": str(r)}, c)
+                    for r, c in drops.items()]
         samples += node_event_samples(node["counters"])
         samples += [
             ("firezone_rx_bytes_total", {}, figures.rx_bytes),

@@ -1,9 +1,10 @@
 """Start-up checks (privileges, TUN device, forwarding) and the optional host set-up.
 
-The host set-up is what ``config/gateway-init.sh`` does for the systemd unit (dataplane.md
-§2.3), for deployments that let the gateway do it itself (``setup_host``): forwarding
-sysctls, FORWARD accept for the tunnel and MASQUERADE restricted to the tunnel's source
-ranges. It is idempotent and uses ``nft`` when present, else ``iptables``/``ip6tables``.
+The host set-up is what ``config/gateway-init.sh`` does for the systemd unit (Firezone's
+rust/docker-init-gateway.sh and scripts/gateway-systemd-install.sh), for deployments that let the
+gateway do it itself (``setup_host``): forwarding sysctls, FORWARD accept for the tunnel and
+MASQUERADE restricted to the tunnel's source ranges. It is idempotent and uses ``nft`` when present,
+else ``iptables``/``ip6tables``.
 
 Caveat of the nft path: an ``accept`` in our own table does not override a ``drop`` in
 another table's forward chain (e.g. Docker's iptables FORWARD policy DROP); such hosts need
@@ -28,11 +29,12 @@ PRIVILEGE_MESSAGE = (
 )
 TUN_PATH = "/dev/net/tun"
 PROC_SYS = Path("/proc/sys")
-#: The tunnel address ranges clients use as their source (dataplane.md §1).
+#: The tunnel address ranges clients use as their source (``IPV4_PEERS``, ``IPV6_PEERS`` in
+#: rust/connlib/tunnel/src/gateway.rs).
 IPV4_TUNNEL_RANGE = "100.64.0.0/11"
 IPV6_TUNNEL_RANGE = "fd00:2021:1111::/107"
 NFT_TABLE = "firezone_gateway"
-#: sysctl name -> value the gateway needs (dataplane.md §2.3).
+#: sysctl name -> value the gateway needs (rust/docker-init-gateway.sh).
 SYSCTLS: dict[str, str] = {
     "net.ipv4.ip_forward": "1",
     "net.ipv4.conf.all.src_valid_mark": "1",
@@ -73,8 +75,8 @@ def check_tun(path: str = TUN_PATH) -> str | None:
     """None when the TUN clone device is usable, else what is wrong and how to fix it.
 
     A missing node is created first, as the gateway itself would before opening it
-    (dataplane.md §2.1 step 1, operations.md §7), so only a device that still cannot be
-    opened stops start-up.
+    (rust/bin-shared/src/tun_device_manager/linux.rs; rust/gateway/src/main.rs), so only a device
+    that still cannot be opened stops start-up.
     """
     from actors.io import tun_linux  # the module attribute: tests replace it
 

@@ -21,7 +21,7 @@ from gateway.config import DEFAULT_CONTROL_SOCKET, ConfigError, GatewayConfig
 from gateway.exit_codes import ExitCode
 
 PROG = "firezone-gateway"
-#: ``-V`` prints what the reference prints (operations.md §1): deployments that check the
+#: ``-V`` prints what the reference prints (rust/gateway/src/main.rs): deployments that check the
 #: version of a drop-in replacement compare it with ``firezone-gateway 1.4.0``. Our own
 #: package version is in ``--help``.
 VERSION = f"{PROG} {COMPATIBLE_FIREZONE_VERSION}"

@@ -1,8 +1,8 @@
 """HTTP health endpoint: ``/healthz`` (alive), ``/readyz`` (joined to the portal), ``/metrics``.
 
-Each answers GET and HEAD; other methods get 405, other paths 404 (operations.md §3).
-Runs on its own named thread, independent of the portal connection, like the real
-gateway's. A bind failure is logged and the gateway carries on without it.
+Each answers GET and HEAD; other methods get 405, other paths 404
+(rust/bin-shared/src/http_health_check.rs). Runs on its own named thread, independent of the portal
+connection, like the real gateway's. A bind failure is logged and the gateway carries on without it.
 
 The port is often reachable by more than the orchestrator that probes it, so what a
 connection can hold is bounded: a thread per connection, at most ``max_connections``

@@ -1,4 +1,5 @@
-"""Firezone ID persistence (operations.md §2): a stable identity across restarts.
+"""Firezone ID persistence (rust/gateway/src/main.rs, ``get_firezone_id``): a stable identity across
+restarts.
 
 The portal recognises a gateway by ``external_id`` = SHA-256 of this id, so it must survive
 restarts and differ between the gateways of one site.
@@ -24,8 +25,8 @@ class IdentityError(OSError):
 def resolve_firezone_id(configured: str | None, state_dir: Path) -> str:
     """``configured`` if non-empty, else ``state_dir/gateway_id`` as is, else a new UUIDv4.
 
-    Both are used exactly, untrimmed (operations.md §2): the id is hashed into
-    ``external_id``, so a byte of difference would make the portal see another gateway.
+    Both are used exactly, untrimmed (rust/gateway/src/main.rs, ``get_firezone_id``): the id is
+    hashed into ``external_id``, so a byte of difference would make the portal see another gateway.
 
     A new id is written (lowercase, hyphenated, no newline) atomically, creating the
     directory. Raises :class:`IdentityError` naming the directory when that fails.

@@ -24,7 +24,8 @@ GATEWAY_METRICS: dict[str, tuple[str, str]] = {
     "firezone_handshakes_total": (COUNTER, "Completed WireGuard handshakes."),
     "firezone_rx_bytes_total": (COUNTER, "WireGuard payload bytes received from clients."),
     "firezone_tx_bytes_total": (COUNTER, "WireGuard payload bytes sent to clients."),
-    "firezone_dropped_packets_total": (COUNTER, "Packets dropped, by reason."),
+    "firezone_dropped_packets_total": (
+        COUNTER, "Packets dropped, by reason (gateway/drops.py; tun_ for the TUN device's)."),
     "firezone_node_events_total": (
         COUNTER, "Node-level events and drops, by name (the counters of status): garbage "
         "datagrams, malformed STUN, WireGuard for no connection, UDP reader and send drops."),
@@ -157,8 +158,9 @@ class Metrics:
 
 def node_event_samples(counters: Mapping[str, float]) -> list[tuple[str, dict[str, str], float]]:
     """The node's counters (``status``'s ``counters``) as ``firezone_node_events_total``;
-    their names are fixed in the code (errno-suffixed ones by the errno), so bounded."""
-    return [("firezone_node_events_total", {"event": name}, float(count))
+    their names are those of :mod:`gateway.drops` (errno-suffixed ones by the errno), so
+    bounded; a :class:`~gateway.drops.Drop` key is labelled with its plain string."""
+    return [("firezone_node_events_total", {"event": str(name)}, float(count))
             for name, count in counters.items()]
 
 

@@ -1,4 +1,5 @@
-"""Apply an ``init`` interface to ``tun-firezone`` over rtnetlink (dataplane spec §2.2).
+"""Apply an ``init`` interface to ``tun-firezone`` over rtnetlink
+(rust/bin-shared/src/tun_device_manager/linux.rs).
 
 Every step is attempted even when an earlier one failed, and every failure is a logged
 warning, never an exception: a half-configured interface still beats a gateway that
@@ -68,9 +69,10 @@ def _configure(ipr: IPRoute, ifname: str, ipv4: str, ipv6: str) -> None:
         for family, address, prefixlen in ((socket.AF_INET, ipv4, 32), (socket.AF_INET6, ipv6, 128))
         if _valid(family, address)
     }
-    # The spec flushes every address and adds the wanted ones back; keeping the wanted ones
-    # ends in the same state without a window in which the routes through the TUN vanish
-    # (the kernel drops them with the device's last IPv4 address).
+    # The 1.4 gateway (rust/bin-shared/src/tun_device_manager/linux.rs) flushes every address and
+    # adds the wanted ones back; keeping the wanted ones ends in the same state without a window in
+    # which the routes through the TUN vanish (the kernel drops them with the device's last IPv4
+    # address).
     for address in _attempt(f"list addresses of {ifname}", ipr.get_addr, index=index) or []:
         value = address.get_attr("IFA_LOCAL") or address.get_attr("IFA_ADDRESS")
         prefixlen = address["prefixlen"]
@@ -88,8 +90,8 @@ def _configure(ipr: IPRoute, ifname: str, ipv4: str, ipv6: str) -> None:
         ) is not None:  # fmt: skip
             configured_families.append(family)
 
-    # Not in the spec: without this the kernel gives the TUN a random fe80:: address when
-    # it comes up, which the next init would flush; with it, repeated inits end identical
+    # Not done by the 1.4 gateway: without this the kernel gives the TUN a random fe80:: address
+    # when it comes up, which the next init would flush; with it, repeated inits end identical
     # and the kernel sends no MLD/RS noise into the tunnel.
     _attempt(
         "disable IPv6 link-local address generation",

@@ -1,6 +1,6 @@
 """PortalActor: the websocket to the portal around a sans-IO :class:`PhoenixChannel`.
 
-A thin shell (architecture.md §6): every message becomes one ``channel.handle_*`` call
+A thin shell (README.rst, "How it is built"): every message becomes one ``channel.handle_*`` call
 with the current time, followed by one ``_drain()`` that carries out the channel's
 actions (open/close the socket, write frames), tells the listener about events and
 re-arms the single timer wake. No protocol decisions live here.
@@ -10,10 +10,10 @@ actor what happened, tagged with the connection *generation*. Each ``OpenSocket`
 ``CloseSocket`` starts a new generation, so frames and errors from a replaced socket
 (e.g. after a key rotation) are ignored.
 
-The channel's ``CloseSocket`` (every reconnect) aborts the socket: no close frame (spec
-§5), and an attempt still connecting is cut short, so it cannot reach the portal after
-its replacement. Only the actor's end (its stop, or a crash) closes gracefully, with a
-close frame, so the portal marks the gateway offline at once (README, "Graceful stop").
+The channel's ``CloseSocket`` (every reconnect) aborts the socket: no close frame
+(rust/phoenix-channel/src/lib.rs), and an attempt still connecting is cut short, so it cannot reach
+the portal after its replacement. Only the actor's end (its stop, or a crash) closes gracefully,
+with a close frame, so the portal marks the gateway offline at once (README, "Graceful stop").
 
 The channel starts disconnected: nothing is opened until :class:`Connect` (or
 :class:`KeyRotated`) brings the public key.

@@ -1,7 +1,7 @@
-"""DNS resolution for DNS resources, off the actor threads, with the spec's 10 s timeout.
+"""DNS resolution for DNS resources, off the actor threads, with the 1.4 gateway's 10 s timeout.
 
 ``getaddrinfo`` cannot be cancelled, so a worker pool runs it and a watchdog answers with an
-empty list when the deadline passes first (dataplane.md §7.2: error or timeout = empty).
+empty list when the deadline passes first (rust/gateway/src/eventloop.rs: error or timeout = empty).
 At most ``max_in_flight`` resolutions run; excess requests are answered empty at once.
 A lookup keeps its slot until ``getaddrinfo`` really returns, also after the watchdog has
 answered for it: otherwise lookups that hang longer than the timeout would queue behind
@@ -55,7 +55,8 @@ class Resolver:
         self._timeout = timeout
         # A worker per lookup in flight (started only when needed): with fewer, lookups that
         # hang (a blackholed domain a client keeps asking for) would hold the pool and make
-        # every other client's lookups time out empty (dataplane.md §7.2: 1000 concurrent).
+        # every other client's lookups time out empty (rust/gateway/src/eventloop.rs: 1000
+        # concurrent).
         self._pool = ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="Resolver")
         self._max_in_flight = max_in_flight
         self._in_flight = 0

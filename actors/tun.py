@@ -1,12 +1,12 @@
 """TunActor: owns the TUN device and hands what it reads to each client's data path.
 
-Read path (dataplane spec §3.2 steps 1-2): the ``TunReader`` thread drains the
-non-blocking device, keeps only packets addressed to a registered client inside the peer
+Read path (``handle_tun_input`` in rust/connlib/tunnel/src/gateway.rs): the ``TunReader`` thread
+drains the non-blocking device, keeps only packets addressed to a registered client inside the peer
 ranges, groups them by client and calls that client's ``deliver`` (its
-:class:`~actors.peer_session.PeerSession`) once per batch, on the reader's own thread. No
-actor mailbox sits in the read path: a ``tell`` per batch and the hand-off to another
-thread cost more than encrypting the packets (bench/README.md). A slow client slows the
-reader, and the kernel's queue then drops, which is the backpressure a TUN device has.
+:class:`~actors.peer_session.PeerSession`) once per batch, on the reader's own thread. No actor
+mailbox sits in the read path: a ``tell`` per batch and the hand-off to another thread cost more
+than encrypting the packets (bench/README.md). A slow client slows the reader, and the kernel's
+queue then drops, which is the backpressure a TUN device has.
 
 Write path: ``TunWriter`` is the device's single writer, handed to whoever produces
 packets for the TUN (see its docstring for why it serialises whole batches).
@@ -37,6 +37,7 @@ import pykka
 
 from actors.io.ports import TunDevice
 from actors.io.tun_linux import READ_SIZE
+from gateway.drops import Drop
 
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
@@ -49,14 +50,14 @@ CONFIGURE_THREAD_NAME = "TunConfigure"
 _POLL_TIMEOUT_MS = 500
 _JOIN_TIMEOUT = 5.0
 
-# Drop reasons reported by GetTunStats.
-DROP_NOT_IP = "not_ip"  # not IPv4/IPv6, or shorter than its fixed header
-DROP_NOT_PEER_RANGE = "not_peer_range"  # destination outside 100.64.0.0/11, fd00:2021:1111::/107
-DROP_NO_CLIENT = "no_client"  # no client registered for the destination
-DROP_PEER_ERROR = "peer_error"  # the client's data path raised (a bug; logged)
-DROP_WRITE_ERROR = "write_error"  # the device refused a write (EAGAIN, ENOBUFS, EINVAL, EIO)
-DROP_CLOSED = "closed"  # written after the device was closed
-DROP_KERNEL = "kernel"  # the kernel's queue towards our reads was full (device TX drops)
+# Drop reasons reported by GetTunStats (members of gateway.drops.Drop).
+DROP_NOT_IP = Drop.NOT_IP  # not IPv4/IPv6, or shorter than its fixed header
+DROP_NOT_PEER_RANGE = Drop.NOT_PEER_RANGE  # destination outside 100.64.0.0/11, fd00:2021:1111::/107
+DROP_NO_CLIENT = Drop.NO_CLIENT  # no client registered for the destination
+DROP_PEER_ERROR = Drop.PEER_ERROR  # the client's data path raised (a bug; logged)
+DROP_WRITE_ERROR = Drop.WRITE_ERROR  # the device refused a write (EAGAIN, ENOBUFS, EINVAL, EIO)
+DROP_CLOSED = Drop.CLOSED  # written after the device was closed
+DROP_KERNEL = Drop.KERNEL  # the kernel's queue towards our reads was full (device TX drops)
 
 # fd00:2021:1111::/107: 13 whole bytes, then the top 3 bits of byte 13 must be zero.
 _V6_PEERS_PREFIX = bytes.fromhex("fd0020211111") + bytes(7)
@@ -158,7 +159,7 @@ class TunWriter:
         self._lock = threading.Lock()
         self._closed = False
         self._tx_packets = 0
-        self._dropped = {DROP_WRITE_ERROR: 0, DROP_CLOSED: 0}
+        self._dropped: dict[str, int] = {DROP_WRITE_ERROR: 0, DROP_CLOSED: 0}
 
     @property
     def tx_packets(self) -> int:
@@ -219,7 +220,7 @@ class TunReader(threading.Thread):
         #: Replaced (never mutated) by the actor; read once per batch.
         self.routes: dict[bytes, _Route] = {}
         self.rx_packets = 0
-        self.dropped = {
+        self.dropped: dict[str, int] = {
             reason: 0
             for reason in (
                 DROP_NOT_IP,

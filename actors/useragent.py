@@ -1,4 +1,4 @@
-"""The User-Agent of the portal connection (phoenix-channel.md §2.1).
+"""The User-Agent of the portal connection (rust/phoenix-channel/src/get_user_agent.rs).
 
 ``<os>/<version> connlib/<version> (<arch>; <kernel release>)``. The ``connlib/<semver>``
 token is what the portal parses (it routes >= 1.4 clients only to >= 1.4.0 gateways);

@@ -56,7 +56,7 @@ _GSO_ERRORS = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
 
 
 def pad16(packet: bytes) -> bytes:
-    """WireGuard pads the plaintext to a multiple of 16 bytes (whitepaper §5.4.6)."""
+    """WireGuard pads the plaintext to a multiple of 16 bytes (the WireGuard paper, §5.4.6)."""
     return packet + bytes(-len(packet) & 15)
 
 

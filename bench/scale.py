@@ -7,7 +7,7 @@ client side is not the bottleneck, with at most ``WINDOW`` flows outstanding in 
 push to the last completed handshake.
 
 Then three steady states, one after the other, each measured over the same window after a
-warm-up long enough for both ends to enter (or leave) idle mode (snownet.md §8.1):
+warm-up long enough for both ends to enter (or leave) idle mode (rust/connlib/snownet/src/node.rs):
 
 * ``idle``: no client sends data; every connection idles (the goal's "idle CPU");
 * ``all_trickle``: every client sends one small datagram every ``TRICKLE_PERIOD`` s;
@@ -41,9 +41,10 @@ from devstack.topology import ADDRESSES, RESOURCE
 from gateway.idle import IDLE_AFTER
 
 WINDOW = 64
-#: New flows per second at most, in total. Each is one handshake initiation, and the spec's
-#: node-wide limiter takes 100 handshake messages per second (snownet.md §8.2): above it
-#: clients wait for a cookie and retry 5 s later, so a faster burst only measures that.
+#: New flows per second at most, in total. Each is one handshake initiation, and the
+#: node-wide limiter (as in rust/connlib/snownet/src/node.rs) takes 100 handshake messages
+#: per second: above it clients wait for a cookie and retry 5 s later, so a faster burst only
+#: measures that.
 CONNECT_RATE = 90.0
 TRICKLE_PERIOD = 10.0
 #: The main steady state: this share of the clients trickles, the rest is idle.

@@ -15,10 +15,10 @@ the gateway. :class:`SimClients` runs it on a thread of the bench process agains
 in-process portal (set-up latency needs that); :mod:`bench.simworker` runs it in worker
 processes for the scale bench.
 
-The clients go idle as real ones do (snownet.md §8.1): ``devclient.core`` has no idle mode,
-so the engine keeps a :class:`gateway.idle.IdleTracker` per client and switches the
-client's ICE agent to the slow (60 s) check timings after 10 s without data. Without that
-every idle client would still send a consent check every 1.5 s, which no real client does.
+The clients go idle as real ones do (rust/connlib/snownet/src/node.rs): ``devclient.core`` has no
+idle mode, so the engine keeps a :class:`gateway.idle.IdleTracker` per client and switches the
+client's ICE agent to the slow (60 s) check timings after 10 s without data. Without that every idle
+client would still send a consent check every 1.5 s, which no real client does.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 #!/bin/bash
-# Host set-up for the Firezone gateway (dataplane.md §2.3), run as root before each start
+# Host set-up for the Firezone gateway (after Firezone's rust/docker-init-gateway.sh), run as root before each start
 # (systemd: ExecStartPre=+...). Idempotent: running it again changes nothing.
 #
 #  - sysctls: IPv4/IPv6 forwarding, src_valid_mark, IPv6 enabled;

@@ -9,8 +9,8 @@
     gateway 10.204.0.1 ── resource 10.204.0.2   (the CIDR resource 10.204.0.0/24)
 
 No namespace has a default route; the gateway forwards and masquerades towards the
-resource as the spec's init script sets it up. Addresses repeat across test runs on
-purpose: namespaces isolate them, and every namespace name carries the pid.
+resource as Firezone's init script (rust/docker-init-gateway.sh) sets it up. Addresses repeat across
+test runs on purpose: namespaces isolate them, and every namespace name carries the pid.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Reconnect backoff of the portal connection (phoenix-channel.md §6).
+"""Reconnect backoff of the portal connection (rust/phoenix-channel/src/lib.rs).
 
 Mirrors the defaults of the Rust ``backoff`` crate that the 1.4 gateway uses: the
 *interval* starts at 0.5 s and grows by 1.5 per attempt up to 60 s; each *delay* is drawn
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from gateway.errors import InvalidArgument
 from gateway.types import Rng
 
 INITIAL_INTERVAL = 0.5
@@ -32,9 +33,9 @@ class ExponentialBackoff:
 
     def __post_init__(self) -> None:
         if not 0 < self.initial_interval <= self.max_interval:
-            raise ValueError("need 0 < initial_interval <= max_interval")
+            raise InvalidArgument("need 0 < initial_interval <= max_interval")
         if self.multiplier < 1 or not 0 <= self.randomization_factor < 1:
-            raise ValueError("need multiplier >= 1 and 0 <= randomization_factor < 1")
+            raise InvalidArgument("need multiplier >= 1 and 0 <= randomization_factor < 1")
         self._current = self.initial_interval
 
     @property

@@ -38,7 +38,7 @@ real gateway rejects ``1``). The token may also come from ``token_file`` (any la
 systemd credential, which the loader passes as ``credential_token``.
 
 ``LOG_FORMAT`` is not read: the 1.4-era installer writes it (``google-cloud``) but the 1.4
-binary ignores it (operations.md §1); ``FIREZONE_LOG_FORMAT`` (1.4.18) is the variable.
+binary ignores it (rust/gateway/src/main.rs); ``FIREZONE_LOG_FORMAT`` (1.4.18) is the variable.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 from urllib.parse import urlsplit
 
+from gateway.errors import GatewayError
 from gateway.portal.login_url import redact_userinfo
 
 #: Unix socket paths are limited by ``sun_path`` (108 bytes including the NUL).
@@ -61,7 +62,7 @@ DEFAULT_CONTROL_SOCKET = "/run/firezone-gateway/control.sock"
 LOG_LEVELS = ("off", "error", "warn", "info", "debug", "trace")
 
 
-class ConfigError(ValueError):
+class ConfigError(GatewayError, ValueError):
     """A configuration value is missing or malformed; ``str()`` is one line naming the key."""
 
     def __init__(self, key: str, message: str) -> None:
@@ -208,7 +209,7 @@ def _bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     if value in ("true", "false"):
-        return value == "true"
+        return bool(value == "true")
     raise ConfigError(key, f"expected true or false, got {value!r}")
 
 
@@ -254,7 +255,7 @@ def _optional_str(key: str, value: Any) -> str | None:
 
 def _firezone_id(key: str, value: Any) -> str | None:
     """As given, untrimmed: it is hashed into ``external_id``, and any change of it makes
-    the portal see a new gateway (operations.md §2). Only ``""`` means unset."""
+    the portal see a new gateway (rust/gateway/src/main.rs). Only ``""`` means unset."""
     text = _expect_str(key, value)
     return text or None
 
@@ -370,7 +371,7 @@ ENV_VARS: dict[str, str] = {
 }
 
 
-#: Variables the reference parses with clap and uses exactly as given (operations.md §1-2):
+#: Variables the reference parses with clap and uses exactly as given (rust/gateway/src/main.rs):
 #: no trimming, and only an empty value is unset (a blank one is a value: an odd id, or a
 #: boolean clap rejects).
 EXACT_ENV_VARS = frozenset({"FIREZONE_ID", "FIREZONE_NO_TELEMETRY"})

@@ -1,4 +1,4 @@
-"""Domain patterns of DNS resources (gateway-messages.md §0.2, dataplane.md §8.1).
+"""Domain patterns of DNS resources (rust/connlib/tunnel/src/dns.rs).
 
 A glob over labels, as 1.4 matches them (the ``glob`` crate on the name with dots read as
 path separators, rust/connlib/tunnel/src/dns.rs): ``**`` is zero or more whole labels;

@@ -1,6 +1,7 @@
 """The two error families of the cores.
 
-``LocalProtocolError``: we misused an API (a bug on our side; may raise).
+``LocalProtocolError``: we misused an API (a bug on our side; may raise);
+``InvalidArgument`` is the one builders and constructors raise.
 ``RemoteProtocolError`` / ``MalformedPacket`` / ``MalformedMessage``: bad input from the
 wire or the portal. Cores catch these at their ``handle_*`` boundary, count and drop; they
 never escape to the shells. Parsers of hostile input raise nothing else (``tests/fuzz``).
@@ -13,6 +14,11 @@ class GatewayError(Exception):
 
 class LocalProtocolError(GatewayError):
     """The caller used a core incorrectly."""
+
+
+class InvalidArgument(LocalProtocolError, ValueError):
+    """A builder or constructor was given a value it cannot encode or use (a bug of the
+    caller, never hostile input). Also a ``ValueError``, as these raised before."""
 
 
 class RemoteProtocolError(GatewayError):

@@ -1,9 +1,9 @@
-"""Connected <-> Idle for one connection (snownet.md §8.1), sans-IO.
+"""Connected <-> Idle for one connection (rust/connlib/snownet/src/node.rs), sans-IO.
 
 A connection is idle after ``IDLE_AFTER`` seconds without data in either direction,
 counted from the moment a path was nominated; any data makes it active again. "Data" is a
 WireGuard transport message carrying an IP packet: keepalives, handshakes and STUN do not
-count. Idle connections use the slow ICE timings (§8.2).
+count. Idle connections use the slow ICE timings.
 """
 
 from __future__ import annotations

@@ -1,22 +1,23 @@
 """One client's state on the gateway: authorizations, filters and DNS-resource NAT.
 
-Theory of operation (dataplane.md §3-§8, gateway-messages.md §1.2-§1.5, §1.9):
+Theory of operation (``ClientOnGateway`` in rust/connlib/tunnel/src/peer.rs, driven by
+rust/connlib/tunnel/src/gateway.rs and rust/gateway/src/eventloop.rs):
 
 * ``add_resource``/``remove_resource``/``update_resource`` change the authorized set; each
-  change rebuilds the filter table (§5.1). A DNS set-up only inserts its proxy IPs.
+  change rebuilds the filter table. A DNS set-up only inserts its proxy IPs.
 * ``handle_inbound`` takes a decrypted packet from the client: p2p control packets are
-  consumed (§7), then anti-spoofing, the destination check (§5.2) and the forward NAT of
-  DNS-resource proxy IPs (§8.2). The result is the packet itself (``bytes``: write it to
+  consumed, then anti-spoofing, the destination check and the forward NAT of
+  DNS-resource proxy IPs. The result is the packet itself (``bytes``: write it to
   the TUN) or a ``Drop``, ``Reply`` or ``NeedsResolution``.
-* ``handle_outbound`` takes a TUN packet addressed to the client and reverses the NAT
-  (§8.3). Unlike 1.4.0, which drops every packet that is not TCP/UDP/ICMP echo here, it
+* ``handle_outbound`` takes a TUN packet addressed to the client and reverses the NAT.
+  Unlike 1.4.0, which drops every packet that is not TCP/UDP/ICMP echo here, it
   passes such packets (ICMP errors, GRE, ESP, ...) through unchanged, as 1.4.13 does:
   without a NAT session there is nothing to reverse. ICMP errors quoting a packet of a
   same-family NAT session are reversed too (quoted destination and port, and the outer
   source if the resource itself sent the error), so port-unreachable and traceroute work
   for DNS resources.
-* ``handle_timeout`` runs the 1 s tick: authorization expiry by wall clock (§6), NAT
-  session TTL (§8.4) and translation health, which emits ``NeedsResolution`` events for
+* ``handle_timeout`` runs the 1 s tick: authorization expiry by wall clock, NAT
+  session TTL and translation health, which emits ``NeedsResolution`` events for
   domains whose proxy IPs saw no reply for 120 s. The shell resolves off-thread and calls
   ``handle_resolved``.
 
@@ -40,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from gateway.dns_pattern import matches
+from gateway.drops import Drop as Reason
 from gateway.packet.filter import (
     KIND_ICMP,
     KIND_OTHER,
@@ -113,7 +115,7 @@ class NeedsResolution:
     """Resolve ``domain`` (A and AAAA, 10 s timeout), then call ``handle_resolved``.
 
     As an ``handle_inbound`` result it answers an AssignedIps packet (``reply=True``);
-    as an event it is a §8.4 refresh (``reply=False``).
+    as an event it is a translation refresh (``reply=False``).
     """
 
     resource_id: uuid.UUID
@@ -132,15 +134,15 @@ class ResourceExpired:
 InboundResult: TypeAlias = bytes | Drop | Reply | NeedsResolution
 Event: TypeAlias = ResourceExpired | NeedsResolution
 
-DROP_MALFORMED = Drop("malformed")
-DROP_SPOOFED = Drop("spoofed_source")
-DROP_NOT_ALLOWED = Drop("not_allowed")
-DROP_UNKNOWN_PROTOCOL = Drop("unknown_protocol")
-DROP_NAT_FAILED = Drop("nat_failed")
-DROP_NAT_EXHAUSTED = Drop("nat_exhausted")
-DROP_NAT_SESSIONS_LIMIT = Drop("nat_sessions_limit")
-DROP_P2P_IGNORED = Drop("p2p_ignored")
-DROP_RESOLUTIONS_LIMIT = Drop("dns_resolutions_limit")
+DROP_MALFORMED = Drop(Reason.MALFORMED)
+DROP_SPOOFED = Drop(Reason.SPOOFED_SOURCE)
+DROP_NOT_ALLOWED = Drop(Reason.NOT_ALLOWED)
+DROP_UNKNOWN_PROTOCOL = Drop(Reason.UNKNOWN_PROTOCOL)
+DROP_NAT_FAILED = Drop(Reason.NAT_FAILED)
+DROP_NAT_EXHAUSTED = Drop(Reason.NAT_EXHAUSTED)
+DROP_NAT_SESSIONS_LIMIT = Drop(Reason.NAT_SESSIONS_LIMIT)
+DROP_P2P_IGNORED = Drop(Reason.P2P_IGNORED)
+DROP_RESOLUTIONS_LIMIT = Drop(Reason.DNS_RESOLUTIONS_LIMIT)
 
 
 @dataclass(slots=True)
@@ -153,7 +155,7 @@ class _Authorization:
 
 @dataclass(slots=True)
 class _Translation:
-    """Proxy IP -> real IP of one domain, with the §8.4 health bookkeeping."""
+    """Proxy IP -> real IP of one domain, with the translation health bookkeeping."""
 
     resource_id: uuid.UUID
     domain: str
@@ -168,15 +170,16 @@ class _Translation:
 
 
 def dns_nat_allowed(resource: Resource, domain: str) -> bool:
-    """Whether ``domain``'s proxy IPs may be translated for ``resource`` (§8.1): it is a
+    """Whether ``domain``'s proxy IPs may be translated for ``resource``: it is a
     DNS resource and the domain matches its address pattern. The only ways an
     authorized resource's NAT set-up fails, so a legacy ``request_connection`` can know
-    before its reply (gateway-messages.md §1.3)."""
+    before its reply (rust/gateway/src/eventloop.rs)."""
     return isinstance(resource, DnsResource) and matches(resource.address, domain.rstrip("."))
 
 
 class ClientOnGateway:
-    """One client's authorizations, filters and DNS-resource NAT (dataplane.md §4-§8). Sans-IO."""
+    """One client's authorizations, filters and DNS-resource NAT (rust/connlib/tunnel/src/peer.rs).
+    Sans-IO."""
 
     def __init__(
         self,
@@ -215,7 +218,7 @@ class ClientOnGateway:
         self._logged: set[str] = set()
         self._events: deque[Event] = deque()
         self._next_tick: float | None = None
-        #: (resource, domain) -> deadline of an outstanding §8.4 re-resolution
+        #: (resource, domain) -> deadline of an outstanding re-resolution
         self._refreshing: dict[tuple[uuid.UUID, str], float] = {}
         self._created_at = now
 
@@ -243,13 +246,14 @@ class ClientOnGateway:
     def update_resource(self, resource: Resource) -> None:
         """Replace the filters of an authorized resource (``resource_updated``).
 
-        A change of resource type is refused; address changes are not applied (§1.9).
+        A change of resource type is refused; address changes are not applied (``update_resource``
+        in rust/connlib/tunnel/src/peer.rs).
         """
         existing = self._resources.get(resource.id)
         if existing is None:
             return
         if type(existing.resource) is not type(resource):
-            self.counters["resource_type_change_refused"] += 1
+            self.counters[Reason.RESOURCE_TYPE_CHANGE_REFUSED] += 1
             logger.debug("Refusing to change the type of resource %s", resource.id)
             return
         if existing.resource.filters != resource.filters:
@@ -286,7 +290,7 @@ class ClientOnGateway:
         resolved: Sequence[IPAddress],
         now: float,
     ) -> bool:
-        """Map ``proxy_ips`` of ``domain`` round-robin to ``resolved`` (§8.1).
+        """Map ``proxy_ips`` of ``domain`` round-robin to ``resolved``.
 
         False if the resource is not authorized, not a DNS resource, or ``domain`` does
         not match its pattern. An empty ``resolved`` succeeds without installing anything.
@@ -310,7 +314,7 @@ class ClientOnGateway:
                 (proxies_v4 if len(raw) == 4 else proxies_v6).append(raw)
         rejected = len(proxy_ips) - len(proxies_v4) - len(proxies_v6)
         if rejected:
-            self._limit_hit("proxy_ip_out_of_range", rejected,
+            self._limit_hit(Reason.PROXY_IP_OUT_OF_RANGE, rejected,
                             "proxy IPs outside the DNS proxy ranges ignored")
             if not proxies_v4 and not proxies_v6:
                 return False
@@ -323,11 +327,11 @@ class ClientOnGateway:
         translations = self._translations
         new = sum(1 for raw in (*proxies_v4, *proxies_v6) if raw not in translations)
         if new and len(translations) + new > self._max_translations:
-            self._limit_hit("dns_translations_limit", 1,
+            self._limit_hit(Reason.DNS_TRANSLATIONS_LIMIT, 1,
                             f"more than {self._max_translations} DNS translations refused")
             return False
         if domain not in auth.resolved and self._domain_count() >= self._max_domains:
-            self._limit_hit("dns_domains_limit", 1,
+            self._limit_hit(Reason.DNS_DOMAINS_LIMIT, 1,
                             f"more than {self._max_domains} DNS domains refused")
             return False
         real_v4 = [ip.packed for ip in resolved if ip.version == 4]
@@ -362,7 +366,7 @@ class ClientOnGateway:
     ) -> bytes | None:
         """Apply a resolution; with ``reply`` return the DomainStatus packet for the client.
 
-        A §8.4 refresh (``reply=False`` while a refresh is outstanding) that yields the same
+        A translation refresh (``reply=False`` while a refresh is outstanding) that yields the same
         set of IPs changes nothing.
         """
         domain = domain.rstrip(".")
@@ -375,28 +379,29 @@ class ClientOnGateway:
                 return None
         ok = self.setup_dns_translation(resource_id, domain, proxy_ips, resolved, now)
         if not ok:
-            self.counters["dns_setup_failed"] += 1
+            self.counters[Reason.DNS_SETUP_FAILED] += 1
         return encode_domain_status(resource_id, domain, ok) if reply else None
 
     # --- data path -------------------------------------------------------------------------
 
     def handle_inbound(self, packet: bytes, now: float) -> InboundResult:
-        """A decrypted packet from the client (§3.1 steps 4-7)."""
+        """A decrypted packet from the client (``handle_network_input`` in
+        rust/connlib/tunnel/src/gateway.rs)."""
         n = len(packet)
         if n < 20:
-            self.counters["malformed"] += 1
+            self.counters[Reason.MALFORMED] += 1
             return DROP_MALFORMED
         version = packet[0] >> 4
         if version == 4:
             l4 = (packet[0] & 0x0F) << 2
             end = (packet[2] << 8) | packet[3]
             if l4 < 20 or end < l4 or end > n:
-                self.counters["malformed"] += 1
+                self.counters[Reason.MALFORMED] += 1
                 return DROP_MALFORMED
             if end != n:
                 packet = packet[:end]
             if packet[12:16] != self._ipv4:
-                self.counters["spoofed_source"] += 1
+                self.counters[Reason.SPOOFED_SOURCE] += 1
                 return DROP_SPOOFED
             dst = packet[16:20]
             protocol = packet[9]
@@ -406,7 +411,7 @@ class ClientOnGateway:
         elif version == 6:
             end = 40 + ((packet[4] << 8) | packet[5])
             if n < 40 or end > n:
-                self.counters["malformed"] += 1
+                self.counters[Reason.MALFORMED] += 1
                 return DROP_MALFORMED
             if end != n:
                 packet = packet[:end]
@@ -414,13 +419,13 @@ class ClientOnGateway:
             if protocol == PROTO_P2P_CONTROL and packet[8:40] == _ZERO_ADDRESSES:
                 return self._handle_control(packet, now)
             if packet[8:24] != self._ipv6:
-                self.counters["spoofed_source"] += 1
+                self.counters[Reason.SPOOFED_SOURCE] += 1
                 return DROP_SPOOFED
             dst = packet[24:40]
             l4 = 40 if protocol not in IPV6_EXTENSION_HEADERS else -1
             icmp = PROTO_ICMPV6
         else:
-            self.counters["malformed"] += 1
+            self.counters[Reason.MALFORMED] += 1
             return DROP_MALFORMED
 
         if not self._has_internet or in_resources_range(dst):
@@ -451,20 +456,21 @@ class ClientOnGateway:
         return packet
 
     def handle_outbound(self, packet: bytes, now: float) -> bytes | None:
-        """A TUN packet towards this client (§3.2 step 3): reverse NAT if a session matches.
+        """A TUN packet towards this client (``handle_tun_input`` in
+        rust/connlib/tunnel/src/gateway.rs): reverse NAT if a session matches.
 
         None means drop (malformed, or a NAT46/64 translation back that is impossible).
         """
         n = len(packet)
         if n < 20:
-            self.counters["outbound_malformed"] += 1
+            self.counters[Reason.OUTBOUND_MALFORMED] += 1
             return None
         version = packet[0] >> 4
         if version == 4:
             l4 = (packet[0] & 0x0F) << 2
             end = (packet[2] << 8) | packet[3]
             if l4 < 20 or end < l4 or end > n:
-                self.counters["outbound_malformed"] += 1
+                self.counters[Reason.OUTBOUND_MALFORMED] += 1
                 return None
             if end != n:
                 packet = packet[:end]
@@ -474,14 +480,14 @@ class ClientOnGateway:
         elif version == 6:
             end = 40 + ((packet[4] << 8) | packet[5])
             if n < 40 or end > n:
-                self.counters["outbound_malformed"] += 1
+                self.counters[Reason.OUTBOUND_MALFORMED] += 1
                 return None
             if end != n:
                 packet = packet[:end]
             l4 = 40
             src = packet[8:24]
         else:
-            self.counters["outbound_malformed"] += 1
+            self.counters[Reason.OUTBOUND_MALFORMED] += 1
             return None
         if not self._nat:
             return packet
@@ -516,13 +522,13 @@ class ClientOnGateway:
         else:
             translated = ipv6_to_ipv4(packet, proxy, self._ipv4)
         if translated is None:
-            self.counters["outbound_nat_failed"] += 1
+            self.counters[Reason.OUTBOUND_NAT_FAILED] += 1
         return translated
 
     # --- timers and events -----------------------------------------------------------------
 
     def handle_timeout(self, now: float, unix_now: float) -> None:
-        """The tick: expiry (by ``unix_now``), NAT TTL, translation health (§6, §8.4).
+        """The tick: expiry (by ``unix_now``), NAT TTL, translation health.
 
         It runs every second while NAT sessions or DNS translations exist. With only
         expiries to watch it runs at the next ``expires_at`` instead (at most
@@ -584,7 +590,7 @@ class ClientOnGateway:
             return packet
         _, original_port, proxy = inside
         if len(proxy) != len(flow.destination):
-            self.counters["icmp_error_nat46_untranslated"] += 1
+            self.counters[Reason.ICMP_ERROR_NAT46_UNTRANSLATED] += 1
             return packet
         return reverse_icmp_error(
             packet, l4, end, flow, inner_destination=proxy, port=original_port,
@@ -592,7 +598,7 @@ class ClientOnGateway:
         )
 
     def _deny(self, packet: bytes) -> Drop | Reply:
-        self.counters["not_allowed"] += 1
+        self.counters[Reason.NOT_ALLOWED] += 1
         if self._icmp_prohibited:
             reply = build_prohibited(packet)
             if reply is not None:
@@ -602,17 +608,18 @@ class ClientOnGateway:
     def _handle_control(self, packet: bytes, now: float) -> Reply | NeedsResolution | Drop:
         event = decode(packet)
         if not isinstance(event, AssignedIps):
-            self.counters["p2p_ignored"] += 1
+            self.counters[Reason.P2P_IGNORED] += 1
             return DROP_P2P_IGNORED
         auth = self._resources.get(event.resource_id)
         # Checking the type and pattern before resolving spares a DNS lookup of a name we
-        # would refuse anyway; the answer (Inactive) is the one §7.2 step 4 would give.
+        # would refuse anyway; the answer (Inactive) is the one rust/connlib/tunnel/src/gateway.rs
+        # gives a resource not allowed.
         if (
             auth is None
             or not isinstance(auth.resource, DnsResource)
             or not matches(auth.resource.address, event.domain)
         ):
-            self.counters["p2p_inactive"] += 1
+            self.counters[Reason.P2P_INACTIVE] += 1
             return Reply(encode_domain_status(event.resource_id, event.domain, False))
         # One client may not hold more than its share of the resolver: the client
         # retransmits AssignedIps until answered, so a dropped one is retried later.
@@ -620,7 +627,7 @@ class ClientOnGateway:
         while resolving and resolving[0] <= now:
             resolving.popleft()  # an answer that never came back
         if len(resolving) >= self._max_resolutions:
-            self._limit_hit("dns_resolutions_limit", 1,
+            self._limit_hit(Reason.DNS_RESOLUTIONS_LIMIT, 1,
                             f"more than {self._max_resolutions} DNS lookups in flight; "
                             "AssignedIps dropped")
             return DROP_RESOLUTIONS_LIMIT
@@ -640,7 +647,7 @@ class ClientOnGateway:
 
     def _host_resources_touched(self, addresses: set[IPAddress]) -> bool:
         """Whether a CIDR resource is exactly one of ``addresses`` (a /32 or /128): only
-        then does a DNS resource's resolved list change a CIDR entry's filters (§5.1)."""
+        then does a DNS resource's resolved list change a CIDR entry's filters."""
         if not addresses:
             return False
         for auth in self._resources.values():
@@ -686,7 +693,7 @@ class ClientOnGateway:
         else:
             key = self._nat_key(packet, packet[0] >> 4, protocol, l4, end, reply=False)
         if key is None:
-            self.counters["unknown_protocol"] += 1
+            self.counters[Reason.UNKNOWN_PROTOCOL] += 1
             return DROP_UNKNOWN_PROTOCOL
         kind, port_offset = key
         port = (packet[l4 + port_offset] << 8) | packet[l4 + port_offset + 1]
@@ -694,9 +701,9 @@ class ClientOnGateway:
         new_port = self._nat.translate_outgoing(kind, port, dst, real, now)
         if new_port < 0:
             if new_port == NAT_EXHAUSTED:
-                self.counters["nat_exhausted"] += 1
+                self.counters[Reason.NAT_EXHAUSTED] += 1
                 return DROP_NAT_EXHAUSTED
-            self.counters["nat_sessions_limit"] += 1
+            self.counters[Reason.NAT_SESSIONS_LIMIT] += 1
             return DROP_NAT_SESSIONS_LIMIT
         if translation.grace_started is None:
             last = translation.last_incoming
@@ -714,7 +721,7 @@ class ClientOnGateway:
         else:
             translated = ipv6_to_ipv4(packet, self._ipv4, real)
         if translated is None:
-            self.counters["nat_failed"] += 1
+            self.counters[Reason.NAT_FAILED] += 1
             return DROP_NAT_FAILED
         return translated
 

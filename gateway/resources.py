@@ -1,4 +1,5 @@
-"""Resources and filters as the portal describes them (gateway-messages.md §0.2, §0.3).
+"""Resources and filters as the portal describes them (rust/connlib/tunnel/src/messages/gateway.rs:
+``ResourceDescription``, ``Filter``).
 
 Immutable models plus strict parsers. Parsers raise :class:`~gateway.errors.MalformedMessage`
 (a ``ValueError``) with a message naming the offending field, and nothing else; the

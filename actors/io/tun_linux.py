@@ -1,4 +1,5 @@
-"""The Linux TUN device ``tun-firezone`` (dataplane spec §2.1).
+"""The Linux TUN device ``tun-firezone`` (rust/bin-shared/src/tun_device_manager/linux.rs,
+rust/tun/src/ioctl.rs).
 
 The device is non-persistent: it exists exactly as long as our fd, so a crash removes it.
 
@@ -52,7 +53,7 @@ def ensure_device_node(path: str = TUN_PATH) -> None:
     parent = os.path.dirname(path)
     if parent and not os.path.isdir(parent):
         os.makedirs(parent, exist_ok=True)
-        os.chmod(parent, 0o751)  # makedirs applies the umask; the spec wants exactly 0751
+        os.chmod(parent, 0o751)  # makedirs applies the umask; 1.4 makes it exactly 0751
     os.mknod(path, 0o666 | stat.S_IFCHR, os.makedev(_TUN_MAJOR, _TUN_MINOR))
     logger.info("Created missing TUN device node %s", path)
 

@@ -7,13 +7,14 @@ non-blocking). The reader reports exactly one of ``on_failed`` (the attempt fail
 ``on_open`` followed by frames and one ``on_closed``; nothing once abort() or close() was
 called.
 
-The TCP connection is made here, not by websocket-client (phoenix-channel.md §1.3): each
+The TCP connection is made here, not by websocket-client (rust/phoenix-channel/src/lib.rs): each
 attempt resolves the host again and tries the addresses in order until one connects, on
 a socket marked with ``SO_MARK`` like every gateway socket. Owning the socket is also what
 lets abort() and close() cut an attempt short from the closing thread: a blocking connect,
 TLS or upgrade handshake returns at once, so an abandoned attempt (e.g. with an old public
 key) can never complete its upgrade after the one that replaced it. The upgrade sends
-``Host`` without port (§2) and follows no redirect (§6: a 3xx is a transient failure).
+``Host`` without port and follows no redirect (a 3xx is a transient failure), as
+rust/phoenix-channel/src/lib.rs does.
 
 The login URL carries the token: it is never logged here, error texts are passed through
 :func:`redact` and a filter on the ``websocket`` logger scrubs websocket-client's own logs.
@@ -92,7 +93,8 @@ _mark_warned = False
 
 
 def set_firezone_mark(sock: socket.socket) -> None:
-    """Mark the portal socket so it bypasses the tunnel's policy routing (§1.3).
+    """Mark the portal socket so it bypasses the tunnel's policy routing
+    (rust/socket-factory/src/lib.rs).
 
     Without ``CAP_NET_ADMIN`` the mark cannot be set; the connection still works where
     no policy routing needs it, so that is one warning for the process, not a failure.
@@ -193,7 +195,8 @@ class WebSocketClientConn:
         ws.send(text)
 
     def abort(self) -> None:
-        """Spec §5: drop the socket with no close frame; used for every reconnect."""
+        """As rust/phoenix-channel/src/lib.rs does: drop the socket with no close frame; used for
+        every reconnect."""
         self._begin_stop(graceful=False)
 
     def close(self) -> None:
@@ -280,7 +283,7 @@ class WebSocketClientConn:
             self._release()
 
     def _connect(self) -> socket.socket | None:
-        """§1.3: resolve again, try each address in order; None when failed or stopped."""
+        """Resolve again, try each address in order; None when failed or stopped."""
         host, port = self._url.host, self._url.port
         try:
             infos = list(self._resolve(host, port))
@@ -333,10 +336,10 @@ class WebSocketClientConn:
             ws.connect(
                 url.url,
                 socket=sock,
-                host=url.host_header,  # §2: no port, even if the URL has one
+                host=url.host_header,  # no port, even if the URL has one
                 header={"User-Agent": self._user_agent},
-                suppress_origin=True,  # the gateway sends no Origin (§2)
-                redirect_limit=0,  # §6: a redirect is a failed attempt, never followed
+                suppress_origin=True,  # the gateway sends no Origin
+                redirect_limit=0,  # a redirect is a failed attempt, never followed
                 timeout=self._connect_timeout,
             )
         except websocket.WebSocketBadStatusException as exc:

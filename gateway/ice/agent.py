@@ -7,14 +7,14 @@ remote candidate of the same IP family; a server-reflexive local candidate sends
 base, so it is redundant with the host candidate of that base (RFC 8445 §6.1.2.4) and is
 kept only as a record. Pairs are keyed by (local base, remote address).
 
-Every pair runs the same check schedule (snownet.md §8.3, str0m's model): a check goes out
-as soon as the pair exists (pacing ``Ta`` defaults to 0), and while checks go unanswered
-the next one follows after an RTO of 250, 500, 1000, 1500, 1500 ... ms (each a new
-transaction; a late answer to any of the last few still counts). Once answered, the pair
-is re-checked every max RTO (1.5 s, idle 60 s): these re-checks are the consent and
-keepalive traffic. A pair whose last ``max_retransmits`` consecutive checks stay unanswered
-for one more RTO fails (str0m's count: 9.25 s after a new pair's first check, 10.75 s
-after a connected pair's last answer, 300 s when idle).
+Every pair runs the same check schedule (str0m's model, the ICE agent
+rust/connlib/snownet/src/node.rs uses): a check goes out as soon as the pair exists (pacing ``Ta``
+defaults to 0), and while checks go unanswered the next one follows after an RTO of 250, 500, 1000,
+1500, 1500 ... ms (each a new transaction; a late answer to any of the last few still counts). Once
+answered, the pair is re-checked every max RTO (1.5 s, idle 60 s): these re-checks are the consent
+and keepalive traffic. A pair whose last ``max_retransmits`` consecutive checks stay unanswered for
+one more RTO fails (str0m's count: 9.25 s after a new pair's first check, 10.75 s after a connected
+pair's last answer, 300 s when idle).
 
 Pair states::
 
@@ -45,6 +45,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
+from gateway.drops import Drop, Event
 from gateway.errors import MalformedPacket
 from gateway.ice.candidate import Candidate, IceCredentials, foundation_for, prflx_priority
 from gateway.stun.message import (
@@ -80,7 +81,8 @@ SILENT_AFTER_CHECKS = 2
 
 @dataclass(frozen=True, slots=True)
 class StunTimings:
-    """Check timing (snownet.md §8.2): RTO doubling from ``initial_rto`` up to ``max_rto``."""
+    """Check timing (rust/connlib/snownet/src/node.rs): RTO doubling from ``initial_rto`` up to
+    ``max_rto``."""
 
     initial_rto: float
     max_rto: float
@@ -88,7 +90,7 @@ class StunTimings:
 
     def rto(self, unanswered: int) -> float:
         """Delay after the ``unanswered``-th consecutive unanswered check (1-based)."""
-        return min(self.initial_rto * (2 ** max(unanswered - 1, 0)), self.max_rto)
+        return min(self.initial_rto * (2.0 ** max(unanswered - 1, 0)), self.max_rto)
 
 
 DEFAULT_TIMINGS = StunTimings(initial_rto=0.25, max_rto=1.5, max_retransmits=8)
@@ -234,7 +236,8 @@ class IceAgent:
         self._remote_key = short_term_key(remote.pwd)
 
     def set_idle(self, idle: bool, now: float) -> None:
-        """Switch between idle (60 s) and default (1.5 s) check timings (snownet.md §8.2)."""
+        """Switch between idle (60 s) and default (1.5 s) check timings
+        (rust/connlib/snownet/src/node.rs)."""
         timings = IDLE_TIMINGS if idle else DEFAULT_TIMINGS
         if timings is self._timings:
             return
@@ -260,7 +263,7 @@ class IceAgent:
     def add_local_candidate(self, c: Candidate, now: float | None = None) -> bool:
         """Add a local candidate; False if it duplicates one we have or is unusable."""
         if c.component != 1 or c.kind == "prflx":
-            self.counters["local_candidate_rejected"] += 1
+            self.counters[Drop.LOCAL_CANDIDATE_REJECTED] += 1
             return False
         if any(o.kind == c.kind and o.address == c.address and _base(o) == _base(c)
                for o in self._local_candidates):
@@ -293,7 +296,7 @@ class IceAgent:
     def add_remote_candidate(self, c: Candidate, now: float | None = None) -> bool:
         """Add a trickled remote candidate; False if duplicate, unusable or one too many."""
         if c.component != 1:
-            self.counters["remote_candidate_rejected"] += 1
+            self.counters[Drop.REMOTE_CANDIDATE_REJECTED] += 1
             return False
         for i, existing in enumerate(self._remote_candidates):
             if existing.address != c.address:
@@ -308,7 +311,7 @@ class IceAgent:
                 return True
             return False
         if len(self._remote_candidates) >= self._max_remote:
-            self.counters["remote_candidates_full"] += 1
+            self.counters[Drop.REMOTE_CANDIDATES_FULL] += 1
             return False
         self._remote_candidates.append(c)
         at = self._pair_time(now)
@@ -327,7 +330,8 @@ class IceAgent:
     # ---- STUN input ---------------------------------------------------------------------
 
     def accepts(self, msg: StunMessage, raw: bytes) -> bool:
-        """Whether this datagram belongs to this agent (snownet.md §3 demultiplexing)."""
+        """Whether this datagram belongs to this agent (the demultiplexing of
+        rust/connlib/snownet/src/node.rs)."""
         if msg.method != Method.BINDING:
             return False
         if msg.cls == MessageClass.REQUEST:
@@ -343,15 +347,15 @@ class IceAgent:
         self._now = max(self._now, now)
         try:
             if msg.method != Method.BINDING:
-                self._drop("not_binding", src)
+                self._drop(Drop.NOT_BINDING, src)
             elif msg.cls == MessageClass.REQUEST:
                 self._handle_request(msg, raw, src, local, now)
             elif msg.cls in (MessageClass.SUCCESS, MessageClass.ERROR):
                 self._handle_response(msg, raw, src, local, now)
             else:
-                self._drop("indication", src)
+                self._drop(Drop.INDICATION, src)
         except MalformedPacket as exc:
-            self._drop("malformed", src, str(exc))
+            self._drop(Drop.MALFORMED, src, str(exc))
         finally:
             self._verified_raw = None
 
@@ -379,7 +383,7 @@ class IceAgent:
         self, msg: StunMessage, raw: bytes, src: Address, local: Address, now: float
     ) -> None:
         if not self._authentic_request(msg, raw):
-            self._drop("request_unauthenticated", src)
+            self._drop(Drop.REQUEST_UNAUTHENTICATED, src)
             return
         if self._role_conflict(msg, src, local):
             return
@@ -391,17 +395,17 @@ class IceAgent:
 
         local_candidate = self._local_for_base(local)
         if local_candidate is None:
-            self.counters["request_on_unknown_local"] += 1
+            self.counters[Drop.REQUEST_ON_UNKNOWN_LOCAL] += 1
             logger.debug("check from %s on %s: no local candidate there", src, local)
             return
         remote = self._remote_at(src)
         if remote is None:
             if len(self._remote_candidates) >= self._max_remote:
-                self._drop("remote_candidates_full", src)  # answered, not paired
+                self._drop(Drop.REMOTE_CANDIDATES_FULL, src)  # answered, not paired
                 return
             priority = msg.priority()
             if priority is None or priority == 0:
-                self._drop("request_without_priority", src)
+                self._drop(Drop.REQUEST_WITHOUT_PRIORITY, src)
                 return
             remote = Candidate("prflx", src, priority, foundation_for("prflx", src[0]))
             self._remote_candidates.append(remote)
@@ -410,7 +414,7 @@ class IceAgent:
         pair = self._pairs.get((local, src))
         if pair is None:
             if _family(local) != _family(src):
-                self._drop("family_mismatch", src)
+                self._drop(Drop.FAMILY_MISMATCH, src)
                 return
             pair = self._add_pair(local_candidate, remote, now)
             if pair is None:
@@ -440,7 +444,7 @@ class IceAgent:
             if theirs is None:
                 return False
             we_keep_role = self._tie_breaker < theirs
-        self.counters["role_conflict"] += 1
+        self.counters[Event.ROLE_CONFLICT] += 1
         if we_keep_role:
             error = new_response(msg, MessageClass.ERROR).add_error_code(487, "Role Conflict")
             payload = encode(error, integrity_key=self._local_key, fingerprint=True)
@@ -461,25 +465,25 @@ class IceAgent:
     ) -> None:
         txn = self._transactions.get(msg.transaction_id)
         if txn is None:
-            self._drop("response_unknown_transaction", src)
+            self._drop(Drop.RESPONSE_UNKNOWN_TRANSACTION, src)
             return
         if self._remote_key is None or not verify_integrity(raw, self._remote_key):
-            self._drop("response_bad_integrity", src)
+            self._drop(Drop.RESPONSE_BAD_INTEGRITY, src)
             return
         pair = self._pairs.get(txn.pair_key)
         if pair is None:
-            self._drop("response_for_removed_pair", src)
+            self._drop(Drop.RESPONSE_FOR_REMOVED_PAIR, src)
             return
         self._forget_transaction(pair, msg.transaction_id)
         if (local, src) != pair.key:
             # RFC 8445 §7.2.5.2.1: non-symmetric addresses fail the pair.
-            self._drop("response_not_symmetric", src)
+            self._drop(Drop.RESPONSE_NOT_SYMMETRIC, src)
             self._fail(pair, now)
             return
         if msg.cls == MessageClass.ERROR:
             code = msg.error_code()
             if code is not None and code[0] == 487:
-                self.counters["role_conflict"] += 1
+                self.counters[Event.ROLE_CONFLICT] += 1
                 if txn.controlling == self.controlling:
                     self._switch_role()
                 pair.state = PairState.WAITING
@@ -600,7 +604,7 @@ class IceAgent:
         )
         excess = len(self._pairs) - self._max_pairs
         doomed = [p.key for p in removable[:excess]]
-        self.counters["pairs_pruned"] += len(doomed)
+        self.counters[Event.PAIRS_PRUNED] += len(doomed)
         self._remove_pairs(doomed, now)
 
     def _remove_pairs(self, keys: Iterable[tuple[Address, Address]], now: float) -> None:
@@ -659,7 +663,7 @@ class IceAgent:
         for tid in pair.transactions:
             self._transactions.pop(tid, None)
         pair.transactions.clear()
-        self.counters["pair_failed"] += 1
+        self.counters[Event.PAIR_FAILED] += 1
         if reselect:
             self._reselect(now)
 
@@ -681,7 +685,7 @@ class IceAgent:
         if addr in self._seen_from:
             return
         if len(self._seen_from) >= _MAX_SEEN_FROM:
-            self.counters["seen_from_full"] += 1
+            self.counters[Drop.SEEN_FROM_FULL] += 1
             return
         self._seen_from.add(addr)
 

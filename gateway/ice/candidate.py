@@ -1,11 +1,11 @@
 """ICE credentials and candidates (RFC 8445 §5.1, RFC 8839 §5.1 string form).
 
 The portal carries candidates as SDP ``candidate`` attribute values without ``a=``
-(snownet.md §4.3). We produce exactly what the 1.4 gateway produces (component 1, udp, no
-raddr/rport, no ufrag) and accept the grammar clients and aioice emit, with the optional
+(rust/connlib/snownet/src/node.rs). We produce exactly what the 1.4 gateway produces (component 1,
+udp, no raddr/rport, no ufrag) and accept the grammar clients and aioice emit, with the optional
 trailing tokens. Parsing is strict: every malformation raises
-:class:`~gateway.errors.MalformedMessage` (a ``ValueError``) so the caller can drop just
-that candidate, and nothing else does.
+:class:`~gateway.errors.MalformedMessage` (a ``ValueError``) so the caller can drop just that
+candidate, and nothing else does.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
-"""Filter engine and longest-prefix-match table (dataplane.md §5).
+"""Filter engine and longest-prefix-match table (rust/connlib/tunnel/src/peer.rs).
 
 ``FilterEngine`` answers "may this client send this protocol/port here?";
 ``PrefixTable`` maps networks to values with a lookup that costs one dict probe per
 distinct prefix length present, plus a per-address cache so a busy flow costs one probe.
-``build_filter_table`` turns a client's authorizations into the table (§5.1).
+``build_filter_table`` turns a client's authorizations into the table.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class FilterEngine:
 
     @classmethod
     def from_filter_lists(cls, filter_lists: Iterable[Sequence[Filter]]) -> FilterEngine:
-        """Union of the lists; any empty list means "permit all" (§5.1)."""
+        """Union of the lists; any empty list means "permit all"."""
         tcp: list[tuple[int, int]] = []
         udp: list[tuple[int, int]] = []
         icmp = False
@@ -73,7 +73,7 @@ class FilterEngine:
         return cls(tcp=tuple(tcp), udp=tuple(udp), icmp=icmp)
 
     def allows(self, kind: int, port: int) -> bool:
-        """Decision for a transport ``kind`` (KIND_*) and destination ``port`` (§5.2)."""
+        """Decision for a transport ``kind`` (KIND_*) and destination ``port``."""
         if self.permit_all:
             return True
         if kind == KIND_TCP:
@@ -183,7 +183,7 @@ _INTERNET = (ipaddress.IPv4Network("0.0.0.0/0"), ipaddress.IPv6Network("::/0"))
 def resource_networks(
     resource: Resource, resolved: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address] = ()
 ) -> tuple[IpNetwork, ...]:
-    """The networks a resource "has" for superset checks (§5.1)."""
+    """The networks a resource "has" for superset checks."""
     if isinstance(resource, CidrResource):
         return (resource.address,)
     if isinstance(resource, InternetResource):
@@ -195,7 +195,7 @@ def build_filter_table(
     authorized: Sequence[tuple[Resource, Sequence[IpNetwork]]],
     proxy_ips: Iterable[tuple[bytes, Sequence[Filter]]],
 ) -> PrefixTable[FilterEngine]:
-    """The filter table of one client (§5.1).
+    """The filter table of one client.
 
     ``authorized``: every authorized resource with its networks (``resource_networks``).
     ``proxy_ips``: (raw proxy IP, filters of its still-authorized DNS resource). A proxy

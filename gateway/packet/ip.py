@@ -13,6 +13,8 @@ import struct
 from collections.abc import Callable
 from typing import TypeAlias
 
+from gateway.errors import InvalidArgument
+
 IPAddress: TypeAlias = ipaddress.IPv4Address | ipaddress.IPv6Address
 AddressLike: TypeAlias = IPAddress | str | bytes
 
@@ -30,7 +32,8 @@ ICMP_ECHO_REQUEST = 8
 ICMPV6_ECHO_REQUEST = 128
 ICMPV6_ECHO_REPLY = 129
 
-#: Tunnel addresses of clients and gateways (dataplane.md §1).
+#: Tunnel addresses of clients and gateways (``IPV4_PEERS``, ``IPV6_PEERS`` in
+#: rust/connlib/tunnel/src/gateway.rs).
 PEERS_V4 = ipaddress.IPv4Network("100.64.0.0/11")
 PEERS_V6 = ipaddress.IPv6Network("fd00:2021:1111::/107")
 #: Proxy IPs clients assign to DNS-resource names.
@@ -127,7 +130,7 @@ def address_bytes(address: AddressLike) -> bytes:
     """Raw bytes of an address given as ``ipaddress`` object, string or bytes."""
     if isinstance(address, bytes):
         if len(address) not in (4, 16):
-            raise ValueError(f"raw address must be 4 or 16 bytes, got {len(address)}")
+            raise InvalidArgument(f"raw address must be 4 or 16 bytes, got {len(address)}")
         return address
     if isinstance(address, str):
         address = ipaddress.ip_address(address)
@@ -295,7 +298,7 @@ def build_ip(
     """
     s, d = address_bytes(src), address_bytes(dst)
     if len(s) != len(d):
-        raise ValueError("source and destination must be of the same family")
+        raise InvalidArgument("source and destination must be of the same family")
     if len(s) == 4:
         return ipv4_header(s, d, protocol, len(payload), ttl=ttl) + payload
     if protocol == PROTO_ICMP:

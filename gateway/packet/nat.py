@@ -1,4 +1,4 @@
-"""Stateful NAT table of DNS-resource translations (dataplane.md §8.2-§8.4).
+"""Stateful NAT table of DNS-resource translations (rust/connlib/tunnel/src/peer/nat_table.rs).
 
 A session maps an *inside* key ``(kind, client port or ICMP id, proxy IP)`` to an
 *outside* key ``(kind, port or id, real IP)``. ``kind`` is the IPv4 protocol number of the
@@ -22,6 +22,8 @@ can exhaust it with a few flows.
 """
 
 from __future__ import annotations
+
+from gateway.errors import InvalidArgument
 
 NAT_SESSION_TTL = 60.0
 #: Sessions per client (about 400 bytes each): far above a browser's concurrent flows to
@@ -53,7 +55,7 @@ class _Window:
 
     def __init__(self, low: int, high: int) -> None:
         if not 1 <= low <= high <= 65535:
-            raise ValueError(f"NAT port range {low}-{high} is not within 1-65535")
+            raise InvalidArgument(f"NAT port range {low}-{high} is not within 1-65535")
         self.low = low
         self.high = high
         self.size = high - low + 1

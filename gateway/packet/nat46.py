@@ -1,7 +1,8 @@
-"""IPv4 <-> IPv6 header translation for DNS-resource NAT (dataplane.md §8.5, RFC 6145).
+"""IPv4 <-> IPv6 header translation for DNS-resource NAT (rust/ip-packet/src/nat46.rs and nat64.rs,
+RFC 6145).
 
 Only what the NAT table can carry is translated: TCP, UDP and ICMP echo request/reply.
-The spec notes that 1.4.x never reaches its ICMP-error translation (the NAT table rejects
+1.4.x never reaches its ICMP-error translation (the NAT table rejects
 ICMP errors), so ICMP errors, other ICMP types, other protocols, IPv4 fragments and IPv6
 packets starting with an extension header are untranslatable: the functions return None
 and the caller drops the packet.

@@ -1,4 +1,5 @@
-"""Firezone p2p control protocol inside the tunnel (dataplane.md §7.1).
+"""Firezone p2p control protocol inside the tunnel (rust/ip-packet/src/fz_p2p_control.rs,
+rust/connlib/tunnel/src/p2p_control.rs).
 
 An IPv6 packet from ``::`` to ``::`` with next header 255 whose payload is one event-type
 byte, seven reserved bytes and UTF-8 JSON. Clients send AssignedIps (type 0); the gateway

@@ -1,4 +1,6 @@
-"""Portal-side derivations (gateway-messages.md §5), for the development portal and tests.
+"""Portal-side derivations (elixir/apps/api/lib/api/client/channel.ex,
+elixir/apps/domain/lib/domain/crypto.ex, elixir/apps/domain/lib/domain/relays.ex), for the
+development portal and tests.
 
 The real portal computes these; the gateway only consumes the results. Keeping them here,
 pure and tested, lets the development portal behave like the real one: ICE credentials
@@ -18,7 +20,7 @@ from gateway.portal.keys import encode_key
 from gateway.portal.messages import PortalIceCredentials
 from gateway.types import Rng
 
-TURN_CREDENTIALS_LIFETIME = 14 * 24 * 3600  # §5.3: 14 days
+TURN_CREDENTIALS_LIFETIME = 14 * 24 * 3600  # relays.ex: 14 days
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +32,8 @@ class FlowIceCredentials:
 def derive_ice_credentials(
     client_id: uuid.UUID, client_public_key: str, gateway_id: uuid.UUID, gateway_public_key: str
 ) -> FlowIceCredentials:
-    """§5.1: SHA-256 over ``client_id:client_key:gateway_id:gateway_key``, base32 lowercase.
+    """``generate_ice_credentials`` (channel.ex): SHA-256 over
+    ``client_id:client_key:gateway_id:gateway_key``, base32 lowercase.
 
     Slices of the 52 characters: client ufrag [0,4), client pwd [4,26), gateway ufrag
     [26,30), gateway pwd [30,52).
@@ -45,7 +48,7 @@ def derive_ice_credentials(
 
 
 def generate_preshared_key(rng: Rng) -> str:
-    """§5.2: 32 random bytes, standard base64 with padding."""
+    """``Domain.Crypto.psk``: 32 random bytes, standard base64 with padding."""
     return encode_key(rng.randbytes(32))
 
 
@@ -78,7 +81,8 @@ def coturn_rest_credentials(
 def firezone_relay_credentials(
     secret: str, unix_now: float, rng: Rng, lifetime: int = TURN_CREDENTIALS_LIFETIME
 ) -> TurnCredentials:
-    """§5.3 as the real portal does it for Firezone's relay (SHA-256, unpadded base64)."""
+    """``generate_username_and_password`` (relays.ex) as the real portal does it for Firezone's
+    relay (SHA-256, unpadded base64)."""
     expires_at = int(unix_now) + lifetime
     salt = _salt(rng)
     digest = hashlib.sha256(f"{expires_at}:{secret}:{salt}".encode()).digest()

@@ -1,4 +1,4 @@
-"""WireGuard keys as portal message fields (gateway-messages.md §0.1).
+"""WireGuard keys as portal message fields (rust/connlib/tunnel/src/messages/key.rs).
 
 The rule itself (44 characters of canonical, padded standard base64 for 32 bytes) lives in
 :mod:`gateway.wg.keys`; this module only names the offending field in the error, and never
@@ -40,7 +40,7 @@ def parse_public_key(value: Any, where: str) -> str:
     secret), so the flow that carries one is refused with its message: it gets no
     connection that could never carry traffic, and the session set-up never sees the key.
     """
-    parse_key(value, where)
-    if is_low_order(decode_key(value)):
+    key = parse_key(value, where)
+    if is_low_order(decode_key(key)):
         raise MalformedMessage(f"{where}: a low-order X25519 point cannot be a peer key")
-    return value
+    return key

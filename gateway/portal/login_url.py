@@ -1,4 +1,4 @@
-"""The portal login URL (phoenix-channel.md §1).
+"""The portal login URL (rust/phoenix-channel/src/login_url.rs).
 
 The URL is built in two steps on purpose. :class:`LoginUrlPrototype` holds what is known
 at startup (API URL, token, ``external_id``, ``name``); it becomes a connectable
@@ -23,8 +23,8 @@ from urllib.parse import SplitResult, urlsplit, urlunsplit
 from gateway.portal.keys import parse_key
 
 _SCHEMES: Final = {"http": "ws", "ws": "ws", "https": "wss", "wss": "wss"}
-_DEFAULT_BOOKKEEPING_PORT: Final = 443  # §1.3: 443 even for ws:// without explicit port
-_DEFAULT_PORTS: Final = {"ws": 80, "wss": 443}  # §1.3: the port actually connected to
+_DEFAULT_BOOKKEEPING_PORT: Final = 443  # 443 even for ws:// without explicit port
+_DEFAULT_PORTS: Final = {"ws": 80, "wss": 443}  # the port actually connected to
 _FORM_SAFE: Final = frozenset(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789*-._")
 REDACTED: Final = "<redacted>"
 
@@ -92,7 +92,7 @@ class LoginUrl:
 
     @property
     def port(self) -> int:
-        """The TCP port: the URL's explicit port or the scheme default (80/443), §1.3."""
+        """The TCP port: the URL's explicit port or the scheme default (80/443)."""
         parts = urlsplit(self.url)
         return parts.port if parts.port is not None else _DEFAULT_PORTS[parts.scheme]
 
@@ -103,7 +103,7 @@ class LoginUrl:
 
     @property
     def host_header(self) -> str:
-        """The upgrade request's ``Host``: the host name only, never a port (§2)."""
+        """The upgrade request's ``Host``: the host name only, never a port."""
         host = self.host
         return f"[{host}]" if ":" in host else host
 
@@ -121,8 +121,9 @@ class LoginUrlPrototype:
     token: str = field(repr=False)
     external_id: str
     name: str
-    #: §1.3 bookkeeping, what the start-up resolution uses: the host, and the explicit
-    #: port or 443 (even for ``ws://``). Connections use :attr:`LoginUrl.port`.
+    #: rust/phoenix-channel/src/login_url.rs's bookkeeping, what the start-up resolution uses: the
+    #: host, and the explicit port or 443 (even for ``ws://``). Connections use
+    #: :attr:`LoginUrl.port`.
     host: str
     port: int
 

@@ -1,9 +1,9 @@
-"""Typed portal messages on topic ``gateway`` (gateway-messages.md §0-2).
+"""Typed portal messages on topic ``gateway`` (rust/connlib/tunnel/src/messages/gateway.rs).
 
 Every message is a frozen dataclass. :func:`parse_ingress` turns an ``(event, payload)``
 pair from the portal into one of them and raises
 :class:`~gateway.errors.MalformedMessage` (a ``ValueError`` too) naming the offending field
-when the payload does not decode (the caller drops the whole message, §0), and nothing
+when the payload does not decode (the caller drops the whole message, as serde does), and nothing
 else: strings must be Unicode scalar values (no lone surrogates, which no UTF-8 encoder
 accepts), numbers finite and in range, credentials of bounded length.
 :func:`encode_egress` renders what the gateway sends; :func:`parse_egress` is its inverse
@@ -183,7 +183,7 @@ def _unix_seconds(value: Any, where: str) -> float:
 
 
 def _nullable_unix_seconds(obj: Mapping[str, Any], key: str, where: str) -> float | None:
-    """Required-but-nullable (§0): the key must be present, ``null`` means "never"."""
+    """Required-but-nullable: the key must be present, ``null`` means "never"."""
     if key not in obj:
         raise MalformedMessage(f"{where}: missing field {key!r} (may be null, not absent)")
     value = obj[key]
@@ -200,7 +200,7 @@ def _seconds_json(value: float) -> int | float:
 
 @dataclass(frozen=True, slots=True)
 class PortalIceCredentials:
-    """ICE ufrag/password as the portal names them (§0.4). The node converts these."""
+    """ICE ufrag/password as the portal names them. The node converts these."""
 
     username: str
     password: str = field(repr=False)
@@ -219,7 +219,7 @@ class PortalIceCredentials:
 
 @dataclass(frozen=True, slots=True)
 class Interface:
-    """The gateway's own tunnel addresses (§0.6); ``upstream_dns`` is ignored."""
+    """The gateway's own tunnel addresses; ``upstream_dns`` is ignored."""
 
     ipv4: ipaddress.IPv4Address
     ipv6: ipaddress.IPv6Address
@@ -246,7 +246,7 @@ class TurnRelayEntry:
 
 @dataclass(frozen=True, slots=True)
 class StunRelayEntry:
-    """A ``"stun"`` entry: accepted and ignored by the gateway (§0.5)."""
+    """A ``"stun"`` entry: accepted and ignored by the gateway."""
 
     id: uuid.UUID
     addr: Address
@@ -298,7 +298,7 @@ def _relays(obj: Mapping[str, Any], key: str, where: str) -> tuple[RelayEntry, .
 
 @dataclass(frozen=True, slots=True)
 class TurnRelay:
-    """A TURN relay after merging its per-family entries (§0.5)."""
+    """A TURN relay after merging its per-family entries."""
 
     id: uuid.UUID
     addr_v4: Address | None
@@ -708,7 +708,8 @@ def egress_event(message: EgressMessage) -> str:
 
 
 def encode_egress(message: EgressMessage) -> tuple[str, dict[str, Any]]:
-    """``(event, payload)`` for a frame on topic ``gateway`` (gateway-messages.md §2)."""
+    """``(event, payload)`` for a frame on topic ``gateway``
+    (rust/connlib/tunnel/src/messages/gateway.rs, ``EgressMessages``)."""
     event = egress_event(message)
     if isinstance(message, FlowAuthorized):
         return event, {"ref": message.ref}

@@ -1,4 +1,4 @@
-"""Sans-IO Phoenix channel client for the portal connection (phoenix-channel.md).
+"""Sans-IO Phoenix channel client for the portal connection (rust/phoenix-channel/src/lib.rs).
 
 Theory of operation
 -------------------
@@ -20,7 +20,7 @@ States and transitions::
     any --connect(other key, or same key when not connecting)--> connecting (backoff reset)
     any --fatal--> failed (terminal)
 
-Frames (§3): outbound key order ``topic, event, payload, ref``; ``ref`` is a number from
+Frames: outbound key order ``topic, event, payload, ref``; ``ref`` is a number from
 one counter that starts at 0 and is never reset. Every new socket sends ``phx_join`` for
 topic ``gateway`` first. Heartbeats go out on topic ``phoenix`` 30 s after the upgrade and
 every 30 s after (missed ticks are skipped); a heartbeat reply must arrive within 5 s.
@@ -37,7 +37,7 @@ Errors:
   ``phx_close``, ``disconnect`` with any other reason, a missed heartbeat, no join reply
   within 10 s, a truncated (or empty) JSON frame. Reconnects use the last URL after one
   backoff step (:mod:`gateway.backoff`). Every transient error drops the socket without
-  a close frame (:class:`CloseSocket`, §5).
+  a close frame (:class:`CloseSocket`).
 * dropped (logged once, counted in ``malformed_frames``; the channel stays up): frames
   that are complete but not valid JSON, or not a valid message, and frames outside the
   bounds of :func:`decode_frame` (longer than ``MAX_FRAME_CHARS``, nested deeper than
@@ -125,7 +125,7 @@ class OpenSocket:
 
 @dataclass(frozen=True, slots=True)
 class CloseSocket:
-    """Drop the current websocket, if any: no close frame is sent (§5 step 3)."""
+    """Drop the current websocket, if any: no close frame is sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,8 +172,8 @@ _LITERALS: Final = ("true", "false", "null")
 def _ends_early(text: str, error: json.JSONDecodeError) -> bool:
     """Whether the input ran out before the JSON was complete (serde_json's EOF class).
 
-    §3.3 treats that as an IO-level error (the frame was cut), not as a bad frame: the
-    error sits at the end of the input (which covers an empty frame), inside a string
+    rust/phoenix-channel/src/lib.rs treats that as an IO-level error (the frame was cut), not as a
+    bad frame: the error sits at the end of the input (which covers an empty frame), inside a string
     that never ends, or on a literal cut short. Anything else is a syntax error.
     """
     rest = text[error.pos :].strip()

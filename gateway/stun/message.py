@@ -16,7 +16,7 @@ import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
 
-from gateway.errors import MalformedPacket
+from gateway.errors import InvalidArgument, MalformedPacket
 from gateway.types import Address, Rng
 
 MAGIC_COOKIE = 0x2112A442
@@ -136,7 +136,7 @@ def _family_and_packed(ip: str) -> tuple[int, bytes]:
     try:
         parsed = ipaddress.ip_address(ip)
     except ValueError as exc:
-        raise ValueError(f"not an IP address: {ip!r}") from exc
+        raise InvalidArgument(f"not an IP address: {ip!r}") from exc
     return (FAMILY_IPV4 if parsed.version == 4 else FAMILY_IPV6), parsed.packed
 
 
@@ -158,7 +158,7 @@ def _split_address(value: bytes) -> tuple[int, int, bytes]:
 
 def _xor_bytes(a: bytes, b: bytes) -> bytes:
     if len(a) != len(b):
-        raise ValueError("XOR operands differ in length")
+        raise InvalidArgument("XOR operands differ in length")
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
@@ -285,7 +285,7 @@ class StunMessage:
 
     def add(self, attr: int, value: bytes) -> StunMessage:
         if not 0 <= attr <= 0xFFFF or len(value) > 0xFFFF:
-            raise ValueError("attribute type or length out of range")
+            raise InvalidArgument("attribute type or length out of range")
         self.attributes.append((attr, bytes(value)))
         return self
 
@@ -312,7 +312,7 @@ class StunMessage:
 
     def add_error_code(self, code: int, reason: str) -> StunMessage:
         if not 300 <= code <= 699:
-            raise ValueError(f"error code {code} out of range")
+            raise InvalidArgument(f"error code {code} out of range")
         return self.add(
             Attr.ERROR_CODE, struct.pack("!HBB", 0, code // 100, code % 100) + _utf8(reason)
         )
@@ -391,7 +391,7 @@ def encode(
     With ``integrity_key`` any MESSAGE-INTEGRITY already in ``msg.attributes`` is replaced.
     """
     if len(msg.transaction_id) != 12:
-        raise ValueError("transaction id must be 12 bytes")
+        raise InvalidArgument("transaction id must be 12 bytes")
     parts: list[bytes] = []
     for kind, value in msg.attributes:
         if integrity_key is not None and kind == Attr.MESSAGE_INTEGRITY:

@@ -1,4 +1,4 @@
-"""TURN client for one relay, as snownet runs it (snownet.md §6); sans-IO.
+"""TURN client for one relay, as snownet runs it (rust/connlib/snownet/src/allocation.rs); sans-IO.
 
 Life cycle: BINDING to every server address (the first answer picks the active server and
 each answer yields a server-reflexive candidate) -> ALLOCATE with long-term credentials ->
@@ -22,7 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
-from gateway.errors import MalformedPacket
+from gateway.drops import Drop, Event
+from gateway.errors import InvalidArgument, MalformedPacket
 from gateway.stun.message import (
     Attr,
     MessageClass,
@@ -37,7 +38,8 @@ from gateway.types import Address, Rng, Transmit
 
 logger = logging.getLogger(__name__)
 
-#: Datagrams from a relay larger than this are never processed (snownet.md §6.3).
+#: Datagrams from a relay larger than this are never processed
+#: (rust/connlib/snownet/src/allocation.rs).
 MAX_STUN_DATAGRAM = 1336
 INITIAL_RTO = 1.0
 RTO_MULTIPLIER = 1.5
@@ -122,7 +124,7 @@ class _Channel:
 
 
 class Allocation:
-    """TURN client for ONE relay (snownet.md §6); sans-IO."""
+    """TURN client for ONE relay (rust/connlib/snownet/src/allocation.rs); sans-IO."""
 
     def __init__(
         self,
@@ -137,7 +139,7 @@ class Allocation:
         realm: str = "firezone",
     ) -> None:
         if not servers:
-            raise ValueError("an allocation needs at least one server address")
+            raise InvalidArgument("an allocation needs at least one server address")
         self.relay_id = relay_id
         self._servers: tuple[Address, ...] = tuple(dict.fromkeys(servers))
         self._server_set = frozenset(self._servers)
@@ -186,7 +188,8 @@ class Allocation:
         return self._active
 
     def same_config(self, servers: Sequence[Address], username: str, password: str) -> bool:
-        """True when a relay update describes this very allocation (snownet.md §6.1 rule 2)."""
+        """True when a relay update describes this very allocation (``update_relays`` in
+        rust/connlib/snownet/src/node.rs)."""
         return (
             frozenset(servers) == self._server_set
             and username == self._username
@@ -254,24 +257,24 @@ class Allocation:
         if src not in self._server_set:
             return False
         if len(raw) > MAX_STUN_DATAGRAM:
-            self._drop("oversized")
+            self._drop(Drop.OVERSIZED)
         elif self.is_freed:
-            self._drop("freed")
+            self._drop(Drop.FREED)
         elif msg.cls not in (MessageClass.SUCCESS, MessageClass.ERROR):
-            self._drop("not_a_response")
+            self._drop(Drop.NOT_A_RESPONSE)
         else:
             request = self._requests.get(msg.transaction_id)
             if request is None:
-                self._drop("unknown_transaction")
+                self._drop(Drop.UNKNOWN_TRANSACTION)
             elif request.dst != src:
-                self._drop("wrong_source")
+                self._drop(Drop.WRONG_SOURCE)
             elif request.method != msg.method:
-                self._drop("method_mismatch")
+                self._drop(Drop.METHOD_MISMATCH)
             else:
                 try:
                     self._handle_response(request, msg, raw, local, now)
                 except MalformedPacket as exc:
-                    self._drop("malformed", str(exc))
+                    self._drop(Drop.MALFORMED, str(exc))
         return True
 
     def _handle_response(
@@ -280,10 +283,10 @@ class Allocation:
         if request.authenticated:
             has_integrity = msg.get(Attr.MESSAGE_INTEGRITY) is not None
             if has_integrity and (self._key is None or not verify_integrity(raw, self._key)):
-                self._drop("integrity_failed")
+                self._drop(Drop.INTEGRITY_FAILED)
                 return
             if not has_integrity and msg.cls == MessageClass.SUCCESS:
-                self._drop("missing_integrity")
+                self._drop(Drop.MISSING_INTEGRITY)
                 return
         if msg.cls == MessageClass.ERROR:
             error = msg.error_code()
@@ -326,7 +329,7 @@ class Allocation:
         lifetime = msg.lifetime()
         relayed = msg.xor_addresses(Attr.XOR_RELAYED_ADDRESS)
         if lifetime is None or not relayed:
-            self._drop("allocate_success_incomplete")
+            self._drop(Drop.ALLOCATE_SUCCESS_INCOMPLETE)
             return
         del self._requests[msg.transaction_id]
         if self._retiring:
@@ -358,7 +361,7 @@ class Allocation:
     def _on_refresh_success(self, request: _Request, msg: StunMessage, now: float) -> None:
         lifetime = msg.lifetime()
         if lifetime is None:
-            self._drop("refresh_success_without_lifetime")
+            self._drop(Drop.REFRESH_SUCCESS_WITHOUT_LIFETIME)
             return
         del self._requests[msg.transaction_id]
         if lifetime == 0:
@@ -374,7 +377,7 @@ class Allocation:
         assert request.channel is not None
         channel = self._channels.get(request.channel)
         if channel is None or channel.peer != request.peer:
-            self._drop("channel_bind_for_forgotten_channel")
+            self._drop(Drop.CHANNEL_BIND_FOR_FORGOTTEN_CHANNEL)
             return
         channel.bound = True
         channel.in_flight = False
@@ -408,13 +411,13 @@ class Allocation:
                 return
             if offered_realm is not None and offered_realm != self._realm:
                 del self._requests[msg.transaction_id]
-                self._drop("wrong_realm")
+                self._drop(Drop.WRONG_REALM)
                 logger.warning(
                     "relay %s: refusing to authenticate to realm %r", self.relay_id, offered_realm
                 )
                 return
             if nonce is None:
-                self._drop("challenge_without_nonce")
+                self._drop(Drop.CHALLENGE_WITHOUT_NONCE)
                 return
             del self._requests[msg.transaction_id]
             self._nonce = nonce
@@ -469,7 +472,7 @@ class Allocation:
             return False
         self._rejected_attributes.setdefault(request.method, set()).update(rejected)
         request.attributes = [a for a in request.attributes if a[0] not in rejected]
-        self.counters["attributes_rejected"] += 1
+        self.counters[Event.ATTRIBUTES_REJECTED] += 1
         logger.info(
             "relay %s: %s without attributes %s the relay does not know",
             self.relay_id,
@@ -486,16 +489,16 @@ class Allocation:
             return None
         decoded = decode_channel_data(data)
         if decoded is None:
-            self.counters["malformed_channel_data"] += 1
+            self.counters[Drop.MALFORMED_CHANNEL_DATA] += 1
             return None
         number, payload = decoded
         channel = self._channels.get(number)
         if channel is None or not channel.bound:
-            self.counters["unknown_channel"] += 1
+            self.counters[Drop.UNKNOWN_CHANNEL] += 1
             return None
         relay = self._relays.get(_family(channel.peer))
         if relay is None:
-            self.counters["no_relay_for_family"] += 1
+            self.counters[Drop.NO_RELAY_FOR_FAMILY] += 1
             return None
         if not channel.data_since_bind:
             self._note_data_since_bind(number, channel)
@@ -541,7 +544,7 @@ class Allocation:
         """ChannelData to the active server, or None when there is no usable channel."""
         number = self.channel_for(peer, now)
         if number is None or self._active is None:
-            self.counters["no_channel"] += 1
+            self.counters[Drop.NO_CHANNEL] += 1
             return None
         return Transmit(None, self._active, encode_channel_data(number, payload))
 
@@ -561,11 +564,11 @@ class Allocation:
                 self._buffered_bindings.append(peer)
             return
         if _family(peer) not in self._relays:
-            self.counters["no_relay_for_family"] += 1
+            self.counters[Drop.NO_RELAY_FOR_FAMILY] += 1
             return
         number = self._free_channel_number(now)
         if number is None:
-            self.counters["channels_exhausted"] += 1
+            self.counters[Drop.CHANNELS_EXHAUSTED] += 1
             logger.warning("relay %s: all channel numbers in use", self.relay_id)
             return
         old = self._channels.get(number)
@@ -884,7 +887,7 @@ class Allocation:
         msg.add(Attr.SOFTWARE, self._software)
         if self._nonce is None:
             # No nonce yet: go without credentials to get the 401 challenge. (Signing without
-            # a NONCE draws 400 from RFC 5389 servers such as coturn, §10.2.2.)
+            # a NONCE draws 400 from RFC 5389 servers such as coturn, RFC 5389 §10.2.2.)
             request.raw = encode(msg)
         else:
             msg.add_str(Attr.USERNAME, self._username)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import struct
 
+from gateway.errors import InvalidArgument
+
 CHANNEL_MIN = 0x4000
 CHANNEL_MAX = 0x7FFF
 HEADER_LEN = 4
@@ -16,11 +18,12 @@ _HEADER = struct.Struct("!HH")
 
 
 def encode_channel_data(channel: int, payload: bytes) -> bytes:
-    """Frame ``payload`` for ``channel``; raises ValueError on a bad number or oversize payload."""
+    """Frame ``payload`` for ``channel``; ``InvalidArgument`` on a bad number or a payload
+    over 65535 bytes."""
     if not CHANNEL_MIN <= channel <= CHANNEL_MAX:
-        raise ValueError(f"channel number {channel:#x} outside 0x4000-0x7FFF")
+        raise InvalidArgument(f"channel number {channel:#x} outside 0x4000-0x7FFF")
     if len(payload) > 0xFFFF:
-        raise ValueError("ChannelData payload longer than 65535 bytes")
+        raise InvalidArgument("ChannelData payload longer than 65535 bytes")
     return _HEADER.pack(channel, len(payload)) + payload
 
 

@@ -1,4 +1,5 @@
-"""WireGuard protocol constants (whitepaper §5 and §6), in one place so timers stay auditable."""
+"""WireGuard protocol constants (the WireGuard paper, §5 and §6), in one place so timers stay
+auditable."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ COOKIE_REPLY_LEN: Final = 64
 TRANSPORT_HEADER_LEN: Final = 16
 TRANSPORT_MIN_LEN: Final = TRANSPORT_HEADER_LEN + AEAD_TAG_LEN  # a keepalive
 
-# Timers (seconds) and message limits, whitepaper §6.
+# Timers (seconds) and message limits, the WireGuard paper, §6.
 REKEY_AFTER_MESSAGES: Final = 1 << 60
 REJECT_AFTER_MESSAGES: Final = (1 << 64) - (1 << 13) - 1
 REKEY_AFTER_TIME: Final = 120.0
@@ -37,7 +38,7 @@ REKEY_TIMEOUT: Final = 5.0
 REKEY_TIMEOUT_JITTER_MAX: Final = 0.333
 KEEPALIVE_TIMEOUT: Final = 10.0
 COOKIE_SECRET_MAX_AGE: Final = 120.0
-#: A received cookie is used for mac2 only while younger than this (whitepaper §5.4.7).
+#: A received cookie is used for mac2 only while younger than this (the WireGuard paper, §5.4.7).
 COOKIE_EXPIRATION: Final = 120.0
 #: Keys are erased when no new session was made for 3 x REJECT_AFTER_TIME.
 SESSION_ZERO_AFTER: Final = 3 * REJECT_AFTER_TIME
@@ -46,7 +47,7 @@ REKEY_ON_RECEIVE_AGE: Final = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIME
 #: "Sent data but heard nothing back" triggers a new handshake after this long.
 NEW_HANDSHAKE_AFTER_SILENCE: Final = KEEPALIVE_TIMEOUT + REKEY_TIMEOUT
 
-# Node-wide handshake rate limiting (snownet spec §8.2).
+# Node-wide handshake rate limiting (rust/connlib/snownet/src/node.rs).
 HANDSHAKE_LIMIT_PER_SECOND: Final = 100
 RATE_LIMIT_WINDOW: Final = 1.0
 

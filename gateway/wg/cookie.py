@@ -1,9 +1,9 @@
-"""mac1, mac2 and cookie replies (whitepaper §5.4.4 and §5.4.7), both sides.
+"""mac1, mac2 and cookie replies (the WireGuard paper, §5.4.4 and §5.4.7), both sides.
 
 Responder side, :class:`CookieChecker` (one per node, keyed by our static public key):
 verifies mac1 of every handshake message. Under load the gateway drops handshakes as
 Firezone 1.4 does (``gateway/wg/tunnel.py``) and sends no cookie replies; ``verify_mac2``
-and ``cookie_reply`` are the whitepaper's responder half, kept for the tests and peers
+and ``cookie_reply`` are the WireGuard paper's responder half, kept for the tests and peers
 that exercise :class:`CookieJar`. Initiator side, :class:`CookieJar` (one per tunnel, keyed
 by the peer's public key): adds mac1/mac2 to the handshake messages we send and decrypts
 cookie replies (a client under load may send us one).
@@ -50,7 +50,7 @@ def cookie_key(public: bytes) -> bytes:
 
 
 def mac(key: bytes, data: bytes) -> bytes:
-    """Keyed BLAKE2s with a 16-byte digest (the whitepaper's MAC)."""
+    """Keyed BLAKE2s with a 16-byte digest (the WireGuard paper's MAC)."""
     return blake2s(data, digest_size=MAC_LEN, key=key).digest()
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from nacl.exceptions import CryptoError
 
+from gateway.errors import InvalidArgument, MalformedMessage
 from gateway.types import Rng
 from gateway.wg.constants import KEY_LEN
 
@@ -16,7 +17,7 @@ from gateway.wg.constants import KEY_LEN
 def clamp(private: bytes) -> bytes:
     """Clamp an X25519 scalar the way wg(8) does, so stored keys match ``wg genkey`` output."""
     if len(private) != KEY_LEN:
-        raise ValueError("an X25519 private key is 32 bytes")
+        raise InvalidArgument("an X25519 private key is 32 bytes")
     clamped = bytearray(private)
     clamped[0] &= 248
     clamped[31] = (clamped[31] & 127) | 64
@@ -26,24 +27,25 @@ def clamp(private: bytes) -> bytes:
 def encode_key(raw: bytes) -> str:
     """Standard base64 with padding: 44 characters for a 32-byte key."""
     if len(raw) != KEY_LEN:
-        raise ValueError("a WireGuard key is 32 bytes")
+        raise InvalidArgument("a WireGuard key is 32 bytes")
     return base64.b64encode(raw).decode("ascii")
 
 
 def decode_key(text: str) -> bytes:
-    """Strictly parse a 44-character padded standard-base64 key; ValueError otherwise.
+    """Strictly parse a 44-character padded standard-base64 key; ``MalformedMessage`` (a
+    ``ValueError``) otherwise.
 
     Strict means canonical too: a string whose last data character carries non-zero
     unused bits decodes, but would not round-trip, so it is rejected.
     """
     if not isinstance(text, str) or len(text) != 44 or not text.endswith("="):
-        raise ValueError("a WireGuard key is 44 characters of padded standard base64")
+        raise MalformedMessage("a WireGuard key is 44 characters of padded standard base64")
     try:
         raw = base64.b64decode(text.encode("ascii"), validate=True)
     except (binascii.Error, UnicodeEncodeError) as exc:
-        raise ValueError("invalid base64 key") from exc
+        raise MalformedMessage("invalid base64 key") from exc
     if len(raw) != KEY_LEN or base64.b64encode(raw).decode("ascii") != text:
-        raise ValueError("invalid base64 key")
+        raise MalformedMessage("invalid base64 key")
     return raw
 
 

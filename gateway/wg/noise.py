@@ -1,4 +1,5 @@
-"""Noise_IKpsk2 handshake messages of WireGuard (whitepaper §5.4.2, §5.4.3, §5.4.5), both roles.
+"""Noise_IKpsk2 handshake messages of WireGuard (the WireGuard paper, §5.4.2, §5.4.3, §5.4.5), both
+roles.
 
 Pure functions over a per-peer :class:`HandshakeContext`. They build and check message
 *bodies* (everything before mac1); :mod:`gateway.wg.cookie` adds and verifies the macs.
@@ -20,7 +21,8 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from nacl.bindings import crypto_scalarmult, crypto_scalarmult_base
 from nacl.exceptions import CryptoError
 
-from gateway.errors import RemoteProtocolError
+from gateway.drops import Drop
+from gateway.errors import InvalidArgument, RemoteProtocolError
 from gateway.wg.constants import (
     CONSTRUCTION,
     IDENTIFIER,
@@ -88,7 +90,7 @@ def _dh(private: bytes, public: bytes) -> bytes:
     try:
         return crypto_scalarmult(private, public)
     except CryptoError as exc:  # libsodium refuses low-order points (all-zero result)
-        raise HandshakeRejected("low_order_point") from exc
+        raise HandshakeRejected(Drop.LOW_ORDER_POINT) from exc
 
 
 def _seal(key: bytes, plaintext: bytes, ad: bytes) -> bytes:
@@ -128,9 +130,9 @@ class HandshakeContext:
 
     def __init__(self, static: StaticKeyPair, peer_public: bytes, psk: bytes | None) -> None:
         if len(peer_public) != KEY_LEN:
-            raise ValueError("peer public key must be 32 bytes")
+            raise InvalidArgument("peer public key must be 32 bytes")
         if psk is not None and len(psk) != KEY_LEN:
-            raise ValueError("preshared key must be 32 bytes")
+            raise InvalidArgument("preshared key must be 32 bytes")
         self.static = static
         self.peer_public = peer_public
         self.psk = psk if psk is not None else _ZERO_KEY
@@ -192,20 +194,20 @@ def create_initiation(
 def consume_initiation(ctx: HandshakeContext, message: bytes) -> ConsumedInitiation:
     """Decrypt and check message 1 (macs already verified); only ``ctx.peer_public`` may send it."""
     if len(message) != INITIATION_LEN:
-        raise HandshakeRejected("bad_size")
+        raise HandshakeRejected(Drop.BAD_SIZE)
     _, peer_index = _INITIATION_HEAD.unpack_from(message)
     ephemeral_public = message[8:40]
     chain = _kdf1(_INITIAL_CHAIN, ephemeral_public)
     h = _hash(ctx._hash_to_us + ephemeral_public)
     chain, key = _kdf2(chain, _dh(ctx.static.private, ephemeral_public))
     encrypted_static = message[40:88]
-    peer_static = _open(key, encrypted_static, h, "not_for_us")
+    peer_static = _open(key, encrypted_static, h, Drop.NOT_FOR_US)
     if not hmac.compare_digest(peer_static, ctx.peer_public):
-        raise HandshakeRejected("wrong_peer")
+        raise HandshakeRejected(Drop.WRONG_PEER)
     h = _hash(h + encrypted_static)
     chain, key = _kdf2(chain, ctx.static_static)
     encrypted_timestamp = message[88:116]
-    timestamp = _open(key, encrypted_timestamp, h, "decrypt_failed")
+    timestamp = _open(key, encrypted_timestamp, h, Drop.DECRYPT_FAILED)
     h = _hash(h + encrypted_timestamp)
     return ConsumedInitiation(peer_index, timestamp, ephemeral_public, chain, h)
 
@@ -240,10 +242,10 @@ def consume_response(
     A wrong preshared key shows up here, as an AEAD failure on the empty payload.
     """
     if len(message) != RESPONSE_LEN:
-        raise HandshakeRejected("bad_size")
+        raise HandshakeRejected(Drop.BAD_SIZE)
     _, peer_index, receiver = _RESPONSE_HEAD.unpack_from(message)
     if receiver != state.sender_index:
-        raise HandshakeRejected("unknown_index")
+        raise HandshakeRejected(Drop.UNKNOWN_INDEX)
     ephemeral_public = message[12:44]
     chain = _kdf1(state.chaining_key, ephemeral_public)
     h = _hash(state.hash + ephemeral_public)
@@ -251,7 +253,7 @@ def consume_response(
     chain = _kdf1(chain, _dh(ctx.static.private, ephemeral_public))
     chain, tau, key = _kdf3(chain, ctx.psk)
     h = _hash(h + tau)
-    _open(key, message[44:60], h, "decrypt_failed")
+    _open(key, message[44:60], h, Drop.DECRYPT_FAILED)
     initiator_send, responder_send = _kdf2(chain, b"")
     return peer_index, TransportKeys(send=initiator_send, receive=responder_send)
 
@@ -270,6 +272,6 @@ def initiator_public_key(static: StaticKeyPair, message: bytes) -> bytes | None:
         _, key = _kdf2(
             _kdf1(_INITIAL_CHAIN, ephemeral_public), _dh(static.private, ephemeral_public)
         )
-        return _open(key, message[40:88], initial, "not_for_us")
+        return _open(key, message[40:88], initial, Drop.NOT_FOR_US)
     except HandshakeRejected:
         return None

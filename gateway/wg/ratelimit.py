@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 
+from gateway.errors import InvalidArgument
 from gateway.types import Rng
 from gateway.wg.constants import (
     HANDSHAKE_LIMIT_PER_SECOND,
@@ -67,7 +68,7 @@ class HandshakeRateLimiter:
         self, public_key: bytes, rng: Rng, limit_per_second: int = HANDSHAKE_LIMIT_PER_SECOND
     ) -> None:
         if limit_per_second < 0:
-            raise ValueError("limit_per_second must be >= 0")
+            raise InvalidArgument("limit_per_second must be >= 0")
         self.public_key = bytes(public_key)
         self.checker = CookieChecker(self.public_key)
         self.rng = rng

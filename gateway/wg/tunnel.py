@@ -6,7 +6,7 @@ datagrams for :meth:`Tunnel.poll_transmit`, events for :meth:`Tunnel.poll_event`
 deadline for :meth:`Tunnel.poll_timeout`. Bad input from the wire never raises; it comes
 back as :class:`Dropped` and is counted in ``counters`` (keyed by reason).
 
-Theory of operation (whitepaper §5 and §6):
+Theory of operation (the WireGuard paper, §5 and §6):
 
 * Sessions: ``current`` (used to send), ``previous`` (still decrypts in-flight packets)
   and ``next`` (a responder's new session, usable for sending only once the initiator's
@@ -46,7 +46,8 @@ from typing import Final, TypeAlias
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
-from gateway.errors import LocalProtocolError
+from gateway.drops import Drop
+from gateway.errors import InvalidArgument, LocalProtocolError
 from gateway.types import Address, Rng
 from gateway.wg.constants import (
     COOKIE_REPLY_LEN,
@@ -225,13 +226,13 @@ class Tunnel:
         persistent_keepalive: float | None = 25.0,
     ) -> None:
         if not 0 <= local_index <= 0xFFFFFFFF:
-            raise ValueError("local_index must be a 32-bit unsigned integer")
+            raise InvalidArgument("local_index must be a 32-bit unsigned integer")
         if persistent_keepalive is not None and persistent_keepalive <= 0:
-            raise ValueError("persistent_keepalive must be positive or None")
+            raise InvalidArgument("persistent_keepalive must be positive or None")
         if rate_limiter.public_key != static.public:
             raise LocalProtocolError("the rate limiter belongs to another static key")
         if preshared_key is not None and len(preshared_key) != KEY_LEN:
-            raise ValueError("preshared key must be 32 bytes")
+            raise InvalidArgument("preshared key must be 32 bytes")
         self._ctx = HandshakeContext(static, bytes(peer_public), preshared_key)
         self._limiter = rate_limiter
         self._checker = rate_limiter.checker
@@ -324,15 +325,15 @@ class Tunnel:
                 if session is None or session.local_index != index:
                     session = self._session_for(index)
                     if session is None:
-                        return self._drop("unknown_index")
+                        return self._drop(Drop.UNKNOWN_INDEX)
                 if now >= session.reject_at:
-                    return self._drop("expired_session")
+                    return self._drop(Drop.EXPIRED_SESSION)
                 try:
                     plaintext = session.open(_NONCE.pack(counter), datagram[16:], None)
                 except InvalidTag:
-                    return self._drop("decrypt_failed")
+                    return self._drop(Drop.DECRYPT_FAILED)
                 if not session.replay.accept(counter):
-                    return self._drop("replay")
+                    return self._drop(Drop.REPLAY)
                 if session is not self._current:
                     self._received_on_other_session(session, now, unix_now)
                 self._new_handshake_due_at = None
@@ -381,10 +382,10 @@ class Tunnel:
                     try:
                         plaintext = fast.open(nonce(counter), datagram[16:], None)
                     except InvalidTag:
-                        others.append(self._drop("decrypt_failed"))
+                        others.append(self._drop(Drop.DECRYPT_FAILED))
                         continue
                     if not fast.replay.accept(counter):
-                        others.append(self._drop("replay"))
+                        others.append(self._drop(Drop.REPLAY))
                         continue
                     self._new_handshake_due_at = None
                     self.rx_bytes += size
@@ -420,14 +421,14 @@ class Tunnel:
         if version == 4 and plen >= 20:
             total = (plaintext[2] << 8) | plaintext[3]
             if total < 20:
-                return self._drop("bad_ip_length")
+                return self._drop(Drop.BAD_IP_LENGTH)
         elif version == 6 and plen >= 40:
             total = 40 + ((plaintext[4] << 8) | plaintext[5])
         else:
-            return self._drop("not_ip")
+            return self._drop(Drop.NOT_IP)
         if total != plen:
             if total > plen:
-                return self._drop("bad_ip_length")
+                return self._drop(Drop.BAD_IP_LENGTH)
             plaintext = plaintext[:total]
         return plaintext
 
@@ -526,7 +527,7 @@ class Tunnel:
     ) -> TunnResult:
         if len(self._queue) >= MAX_QUEUED_PACKETS:
             self._queue.popleft()
-            self.counters["queue_overflow"] += 1
+            self.counters[Drop.QUEUE_OVERFLOW] += 1
         self._queue.append(packet)
         if self._handshake is None and now - self._last_handshake_sent_at >= REKEY_TIMEOUT:
             return WriteToNetwork(self._start_handshake(now, unix_now))
@@ -584,7 +585,7 @@ class Tunnel:
             self._next = None
 
     def _expire(self, reason: str) -> None:
-        """Erase every key and pending packet and tell the owner (whitepaper §6.3)."""
+        """Erase every key and pending packet and tell the owner (the WireGuard paper, §6.3)."""
         self._current = self._previous = self._next = None
         self._handshake = None
         self._retry_at = math.inf
@@ -603,21 +604,21 @@ class Tunnel:
     ) -> TunnResult:
         size = len(datagram)
         if size < 4:
-            return self._drop("too_short")
+            return self._drop(Drop.TOO_SHORT)
         kind = message_type(datagram)
         if kind is None:
-            return self._drop("unknown_type")
+            return self._drop(Drop.UNKNOWN_TYPE)
         if kind == MSG_TRANSPORT:
-            return self._drop("too_short")
+            return self._drop(Drop.TOO_SHORT)
         expected = (INITIATION_LEN, RESPONSE_LEN, COOKIE_REPLY_LEN)[kind - 1]
         if size != expected:
-            return self._drop("bad_size")
+            return self._drop(Drop.BAD_SIZE)
         if kind == MSG_COOKIE_REPLY:
             return self._handle_cookie_reply(datagram, now)
         if not self._checker.verify_mac1(datagram):
-            return self._drop("bad_mac1")
+            return self._drop(Drop.BAD_MAC1)
         if self._limiter.note_handshake(now):
-            return self._drop("under_load")
+            return self._drop(Drop.UNDER_LOAD)
         if kind == MSG_INITIATION:
             return self._handle_initiation(datagram, now)
         return self._handle_response(datagram, now, unix_now)
@@ -628,7 +629,7 @@ class Tunnel:
         except HandshakeRejected as exc:
             return self._drop(exc.reason)
         if initiation.timestamp <= self._last_timestamp:
-            return self._drop("timestamp_replay")
+            return self._drop(Drop.TIMESTAMP_REPLAY)
         self._last_timestamp = initiation.timestamp
         index = self._allocate_index()
         body, keys = create_response(self._ctx, initiation, index, self._rng.randbytes(KEY_LEN))
@@ -643,7 +644,7 @@ class Tunnel:
     def _handle_response(self, message: bytes, now: float, unix_now: float) -> TunnResult:
         state = self._handshake
         if state is None or int.from_bytes(message[8:12], "little") != state.sender_index:
-            return self._drop("unknown_index")
+            return self._drop(Drop.UNKNOWN_INDEX)
         try:
             peer_index, keys = consume_response(self._ctx, state, message)
         except HandshakeRejected as exc:
@@ -673,7 +674,7 @@ class Tunnel:
             self._next is not None and self._next.local_index == index
         )
         if not waiting:
-            return self._drop("unknown_index")
+            return self._drop(Drop.UNKNOWN_INDEX)
         if not self._jar.consume_reply(message, now):
-            return self._drop("bad_cookie")
+            return self._drop(Drop.BAD_COOKIE)
         return DONE

@@ -304,7 +304,7 @@ def test_legacy_request_connection_answers_after_the_lookup_with_the_nat_in_plac
     harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
 ) -> None:
     """1.4 resolves the domain first, then accepts, allows and sets up the NAT, then
-    answers connection_ready (gateway-messages.md §1.3)."""
+    answers connection_ready (rust/gateway/src/eventloop.rs)."""
     _with_relay(harness, portal_fixtures, relay)
     lookups = harness["lookups"]
     lookups.gate.clear()
@@ -451,8 +451,8 @@ def test_a_peer_whose_thread_cannot_start_refuses_that_flow_only(
 def test_ice_answers_leave_from_the_local_address_the_check_was_sent_to(
     harness: dict[str, Any], portal_fixtures: Path, relay: FakeRelay
 ) -> None:
-    """snownet.md §7: sends leave from the local base (IP_PKTINFO). Every 127/8 address is
-    local: a check sent to 127.0.0.2 must be answered from 127.0.0.2, not from the
+    """rust/connlib/snownet/src/node.rs: sends leave from the local base (IP_PKTINFO). Every 127/8
+    address is local: a check sent to 127.0.0.2 must be answered from 127.0.0.2, not from the
     kernel's choice for the client's 127.0.0.1 (an ICE peer drops answers from elsewhere)."""
     _with_relay(harness, portal_fixtures, relay)
     port = _status(harness["ref"])["ports"]["ipv4"]

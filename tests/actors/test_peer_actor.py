@@ -127,7 +127,7 @@ def _handshake(world: dict[str, Any]) -> None:
     _sync(world)
     ((dst, response),) = _sent_datagrams(world["sockets"])
     assert dst == CLIENT_ADDR
-    # From the path's base, not the kernel's choice (snownet.md §7, IP_PKTINFO).
+    # From the path's base, not the kernel's choice (rust/connlib/snownet/src/node.rs, IP_PKTINFO).
     assert all(call.args[2] == ("10.203.0.3", 40000)
                for call in world["sockets"].method_calls if call[0] in ("send", "send_many"))
     result = client.decapsulate(response, ("10.203.0.3", 40000), clock.monotonic(), clock.unix())
@@ -288,8 +288,8 @@ def test_idle_after_ten_seconds_without_data_and_active_again_on_data(
 
 
 def test_only_ip_packets_that_cross_the_tunnel_count_as_data(world: dict[str, Any]) -> None:
-    """snownet.md §8.1: data = an IP packet encapsulated or decapsulated. A TUN packet
-    dropped before encryption keeps an idle connection idle; a decrypted packet the filter
+    """rust/connlib/snownet/src/node.rs: data = an IP packet encapsulated or decapsulated. A TUN
+    packet dropped before encryption keeps an idle connection idle; a decrypted packet the filter
     then drops does not."""
     _connected(world)
     clock = world["clock"]

@@ -227,8 +227,8 @@ def _dropped(sock: FakeWebSocket) -> bool:
 
 
 def test_reconnects_drop_the_socket_without_a_close_frame(rig: Rig) -> None:
-    """Spec §5 step 3: a reconnect (new key, same key, missed heartbeat) just drops the
-    socket; only the actor's stop closes it with a close frame (README: graceful stop)."""
+    """As rust/phoenix-channel/src/lib.rs: a reconnect (new key, same key, missed heartbeat) just
+    drops the socket; only the actor's stop closes it with a close frame (README: graceful stop)."""
     rig.join()
     rig.portal.tell(KeyRotated(KEY_B))
     rig.status()

@@ -186,8 +186,8 @@ def test_a_train_that_mixes_clients_and_kinds_is_sorted_datagram_by_datagram(
 def test_datagrams_over_1336_bytes_are_dropped_before_any_fast_path(
     setup: dict[str, Any],
 ) -> None:
-    """dataplane.md §3.1 step 1: larger datagrams are dropped before any processing, also
-    a known client's transport data and the segments of a GRO train."""
+    """As the 1.4 gateway (MAX_DATAGRAM_PAYLOAD, 1336 bytes): larger datagrams are dropped before
+    any processing, also a known client's transport data and the segments of a GRO train."""
     oversized = _transport(b"o" * (1337 - 16))
     small = _transport(b"s" * 100)
     setup["send"](oversized)
@@ -301,8 +301,8 @@ def loopback_peer() -> Iterator[socket.socket]:
 
 
 def test_a_send_leaves_from_the_source_it_names(loopback_peer: socket.socket) -> None:
-    """snownet.md §7: a direct path sends from its base (IP_PKTINFO). Every 127/8 address
-    is local, so 127.0.0.2 is one of ours though the kernel would pick 127.0.0.1."""
+    """As rust/connlib/snownet/src/node.rs: a direct path sends from its base (IP_PKTINFO). Every
+    127/8 address is local, so 127.0.0.2 is one of ours though the kernel would pick 127.0.0.1."""
     sockets = UdpSockets(mark=False, ipv6=False)
     assert sockets.v4 is not None
     port = sockets.v4.getsockname()[1]

@@ -3,10 +3,10 @@
 A ``websockets`` server plays the portal and records every upgrade request, every
 completed upgrade and how each connection ended (with or without a close frame); raw TCP
 listeners stand in where a connect must hang (a full accept queue drops SYNs) or be
-refused. What is checked is what the portal observes (spec phoenix-channel.md §1.3, §2,
-§5, §6): an abandoned attempt never completes its upgrade, addresses are tried in order,
-the Host header carries no port, redirects are not followed, reconnects send no close
-frame while a graceful stop does, and the TCP socket carries the Firezone mark.
+refused. What is checked is what the portal observes (rust/phoenix-channel/src/lib.rs,
+rust/phoenix-channel/src/login_url.rs): an abandoned attempt never completes its upgrade, addresses
+are tried in order, the Host header carries no port, redirects are not followed, reconnects send no
+close frame while a graceful stop does, and the TCP socket carries the Firezone mark.
 """
 
 from __future__ import annotations
@@ -535,7 +535,7 @@ def test_each_resolved_address_is_tried_in_order(
         resolve = _resolver([bad, ("127.0.0.1", portal.port)], calls)
         _open(conns, proto.with_public_key(KEY_A), reports, connect_timeout=1.0, resolve=resolve)
         assert reports.next() == ("open",)
-        assert calls == [("portal.test", 80)]  # ws:// without port: 80 (§1.3)
+        assert calls == [("portal.test", 80)]  # ws:// without port: 80
         assert _key_of(portal.requests.get(timeout=5).path) == KEY_A
     finally:
         for sock in (filler, listener):

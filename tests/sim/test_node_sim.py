@@ -355,8 +355,9 @@ def test_oversized_and_garbage_datagrams_are_counted_not_raised() -> None:
 
 
 def test_host_candidates_are_learned_from_any_local_address_but_the_invalid_ones() -> None:
-    """snownet.md §4.1: unspecified, multicast, IPv4 broadcast and IPv4 link-local local
-    addresses make no host candidate (the datagram is dropped); IPv6 link-local does."""
+    """As rust/connlib/snownet/src/node.rs: unspecified, multicast, IPv4 broadcast and IPv4
+    link-local local addresses make no host candidate (the datagram is dropped); IPv6 link-local
+    does."""
     node = Node(rng=random.Random(1), now=0.0)
     for local in (("fe80::1", 40000), ("10.0.0.3", 40000)):
         node.handle_datagram(local, CLIENT, b"\x17garbage", 0.0)
@@ -528,8 +529,8 @@ def test_other_server_addresses_replace_the_allocation_after_deleting_the_old_on
 
 def test_a_relay_being_replaced_is_still_chosen_and_its_connection_gets_relayed() -> None:
     """While the old allocation's delete is in flight the relay is still a known relay
-    (snownet.md §5.1): authorize_flow gets its connection, not NoTurnServers, and the
-    connection's relay candidates come once the new allocation is made."""
+    (rust/connlib/snownet/src/node.rs): authorize_flow gets its connection, not NoTurnServers, and
+    the connection's relay candidates come once the new allocation is made."""
     sim = _rotating_sim(block_direct=True)
     sim.add_relay()
     moved = TurnServer("relay-1", (RELAY, RELAY6), ROTATED.username, ROTATED.password)
@@ -542,8 +543,9 @@ def test_a_relay_being_replaced_is_still_chosen_and_its_connection_gets_relayed(
 
 
 def test_a_removed_relay_is_invalidated_only_where_its_candidates_were_given() -> None:
-    """A connection gets only its chosen relay's candidates (snownet.md §4.1), so removing
-    another relay tells its client nothing (gateway-messages.md §2.4)."""
+    """A connection gets only its chosen relay's candidates (rust/connlib/snownet/src/node.rs), so
+    removing another relay tells its client nothing
+    (rust/connlib/tunnel/src/messages/gateway.rs)."""
     sim = Sim()
     other_address: Address = ("10.0.0.5", 3478)
     sim.more_relays.append(SimTurnServer(other_address, "1700000000:u2", "pw2", sim._send))
@@ -736,7 +738,7 @@ def test_a_signalled_candidate_does_not_capture_another_clients_handshakes() -> 
     """Client B signals client A's address: A's initiations never reach B's connection.
 
     Handshake initiations carry no receiver index; they are routed by their source only
-    when the connection's ICE agent verified traffic from it (snownet.md §7 step 5).
+    when the connection's ICE agent verified traffic from it (rust/connlib/snownet/src/node.rs).
     """
     sim = Sim()
     sim.add_relay()

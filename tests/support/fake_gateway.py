@@ -232,7 +232,8 @@ class FakePortal:
         self.closed = True
 
     def _creds(self) -> tuple[IceCredentials, IceCredentials]:
-        # Stable per (client key, gateway key), as the portal derives them (spec §5.1).
+        # Stable per (client key, gateway key), as the portal derives them
+        # (elixir/apps/api/lib/api/client/channel.ex).
         gw = self.runner.gateway
         seed = f"{self.client_public()}:{gw.public_key}"
         tag = uuid.uuid5(uuid.NAMESPACE_OID, seed).hex

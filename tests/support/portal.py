@@ -25,7 +25,8 @@ class FakeWebSocket:
     sent: list[str] = field(default_factory=list)
     closed: bool = False
     fail_sends: bool = False
-    #: How it ended: ``abort`` (a reconnect: no close frame, spec §5) or ``close``.
+    #: How it ended: ``abort`` (a reconnect: no close frame, rust/phoenix-channel/src/lib.rs) or
+    #: ``close``.
     aborted: bool = False
     closed_gracefully: bool = False
 

@@ -1,4 +1,5 @@
-"""Start-up resolution of the API host (phoenix-channel.md §1.3, operations.md §6).
+"""Start-up resolution of the API host (rust/phoenix-channel/src/login_url.rs,
+rust/gateway/src/main.rs).
 
 The host is resolved once before anything starts; a failure there is fatal (exit 1),
 while failures on later connection attempts are transient (tests/integration/
@@ -91,7 +92,7 @@ def test_run_exits_1_when_the_host_does_not_resolve(
     assert code == ExitCode.FATAL == 1
     assert "start-up failed" in caplog.text and "portal.invalid" in caplog.text
     assert TOKEN not in caplog.text and touched == []
-    assert no_dns.asked == [("portal.invalid", 443)]  # §1.3: 443 even for ws:// (bookkeeping)
+    assert no_dns.asked == [("portal.invalid", 443)]  # 443 even for ws:// (bookkeeping)
 
 
 @pytest.mark.parametrize("api_url", ["ws://127.0.0.1:8081", "ws://10.203.0.1:8081", "ws://[::1]"])

@@ -70,8 +70,9 @@ def test_check_tun(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_check_tun_creates_a_missing_device_node(tmp_path: Path) -> None:
-    """The check makes the node the gateway would make (dataplane.md §2.1 step 1) instead
-    of refusing to start: parent directory 0751, character device 10:200."""
+    """The check makes the node the gateway would make
+    (rust/bin-shared/src/tun_device_manager/linux.rs) instead of refusing to start: parent directory
+    0751, character device 10:200."""
     path = tmp_path / "dev" / "net" / "tun"
     problem = check_tun(str(path))
     if problem is not None and "cannot be created" in problem:

@@ -70,7 +70,8 @@ def run(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> RunRecorder:
 
 @pytest.mark.parametrize("argv", [["--version"], ["-V"], ["run", "-V"], ["run", "--version"]])
 def test_version_is_the_references(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
-    """Exactly ``firezone-gateway 1.4.0`` (operations.md §1), what a drop-in is checked by."""
+    """Exactly ``firezone-gateway 1.4.0`` (rust/gateway/src/main.rs), what a drop-in is checked
+    by."""
     assert COMPATIBLE_FIREZONE_VERSION == "1.4.0"
     assert cli.main(argv) == 0
     assert capsys.readouterr().out == "firezone-gateway 1.4.0\n"

@@ -115,7 +115,7 @@ def test_empty_env_values_are_unset() -> None:
 @pytest.mark.parametrize("value", ["google-cloud", "", "json", "human", "xml"])
 def test_log_format_env_is_not_read(value: str) -> None:
     """The 1.4-era installer writes LOG_FORMAT=google-cloud; the 1.4 binary ignores it
-    (operations.md §1), so it neither fails start-up nor picks the format."""
+    (rust/gateway/src/main.rs), so it neither fails start-up nor picks the format."""
     assert "LOG_FORMAT" not in ENV_VARS
     env = {"FIREZONE_TOKEN": TOKEN, "LOG_FORMAT": value}
     assert _build(env=env).log_format == "human"
@@ -125,7 +125,7 @@ def test_log_format_env_is_not_read(value: str) -> None:
 
 @pytest.mark.parametrize("firezone_id", [" id-a ", "id-a\n", "id-a\r\n", " ", "\t\n"])
 def test_firezone_id_is_used_exactly_as_given(firezone_id: str) -> None:
-    """Untrimmed from every layer (operations.md §2): it is hashed into external_id."""
+    """Untrimmed from every layer (rust/gateway/src/main.rs): it is hashed into external_id."""
     token = {"token": TOKEN}
     assert _build(token, {"FIREZONE_ID": firezone_id}).firezone_id == firezone_id
     assert _build(token, flags={"firezone_id": firezone_id}).firezone_id == firezone_id
@@ -259,7 +259,7 @@ def test_no_telemetry_env_accepts_only_true_false() -> None:
 
 @pytest.mark.parametrize("value", [" true", "true ", "false\n", "\tfalse", " ", "TRUE"])
 def test_no_telemetry_env_is_not_trimmed(value: str) -> None:
-    """clap's boolean parser takes exactly ``true`` or ``false`` (operations.md §1)."""
+    """clap's boolean parser takes exactly ``true`` or ``false`` (rust/gateway/src/main.rs)."""
     error = _error(env={"FIREZONE_TOKEN": TOKEN, "FIREZONE_NO_TELEMETRY": value})
     assert error.key == "telemetry"
     assert f"got {value!r} (from FIREZONE_NO_TELEMETRY)" in str(error)
@@ -357,7 +357,7 @@ def test_parse_log_filter_rejects(spec: str) -> None:
 def test_span_directives_apply_their_target_and_level(
     directive: str, applied: tuple[str, str]
 ) -> None:
-    """Valid EnvFilter syntax for the Rust gateway (operations.md §4): we have no spans, so
+    """Valid EnvFilter syntax for the Rust gateway (rust/logging/src/lib.rs): we have no spans, so
     the directive applies to its whole target instead of stopping the gateway."""
     parsed = parse_log_filter(f"info,{directive},pykka=warn")
     assert parsed.default == "info"

@@ -121,7 +121,7 @@ def test_example_yaml_documents_every_key_with_its_default() -> None:
 
 def test_example_yaml_names_only_variables_that_are_read() -> None:
     """Each ``env`` line names a variable the gateway reads (e.g. not LOG_FORMAT, which the
-    1.4 gateway ignores, operations.md §1)."""
+    1.4 gateway ignores, rust/gateway/src/main.rs)."""
     for line in EXAMPLE.read_text().splitlines():
         if line.startswith("#   env "):
             variables = line.removeprefix("#   env ").split(", flag")[0]

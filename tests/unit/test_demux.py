@@ -1,4 +1,4 @@
-"""Datagram classification (snownet.md §7)."""
+"""Datagram classification (rust/connlib/snownet/src/node.rs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Filter engine, prefix table and filter-table construction (dataplane.md §5)."""
+"""Filter engine, prefix table and filter-table construction (rust/connlib/tunnel/src/peer.rs)."""
 
 from __future__ import annotations
 

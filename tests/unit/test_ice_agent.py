@@ -38,8 +38,8 @@ GW_RELAY: Address = ("192.0.2.1", 60000)
 CL_HOST: Address = ("10.0.0.2", 40000)
 CL_OTHER: Address = ("10.0.0.3", 40001)
 
-#: Send times of the checks of a never-answered pair (snownet.md §8.3) and its failure time.
-# snownet.md §8.3: max_retransmits (8) unanswered checks, then one more RTO: str0m's count.
+#: Send times of the checks of a never-answered pair (str0m's check schedule) and its failure time.
+# max_retransmits (8) unanswered checks, then one more RTO: str0m's count.
 CHECK_TIMES = [0.0, 0.25, 0.75, 1.75, 3.25, 4.75, 6.25, 7.75]
 FAIL_AT = 9.25
 

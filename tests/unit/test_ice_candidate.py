@@ -1,4 +1,4 @@
-"""Candidate strings, priorities, foundations and credentials (snownet.md §3, §4)."""
+"""Candidate strings, priorities, foundations and credentials (rust/connlib/snownet/src/node.rs)."""
 
 from __future__ import annotations
 

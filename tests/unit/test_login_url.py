@@ -121,7 +121,7 @@ def test_channel_rejects_a_prototype_where_a_key_is_missing() -> None:
     ("api_url", "host", "port", "host_header", "secure"),
     [
         ("wss://api.firezone.dev", "api.firezone.dev", 443, "api.firezone.dev", True),
-        ("ws://h", "h", 80, "h", False),  # the TCP port is the scheme's, not §1.3's 443
+        ("ws://h", "h", 80, "h", False),  # the TCP port is the scheme's, not the bookkeeping's 443
         ("http://127.0.0.1:8081", "127.0.0.1", 8081, "127.0.0.1", False),
         ("https://API.Example.com:8443/p/", "api.example.com", 8443, "api.example.com", True),
         ("wss://[::1]:4443", "::1", 4443, "[::1]", True),
@@ -131,7 +131,7 @@ def test_channel_rejects_a_prototype_where_a_key_is_missing() -> None:
 def test_connect_target_and_host_header(
     api_url: str, host: str, port: int, host_header: str, secure: bool
 ) -> None:
-    """§1.3: connect to the explicit port or the scheme default; §2: Host has no port."""
+    """Connect to the explicit port or the scheme default; Host has no port."""
     url = LoginUrlPrototype.build(api_url, "t", "i", "n").with_public_key(KEY)
     assert (url.host, url.port, url.host_header, url.secure) == (host, port, host_header, secure)
 

@@ -1,4 +1,4 @@
-"""NAT table bookkeeping (dataplane.md §8.2-§8.4)."""
+"""NAT table bookkeeping (rust/connlib/tunnel/src/peer/nat_table.rs)."""
 
 from __future__ import annotations
 

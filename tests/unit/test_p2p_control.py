@@ -1,4 +1,4 @@
-"""Firezone p2p control protocol codec (dataplane.md §7.1)."""
+"""Firezone p2p control protocol codec (rust/ip-packet/src/fz_p2p_control.rs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""NAT46 / NAT64 header translation (dataplane.md §8.5)."""
+"""NAT46 / NAT64 header translation (rust/ip-packet/src/nat46.rs, nat64.rs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ClientOnGateway: per-client authorizations, filters, DNS NAT and timers (dataplane.md §3-§8)."""
+"""ClientOnGateway: per-client authorizations, filters, DNS NAT and timers
+(rust/connlib/tunnel/src/peer.rs)."""
 
 from __future__ import annotations
 

@@ -615,7 +615,7 @@ def test_logs_never_contain_the_token(caplog: pytest.LogCaptureFixture) -> None:
     ],
 )
 def test_truncated_frames_are_a_transient_connection_error(text: str) -> None:
-    """§3.3: JSON that ends early is an IO-level error (reconnect with backoff), not a bad
+    """JSON that ends early is an IO-level error (reconnect with backoff), not a bad
     frame to drop: the rest of the stream can no longer be trusted."""
     h = Harness()
     h.join()

@@ -52,8 +52,9 @@ def test_capabilities_and_credentials(service: dict[str, list[str]]) -> None:
 
 
 def test_environment_files(service: dict[str, list[str]]) -> None:
-    """Upstream's pair (operations.md §8.3), both optional; the operator's file is read last,
-    so its settings win over the installer's preset (systemd: later assignments win)."""
+    """Upstream's pair (rust/gateway/debian/firezone-gateway.service), both optional; the operator's
+    file is read last, so its settings win over the installer's preset (systemd: later assignments
+    win)."""
     assert service["EnvironmentFile"] == [
         "-/etc/firezone/gateway-preset-env",
         "-/etc/firezone/gateway-env",
