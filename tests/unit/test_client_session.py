@@ -240,19 +240,21 @@ def test_spoofed_source_addresses_are_dropped_and_counted(clock: ManualClock) ->
 def test_the_deadline_is_the_earliest_of_idle_tunnel_and_client_state(
     clock: ManualClock,
 ) -> None:
-    world = make_world(clock)
+    world = make_world(clock, authorize=False)
     session = world.session
+    session.authorize(RESOURCE, clock.unix() + 5.5, CLIENT_V4, CLIENT_V6, world.now)
     connect(world, DIRECT)
+    session.take_events()
     assert session.tunnel is not None and session.client is not None
-    deadlines = [d for d in (session.idle.poll_timeout(), session.tunnel.poll_timeout(),
-                             session.client.poll_timeout()) if d is not None]
-    assert session.poll_timeout() == min(deadlines)
-    assert session.poll_timeout() == world.now + IDLE_AFTER  # idle counts from the nomination
-    world.run_until(world.now + IDLE_AFTER)
+    # the client state's expiry check comes first, before idle (10 s) and the tunnel
+    assert session.poll_timeout() == session.client.poll_timeout() == world.now + 1.0
+    world.run_until(world.now + 6.0)  # the authorization expired: nothing left
+    assert session.take_events() == [TunUnregister()] and session.client is None
+    assert session.poll_timeout() == world.now - 6.0 + IDLE_AFTER  # idle counts from nomination
+    world.run_until(world.now + 4.0)
+    assert session.take_events() == [IdleChanged(True)]
     assert session.idle.poll_timeout() is None, "idle: no idle deadline until data"
-    deadlines = [d for d in (session.tunnel.poll_timeout(), session.client.poll_timeout())
-                 if d is not None]
-    assert deadlines and session.poll_timeout() == min(deadlines)
+    assert session.poll_timeout() == session.tunnel.poll_timeout() is not None
     session.close()
     assert session.poll_timeout() is None, "a closed session wants no timer"
 
