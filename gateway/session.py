@@ -72,12 +72,13 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: WireGuard datagrams produced before ICE nominated a path (snownet.md §8.1): the oldest
-#: goes first when more come.
+#: WireGuard datagrams produced before ICE nominated a path: the oldest goes first when
+#: more come (upstream buffers them too, ``rust/connlib/snownet/src/node.rs``).
 PENDING_DATAGRAMS = 10
-#: The client's configured persistent keepalive (snownet.md §5.1).
+#: The client's configured persistent keepalive (``rust/connlib/snownet/src/node.rs``).
 PERSISTENT_KEEPALIVE = 25.0
-#: Why a session fails when its WireGuard session expired (snownet.md §8.4 cause 3).
+#: Why a session fails when its WireGuard session expired (the node forgets the
+#: connection, as ``rust/connlib/snownet/src/node.rs`` does).
 EXPIRED_REASON = "WireGuard connection expired"
 
 
@@ -243,7 +244,7 @@ class ClientSession:
                 self.counters[result.reason] += 1
         to_tun: list[bytes] = []
         if packets:
-            # Decrypted IP packets are data, filtered or not (snownet.md §8.1); once a batch.
+            # Decrypted IP packets are data, filtered or not (gateway/idle.py); once a batch.
             if self.idle.note_data(now):
                 self.events.append(IdleChanged(False))
             if client is None:
@@ -290,7 +291,7 @@ class ClientSession:
                 self.transmits.append(
                     Transmit(path.server, [encode_channel_data(channel, d) for d in datagrams])
                 )
-            # Only encapsulated IP packets are data (snownet.md §8.1); once a batch.
+            # Only encapsulated IP packets are data (gateway/idle.py); once a batch.
             if self.idle.note_data(now):
                 self.events.append(IdleChanged(False))
         self._drain_tunnel_events()
@@ -357,8 +358,9 @@ class ClientSession:
                 icmp_prohibited=self._icmp_prohibited,
                 nat_ports=self._nat_ports,
             )
-        # Every authorization's addresses reach this client from the TUN (dataplane.md §4),
-        # though its own packets must keep coming from the first ones (anti-spoofing).
+        # Every authorization's addresses reach this client from the TUN, though its own
+        # packets must keep coming from the first ones (anti-spoofing); upstream:
+        # ``rust/connlib/tunnel/src/gateway.rs``.
         self.events.append(TunRegister(ipv4, ipv6))
         self.client.add_resource(resource, expires_at, now)
         self.log.info("access to resource %s granted", resource.id)
@@ -432,7 +434,7 @@ class ClientSession:
         path = self.path
         if path is None:
             if len(self.pending) == PENDING_DATAGRAMS:
-                self.counters["pending_full"] += 1  # the oldest goes (snownet.md §8.1)
+                self.counters["pending_full"] += 1  # the oldest goes
             self.pending.append(datagram)
         elif isinstance(path, DirectPath):
             self.transmits.append(Transmit(path.remote, [datagram], path.local))
