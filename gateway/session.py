@@ -25,7 +25,8 @@ and carries out what it hands out: :attr:`~ClientSession.transmits` (datagrams w
 destination decided, taken with :meth:`~ClientSession.take_transmits`) and
 :attr:`~ClientSession.events` (:class:`IdleChanged`, :class:`SessionFailed`,
 :class:`ResolveRequest`, :class:`TunRegister`, :class:`TunUnregister`, taken with
-:meth:`~ClientSession.take_events`). Outputs are per batch, never per packet: the data
+:meth:`~ClientSession.take_events`, or one at a time with ``poll_transmit`` and
+``poll_event``). Outputs are per batch, never per packet: the data
 path allocates nothing per packet beyond what the tunnel and the filters do.
 """
 
@@ -205,6 +206,13 @@ class ClientSession:
     def take_events(self) -> list[SessionEvent]:
         events, self.events = self.events, []
         return events
+
+    def poll_transmit(self) -> Transmit | None:
+        """One at a time, like the other cores (the shell takes them all at once)."""
+        return self.transmits.pop(0) if self.transmits else None
+
+    def poll_event(self) -> SessionEvent | None:
+        return self.events.pop(0) if self.events else None
 
     def poll_timeout(self) -> float | None:
         """The earliest of the idle tracker's, the tunnel's and the client state's deadlines;
