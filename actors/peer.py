@@ -5,7 +5,8 @@ call the session directly, under the session's lock (see ``actors/peer_session.p
 why). The actor handles what the NodeActor and the resolver tell it: a new WireGuard
 session, authorizations, resource updates and removals, the nominated path, DNS answers,
 status, and the WireGuard handshakes the node demultiplexed (``FromNetwork``). Each message
-is applied under the session's lock.
+is applied under the session's lock; what it means is decided by the session's pure core,
+:class:`gateway.session.ClientSession`.
 
 Lifecycle: started by the NodeActor when a client's first connection is created; a new
 connection for the same client (``authorize_flow`` with new ICE credentials) only swaps the

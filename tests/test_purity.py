@@ -80,3 +80,8 @@ def test_checker_catches_io(tmp_path: Path) -> None:
     )
     found = _violations(bad)
     assert len(found) == 5, found
+
+
+def test_the_client_session_core_is_checked() -> None:
+    """One client's data path (``gateway/session.py``) is a core like the others."""
+    assert GATEWAY / "session.py" in _modules()

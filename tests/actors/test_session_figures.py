@@ -64,14 +64,14 @@ def test_figures_are_read_without_the_session_lock_and_stay_monotonic() -> None:
     registry = SessionRegistry()
     session = make_session(clock, registry)
     new_tunnel(session, clock, 1)
-    assert session._tunnel is not None
-    session._tunnel.rx_bytes, session._tunnel.tx_bytes = 100, 40
+    assert session.core.tunnel is not None
+    session.core.tunnel.rx_bytes, session.core.tunnel.tx_bytes = 100, 40
     with session.lock:
         session.authorize_locked(RESOURCE, None, "100.64.0.7", "fd00:2021:1111::7",
                                  clock.monotonic())
         session.set_path_locked(DirectPath(("10.0.0.1", 1), ("10.0.0.2", 2)))
-        assert session._client is not None
-        session._client.counters["not_allowed"] += 3
+        assert session.core.client is not None
+        session.core.client.counters["not_allowed"] += 3
     figures = without_the_lock(session, registry.figures)
     assert (figures.rx_bytes, figures.tx_bytes) == (100, 40)
     assert figures.paths == {"direct": 1} and figures.drops["not_allowed"] == 3
@@ -96,8 +96,8 @@ def test_a_scrape_asks_no_peer_actor_and_takes_no_session_lock() -> None:
     clock = ManualClock()
     session = make_session(clock)
     new_tunnel(session, clock, 3)
-    assert session._tunnel is not None
-    session._tunnel.rx_bytes = 7
+    assert session.core.tunnel is not None
+    session.core.tunnel.rx_bytes = 7
     runtime = mock.Mock()
     runtime.gc_policy = None
     runtime.node.ask.return_value = {"resets": 2, "counters": {"garbage": 4}}
@@ -127,7 +127,7 @@ def test_datagrams_beyond_the_pending_buffer_are_counted() -> None:
     session = make_session(clock, SessionRegistry())
     with session.lock:
         for n in range(PENDING_DATAGRAMS + 5):
-            session._send(bytes([n]))
-        assert len(session._pending) == PENDING_DATAGRAMS
+            session.core._send(bytes([n]))
+        assert len(session.core.pending) == PENDING_DATAGRAMS
         assert session.counters["pending_full"] == 5
         session.close_locked()

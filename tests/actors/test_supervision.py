@@ -210,9 +210,9 @@ def _session(clock: ManualClock, timer: Timer, told: list[object]) -> PeerSessio
 def _break(session: PeerSession) -> None:
     """Every entry of the session's data path raises (a bug, or input nothing checked)."""
     boom = mock.Mock(side_effect=RuntimeError("injected data-path failure"))
-    session._from_network = boom  # type: ignore[method-assign]
-    session._from_tun = boom  # type: ignore[method-assign]
-    session.handle_timeout_locked = boom  # type: ignore[method-assign]
+    session.core.from_network_batch = boom  # type: ignore[method-assign]
+    session.core.from_tun_batch = boom  # type: ignore[method-assign]
+    session.core.handle_timeout = boom  # type: ignore[method-assign]
 
 
 @pytest.mark.parametrize("entry", ["from_network", "from_tun", "on_timer"])
