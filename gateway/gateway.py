@@ -431,8 +431,8 @@ class Gateway:
             client.id,
             client_public_key=client.public_key_bytes,
             preshared_key=client.preshared_key_bytes,
-            local=_ice(msg.gateway_ice_credentials),
-            remote=_ice(msg.client_ice_credentials),
+            local=ice_credentials(msg.gateway_ice_credentials),
+            remote=ice_credentials(msg.client_ice_credentials),
             now=now,
         )
         if isinstance(result, NoTurnServers):
@@ -461,7 +461,7 @@ class Gateway:
             client.id,
             client_public_key=client.peer.public_key_bytes,
             preshared_key=client.peer.preshared_key_bytes,
-            remote=_ice(client.ice_parameters),
+            remote=ice_credentials(client.ice_parameters),
             now=now,
         )
         if isinstance(result, NoTurnServers):
@@ -560,7 +560,8 @@ class Gateway:
                 self._end_session(event.client_id)
 
 
-def _ice(creds: PortalIceCredentials) -> IceCredentials:
+def ice_credentials(creds: PortalIceCredentials) -> IceCredentials:
+    """The portal's ICE credentials as the ICE agent takes them."""
     return IceCredentials(creds.username, creds.password)
 
 
