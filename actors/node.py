@@ -79,7 +79,7 @@ from actors.timer import CallTimer, Timer
 from actors.tun import ConfigureInterface, TunWriter
 from gateway import gateway as cmd
 from gateway.demux import INDEX_SHIFT
-from gateway.gateway import Command, Gateway, LegacyRequest, session_client
+from gateway.gateway import Command, Gateway, LegacyRequest
 from gateway.node import Node
 from gateway.types import Address, Rng
 from gateway.wg.keys import encode_key
@@ -268,9 +268,7 @@ class NodeActor(pykka.ThreadingActor):
 
     def _dispatch(self, message: Any, now: float) -> Any:
         if isinstance(message, PortalIngress):
-            client_id = session_client(message.message)
-            if client_id is not None:  # its actor may have died unreported
-                self._check_alive(client_id)
+            self._check_alive(self.core.session_to_check(message.message))
             self.core.handle_portal(message.message, now)
         elif isinstance(message, PeerIdle):
             self.core.session_idle(message.client_id, message.idle, now)
@@ -293,6 +291,7 @@ class NodeActor(pykka.ThreadingActor):
         elif isinstance(message, GetNodeStatus):
             return self._status()
         elif isinstance(message, _LegacyResolved):
+            self._check_alive(self.core.session_to_check(message.request, message.generation))
             self.core.handle_resolved(message.request, message.addresses, message.generation,
                                       now)
         else:
@@ -520,8 +519,10 @@ class NodeActor(pykka.ThreadingActor):
             return False
         return True
 
-    def _check_alive(self, client_id: uuid.UUID) -> None:
+    def _check_alive(self, client_id: uuid.UUID | None) -> None:
         """A dead PeerActor found before its ``PeerFailed`` arrived ends its client."""
+        if client_id is None:
+            return
         peer = self._peers.get(client_id)
         if peer is not None and not peer.ref.is_alive():
             self._peer_died(client_id, peer)

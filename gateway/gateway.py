@@ -256,18 +256,6 @@ class _Session:
     relay_key: tuple[Address, int] | None = None
 
 
-def session_client(message: object) -> uuid.UUID | None:
-    """The client whose session a portal message needs: the shell checks that session is
-    still alive first (a dead one is reported with :meth:`Gateway.session_lost`)."""
-    if isinstance(message, AuthorizeFlow):
-        return message.client.id
-    if isinstance(message, RequestConnection):
-        return message.client.id
-    if isinstance(message, AllowAccess):
-        return message.client_id
-    return None
-
-
 class Gateway:
     """The gateway's state machine; owns the :class:`~gateway.node.Node` core. See the
     module docstring for the contract."""
@@ -298,6 +286,26 @@ class Gateway:
 
     def sessions(self) -> list[uuid.UUID]:
         return list(self._sessions)
+
+    def session_to_check(
+        self, message: object, resolved_generation: int | None = None
+    ) -> uuid.UUID | None:
+        """The client whose session this input is about to use: the shell checks it is
+        still alive first, and reports a dead one with :meth:`session_lost` (a failed
+        client's flow builds a fresh connection). ``resolved_generation``: the input is
+        the answer to a :class:`Resolve` command for this legacy request."""
+        resolved = resolved_generation is not None
+        if resolved and resolved_generation != self.resets:
+            return None  # dropped unused
+        if isinstance(message, AuthorizeFlow):
+            return message.client.id
+        if isinstance(message, RequestConnection) and (
+            resolved or message.client.domain is None
+        ):
+            return message.client.id
+        if isinstance(message, AllowAccess) and (resolved or message.payload is None):
+            return message.client_id
+        return None
 
     # ------------------------------------------------------------------ inputs
 

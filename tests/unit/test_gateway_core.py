@@ -33,7 +33,6 @@ from gateway.gateway import (
     StartSession,
     StopSession,
     UpdateResource,
-    session_client,
 )
 from gateway.node import PathChanged, RelayedPath
 from gateway.portal.messages import (
@@ -346,7 +345,18 @@ def test_handshakes_go_to_sessions_and_are_counted_without_one(
     assert not any(isinstance(c, DeliverHandshakes) for c in _commands(core))
 
 
-def test_session_client_names_the_client_a_message_needs_alive(portal_fixtures: Path) -> None:
-    assert session_client(_message(portal_fixtures, "authorize_flow.json")) == CLIENT_ID
-    assert session_client(_legacy(portal_fixtures)) == LEGACY_CLIENT
-    assert session_client(_message(portal_fixtures, "init.json")) is None
+def test_the_session_a_message_uses_is_named_for_the_shell_to_check(
+    clock: ManualClock, portal_fixtures: Path
+) -> None:
+    """The shell checks that session is alive first: when the message is handled, not
+    while its domain is looked up, and not for an answer a reset made void."""
+    core = _core(clock)
+    assert core.session_to_check(_message(portal_fixtures, "authorize_flow.json")) == CLIENT_ID
+    legacy = _legacy(portal_fixtures)
+    assert core.session_to_check(legacy) is None  # resolved first
+    assert core.session_to_check(legacy, 0) == LEGACY_CLIENT
+    plain = _message(portal_fixtures, "request_connection.json")  # no domain: at once
+    assert core.session_to_check(plain) == plain.client.id
+    core.reset("test", clock.monotonic())
+    assert core.session_to_check(legacy, 0) is None
+    assert core.session_to_check(_message(portal_fixtures, "init.json")) is None
