@@ -19,7 +19,7 @@ import struct
 from collections.abc import Container
 from enum import Enum
 
-from gateway.turn.channel_data import decode_channel_data
+from gateway.turn.channel_data import HEADER_LEN
 from gateway.types import Address
 
 #: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
@@ -83,6 +83,7 @@ def classify(data: bytes, src: Address, relay_servers: Container[Address]) -> Da
 
 
 _INDEX = struct.Struct("<I")
+_CHANNEL_HEADER = struct.Struct("!HH")
 _TRANSPORT_HEADER = b"\x04\x00\x00\x00"
 
 
@@ -95,15 +96,17 @@ def transport_key(data: bytes, shift: int = INDEX_SHIFT) -> int | None:
     return None
 
 
-def relayed_transport(data: bytes) -> tuple[int, bytes] | None:
-    """``(channel, WireGuard transport message)`` if ``data`` is ChannelData wrapping one;
-    None otherwise (STUN inside ChannelData, odd lengths: the node's business)."""
-    if not 0x40 <= (data[0] if data else 0) <= 0x7F:
+def relayed_transport(data: bytes, shift: int = INDEX_SHIFT) -> tuple[int, int, bytes] | None:
+    """``(channel, route key, WireGuard transport message)`` if ``data`` is ChannelData
+    (``gateway/turn/channel_data.py``: the payload cut to its length field) wrapping a
+    transport message; None otherwise (STUN inside ChannelData, odd lengths: the node's
+    business). One call and one tuple per datagram: the relayed fast path's cost."""
+    n = len(data)
+    if n < HEADER_LEN + _WG_TRANSPORT_MIN_LEN or not 0x40 <= data[0] <= 0x7F:
+        return None  # too short for transport data, or not a channel number (0x4000-0x7FFF)
+    channel, length = _CHANNEL_HEADER.unpack_from(data)
+    if (length < _WG_TRANSPORT_MIN_LEN or length > n - HEADER_LEN
+            or data[HEADER_LEN:HEADER_LEN + 4] != _TRANSPORT_HEADER):
         return None
-    decoded = decode_channel_data(data)
-    if decoded is None:
-        return None
-    inner = decoded[1]
-    if len(inner) >= _WG_TRANSPORT_MIN_LEN and inner[:4] == _TRANSPORT_HEADER:
-        return decoded
-    return None
+    key: int = _INDEX.unpack_from(data, HEADER_LEN + 4)[0] >> shift
+    return channel, key, data[HEADER_LEN:HEADER_LEN + length]

@@ -528,13 +528,13 @@ class UdpReader(threading.Thread):
                     batch.append((data, src))
                 return
         # Relayed fast path: ChannelData carrying WireGuard transport data.
-        elif self._relay_routes and (decoded := relayed_transport(data)) is not None:
-            number, inner = decoded
+        elif self._relay_routes and (
+            relayed := relayed_transport(data, self._index_shift)
+        ) is not None:
+            number, key, inner = relayed
             remote = self._relay_routes.get((src, number))
-            if remote is not None:
-                key = transport_key(inner, self._index_shift)  # not None: checked there
-                if key is not None and key in self._peer_routes:
-                    peer_batches.setdefault(key, []).append((inner, remote))
-                    self._channel_activity.add((src, number))
-                    return
+            if remote is not None and key in self._peer_routes:
+                peer_batches.setdefault(key, []).append((inner, remote))
+                self._channel_activity.add((src, number))
+                return
         node_batch.append((_local_address(sock, self._ports[sock], ancdata), src, data))

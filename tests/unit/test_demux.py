@@ -95,14 +95,17 @@ def test_transport_data_routes_by_its_receiver_index_prefix() -> None:
 
 def test_channel_data_is_unwrapped_only_around_transport_data() -> None:
     inner = _transport(0x10 << 8)
-    assert relayed_transport(encode_channel_data(0x4001, inner)) == (0x4001, inner)
-    assert relayed_transport(encode_channel_data(0x4001, inner) + b"\x00\x00") == (
-        0x4001, inner)  # padded to 4 bytes
+    assert relayed_transport(encode_channel_data(0x4001, inner)) == (0x4001, 0x10, inner)
+    assert relayed_transport(encode_channel_data(0x7FFF, inner) + b"\x00\x00") == (
+        0x7FFF, 0x10, inner)  # padded to 4 bytes
+    assert relayed_transport(encode_channel_data(0x4001, _transport(0x10 << 8, 32))) == (
+        0x4001, 0x10, _transport(0x10 << 8, 32))  # a keepalive
     assert relayed_transport(encode_channel_data(0x4001, _stun())) is None
     assert relayed_transport(encode_channel_data(0x4001, inner[:20])) is None
     assert relayed_transport(inner) is None
     assert relayed_transport(b"") is None
     assert relayed_transport(b"\x40\x01\x00\xff" + inner) is None  # longer than sent
+    assert relayed_transport(b"\x80\x01" + encode_channel_data(0x4001, inner)[2:]) is None
 
 
 @given(st.binary(max_size=200))
