@@ -1,15 +1,30 @@
-"""Classify a received UDP datagram by protocol (snownet.md §7, RFC 7983 first-byte ranges).
+"""Demultiplexing received UDP datagrams: the rules live here, once.
 
 One socket pair carries STUN to/from relays, ChannelData from relays, ICE checks and
-WireGuard. This runs for every datagram, so it only looks at a few bytes and never parses.
+WireGuard (snownet.md §7, RFC 7983 first-byte ranges). This runs for every datagram, so it
+only looks at a few bytes and never parses.
+
+* :func:`classify`: which handler of the node a datagram goes to.
+* The fast path (``actors/io/udp.py``): WireGuard transport data goes straight to its
+  client's session by receiver index (:func:`transport_key`, looked up in the routes the
+  gateway core publishes as ``RouteAdded``/``RouteRemoved``), and ChannelData from a relay
+  on a channel that carries a nominated relayed path is unwrapped first
+  (:func:`relayed_transport`, the channel looked up in the routes published as
+  ``RelayRouteAdded``/``RelayRouteRemoved``). Everything else goes to the node.
 """
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Container
 from enum import Enum
 
+from gateway.turn.channel_data import HEADER_LEN
 from gateway.types import Address
+
+#: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
+#: tunnel may use the low 8 bits for its sessions. A route key is ``index >> INDEX_SHIFT``.
+INDEX_SHIFT = 8
 
 #: Datagrams longer than this are never processed (snownet.md §6.3).
 MAX_DATAGRAM_PAYLOAD = 1336
@@ -65,3 +80,33 @@ def classify(data: bytes, src: Address, relay_servers: Container[Address]) -> Da
     if 0x40 <= first <= 0x7F and src in relay_servers:
         return DatagramKind.CHANNEL_DATA_FROM_RELAY
     return DatagramKind.GARBAGE
+
+
+_INDEX = struct.Struct("<I")
+_CHANNEL_HEADER = struct.Struct("!HH")
+_TRANSPORT_HEADER = b"\x04\x00\x00\x00"
+
+
+def transport_key(data: bytes, shift: int = INDEX_SHIFT) -> int | None:
+    """The route key (receiver index ``>> shift``) of a WireGuard transport message; None
+    for anything else. The fast path's rule: never raises, allocates nothing."""
+    if len(data) >= _WG_TRANSPORT_MIN_LEN and data[:4] == _TRANSPORT_HEADER:
+        key: int = _INDEX.unpack_from(data, 4)[0] >> shift
+        return key
+    return None
+
+
+def relayed_transport(data: bytes, shift: int = INDEX_SHIFT) -> tuple[int, int, bytes] | None:
+    """``(channel, route key, WireGuard transport message)`` if ``data`` is ChannelData
+    (``gateway/turn/channel_data.py``: the payload cut to its length field) wrapping a
+    transport message; None otherwise (STUN inside ChannelData, odd lengths: the node's
+    business). One call and one tuple per datagram: the relayed fast path's cost."""
+    n = len(data)
+    if n < HEADER_LEN + _WG_TRANSPORT_MIN_LEN or not 0x40 <= data[0] <= 0x7F:
+        return None  # too short for transport data, or not a channel number (0x4000-0x7FFF)
+    channel, length = _CHANNEL_HEADER.unpack_from(data)
+    if (length < _WG_TRANSPORT_MIN_LEN or length > n - HEADER_LEN
+            or data[HEADER_LEN:HEADER_LEN + 4] != _TRANSPORT_HEADER):
+        return None
+    key: int = _INDEX.unpack_from(data, HEADER_LEN + 4)[0] >> shift
+    return channel, key, data[HEADER_LEN:HEADER_LEN + length]

@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
+from gateway.demux import INDEX_SHIFT, MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
 from gateway.errors import MalformedPacket
 from gateway.ice.agent import (
     MAX_REMOTE_CANDIDATES,
@@ -67,9 +67,6 @@ log = logging.getLogger(__name__)
 
 #: A connection fails if no remote candidate arrived this long after creation (§8.2).
 CANDIDATE_TIMEOUT = 10.0
-#: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
-#: tunnel may use the low 8 bits for its sessions.
-INDEX_SHIFT = 8
 #: TURN channels one connection may ask for on a signalled candidate's or a check's behalf
 #: (1.4 binds one per non-host candidate, unbounded; a client needs about four). Refilled
 #: when the client asks again with the same credentials (it roamed). A nominated relayed

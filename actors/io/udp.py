@@ -6,10 +6,16 @@ The reader drains both sockets until they would block and splits each batch two 
   straight to that client's data path (``PeerRoute.deliver``, a
   :class:`~actors.peer_session.PeerSession`), called on this thread once per batch: the
   data path crosses no mailbox and never touches the NodeActor.
-* ChannelData from a relay on a channel that carries a client's nominated relayed path,
+* ChannelData from a relay on a channel that carries a client's nominated relayed path
+  (``relay_routes``: (relay server, channel) -> the client's address behind the relay),
   wrapping a WireGuard transport message, is unwrapped here and goes the same way; the
   channel is recorded in ``channel_activity`` so the NodeActor can keep the relay's
-  channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet.
+  channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet. The NodeActor
+  takes notes out with ``set.pop`` (atomic), never by copying then clearing the set.
+
+The rules (what is transport data, its route key, the ChannelData unwrap) are
+``gateway/demux.py``'s; the tables are filled from the route commands of the gateway core
+(``gateway/gateway.py``).
 * Everything else (STUN, other TURN traffic, handshakes, garbage) goes to the node as one
   batch through ``to_node``, called on this thread. The NodeActor submits it as a step on
   its combining lock (:mod:`actors.combining`), which bounds what may queue: a mailbox hop
@@ -42,8 +48,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 
-from gateway.demux import MAX_DATAGRAM_PAYLOAD
-from gateway.turn.channel_data import decode_channel_data
+from gateway.demux import MAX_DATAGRAM_PAYLOAD, relayed_transport, transport_key
 from gateway.types import Address, format_address
 
 log = logging.getLogger(__name__)
@@ -277,8 +282,6 @@ def _source_control(src: Address | None, dst: Address) -> Control | None:
     return _pktinfo(src[0])
 
 
-_INDEX = struct.Struct("<I")
-_TRANSPORT_TYPE = b"\x04\x00\x00\x00"
 _SEGMENT = struct.Struct("=H")
 _GRO_SIZE = struct.Struct("=i")
 _GSO_REFUSALS = (errno.EINVAL, errno.EIO, errno.ENOPROTOOPT, errno.EOPNOTSUPP)
@@ -365,7 +368,7 @@ class UdpReader(threading.Thread):
         to_node: Callable[[Datagrams], None],
         peer_routes: Mapping[int, PeerRoute],
         index_shift: int,
-        relay_routes: Mapping[tuple[Address, int], tuple[PeerRoute, Address]] | None = None,
+        relay_routes: Mapping[tuple[Address, int], Address] | None = None,
         channel_activity: set[tuple[Address, int]] | None = None,
         batch_size: int = 128,
     ) -> None:
@@ -491,9 +494,8 @@ class UdpReader(threading.Thread):
                 self._sort(sock, datagram, ancdata, src, peer_batches, node_batch)
             return
         self._sort(sock, first, ancdata, src, peer_batches, node_batch)
-        batch = None
-        if len(first) >= 32 and first[:4] == _TRANSPORT_TYPE:
-            batch = peer_batches.get(_INDEX.unpack_from(first, 4)[0] >> self._index_shift)
+        key = transport_key(first, self._index_shift)
+        batch = peer_batches.get(key) if key is not None else None
         head = first[:8]
         for datagram in train[1:]:
             if batch is not None and datagram[:8] == head and len(datagram) >= 32:
@@ -510,14 +512,14 @@ class UdpReader(threading.Thread):
         peer_batches: dict[int, list[tuple[bytes, Address]]],
         node_batch: list[tuple[Address, Address, bytes]],
     ) -> None:
-        """Put one datagram on its client's batch (fast paths) or on the node's."""
+        """Put one datagram on its client's batch (fast paths) or on the node's; the rules
+        are ``gateway/demux.py``'s, the tables the gateway core's published routes."""
         if len(data) > MAX_DATAGRAM_PAYLOAD:  # dropped before any processing (§3.1 step 1)
             self.counters["oversized"] += 1
             return
-        first = data[0] if data else 0
-        # Fast path: WireGuard transport data (type 4 + three zero bytes) for a known index.
-        if first == 4 and len(data) >= 32 and data[1:4] == b"\x00\x00\x00":
-            key = _INDEX.unpack_from(data, 4)[0] >> self._index_shift
+        # Fast path: WireGuard transport data for a known receiver index.
+        key = transport_key(data, self._index_shift)
+        if key is not None:
             if key in self._peer_routes:
                 batch = peer_batches.get(key)
                 if batch is None:
@@ -526,15 +528,13 @@ class UdpReader(threading.Thread):
                     batch.append((data, src))
                 return
         # Relayed fast path: ChannelData carrying WireGuard transport data.
-        elif 0x40 <= first <= 0x7F and self._relay_routes:
-            decoded = decode_channel_data(data)
-            if decoded is not None:
-                number, inner = decoded
-                relayed = self._relay_routes.get((src, number))
-                if relayed is not None and len(inner) >= 32 and inner[:4] == b"\x04\x00\x00\x00":
-                    key = _INDEX.unpack_from(inner, 4)[0] >> self._index_shift
-                    if key in self._peer_routes:
-                        peer_batches.setdefault(key, []).append((inner, relayed[1]))
-                        self._channel_activity.add((src, number))
-                        return
+        elif self._relay_routes and (
+            relayed := relayed_transport(data, self._index_shift)
+        ) is not None:
+            number, key, inner = relayed
+            remote = self._relay_routes.get((src, number))
+            if remote is not None and key in self._peer_routes:
+                peer_batches.setdefault(key, []).append((inner, remote))
+                self._channel_activity.add((src, number))
+                return
         node_batch.append((_local_address(sock, self._ports[sock], ancdata), src, data))

@@ -498,3 +498,48 @@ def test_a_node_timer_step_that_raises_is_retried_later(
     deadline = timer.schedule_call.call_args.args[0]
     assert deadline == pytest.approx(clock.monotonic() + 1.0)
     assert _status(ref)["counters"]["timer_step_failed"] == 1
+
+
+class _ReaderAddsMidFold(set[tuple[Any, int]]):
+    """Channel activity where the UDP reader adds a note while the NodeActor folds the set:
+    right after the actor's first look at it (an iteration, or a pop)."""
+
+    def __init__(self, notes: set[tuple[Any, int]], late: tuple[Any, int]) -> None:
+        super().__init__(notes)
+        self.late: tuple[Any, int] | None = late
+
+    def _reader_adds(self) -> None:
+        if self.late is not None:
+            set.add(self, self.late)
+            self.late = None
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        snapshot = list(set.__iter__(self))
+        self._reader_adds()
+        return iter(snapshot)
+
+    def pop(self) -> tuple[Any, int]:
+        note = set.pop(self)
+        self._reader_adds()
+        return note
+
+
+def test_a_channel_note_the_reader_adds_during_the_fold_is_not_lost(
+    harness: dict[str, Any], clock: ManualClock
+) -> None:
+    """The relay's channel-refresh rule needs every note: a copy-then-clear of the set
+    lost one the reader added in between (the reader never takes the actor's lock)."""
+    ref = harness["ref"]
+    _status(ref)
+    actor = ref._actor_weakref()
+    relay = ("192.0.2.1", 3478)
+    activity = _ReaderAddsMidFold({(relay, 0x4001)}, (relay, 0x4002))
+    actor._channel_activity = activity  # type: ignore[union-attr]
+    noted: list[tuple[Any, int]] = []
+    actor.node.note_channel_data = (  # type: ignore[union-attr]
+        lambda server, number, now: noted.append((server, number)))
+    for _ in range(2):  # the late note is folded now or by the next timer step
+        actor._steps.call(  # type: ignore[union-attr]
+            lambda: actor._fold_channel_activity(clock.monotonic()))  # type: ignore[union-attr]
+    assert sorted(noted) == [(relay, 0x4001), (relay, 0x4002)]
+    assert not activity

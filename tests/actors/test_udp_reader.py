@@ -94,7 +94,7 @@ def test_everything_else_goes_to_the_node(setup: dict[str, Any]) -> None:
 def test_relayed_transport_data_is_unwrapped_for_the_peer(setup: dict[str, Any]) -> None:
     relay = setup["relay"]
     client = ("10.203.0.2", 40000)
-    setup["relay_routes"][(relay, 0x4001)] = (setup["routes"][INDEX >> 8], client)
+    setup["relay_routes"][(relay, 0x4001)] = client
     setup["send"](encode_channel_data(0x4001, _transport()) + b"\x00\x00")  # padded
     assert setup["peer"].wait() == [(_transport(), client)]
     assert setup["activity"] == {(relay, 0x4001)}
@@ -109,7 +109,7 @@ def test_short_or_odd_channel_data_on_a_routed_channel_does_not_kill_the_reader(
     setup: dict[str, Any],
 ) -> None:
     relay = setup["relay"]
-    setup["relay_routes"][(relay, 0x4001)] = (setup["routes"][INDEX >> 8], ("10.0.0.2", 1))
+    setup["relay_routes"][(relay, 0x4001)] = ("10.0.0.2", 1)
     odd = [encode_channel_data(0x4001, inner) for inner in
            (b"\x04", b"\x04\x00\x00\x00\x01", b"\x04\x01\x00\x00" + bytes(40))]
     odd.append(encode_channel_data(0x4001, b"\x04") + bytes(40))  # length 1, trailing junk

@@ -17,8 +17,9 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from actors.node import _ice, _turn_servers
 from gateway.dns_pattern import matches
+from gateway.gateway import ice_credentials as _ice
+from gateway.gateway import turn_servers as _turn_servers
 from gateway.ice.candidate import Candidate
 from gateway.peer import ClientOnGateway
 from gateway.portal.login_url import LoginUrlPrototype

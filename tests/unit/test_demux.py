@@ -1,14 +1,22 @@
-"""Datagram classification (rust/connlib/snownet/src/node.rs)."""
+"""Datagram classification (rust/connlib/snownet/src/node.rs) and the fast path's rules."""
 
 from __future__ import annotations
 
 import random
+import struct
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.demux import MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
+from gateway.demux import (
+    MAX_DATAGRAM_PAYLOAD,
+    DatagramKind,
+    classify,
+    relayed_transport,
+    transport_key,
+)
 from gateway.stun.message import Method, encode, new_request
+from gateway.turn.channel_data import encode_channel_data
 
 RELAY = ("192.0.2.1", 3478)
 PEER = ("198.51.100.7", 40000)
@@ -70,3 +78,37 @@ def test_size_limits() -> None:
 @given(st.binary(max_size=1500), st.booleans())
 def test_random_bytes_never_raise(data: bytes, from_relay: bool) -> None:
     assert isinstance(classify(data, RELAY if from_relay else PEER, RELAYS), DatagramKind)
+
+
+def _transport(index: int, length: int = 48) -> bytes:
+    return struct.pack("<II", 4, index) + bytes(length - 8)
+
+
+def test_transport_data_routes_by_its_receiver_index_prefix() -> None:
+    assert transport_key(_transport(0x123456 << 8 | 7)) == 0x123456
+    assert transport_key(_transport(0x123456 << 8, 32)) == 0x123456  # a keepalive
+    assert transport_key(_transport(0x123456 << 8, 31)) is None  # too short for the tag
+    assert transport_key(_wg(1, 148)) is None  # a handshake: the node's
+    assert transport_key(b"\x04\x01\x00\x00" + bytes(40)) is None  # not reserved zeros
+    assert transport_key(b"") is None
+
+
+def test_channel_data_is_unwrapped_only_around_transport_data() -> None:
+    inner = _transport(0x10 << 8)
+    assert relayed_transport(encode_channel_data(0x4001, inner)) == (0x4001, 0x10, inner)
+    assert relayed_transport(encode_channel_data(0x7FFF, inner) + b"\x00\x00") == (
+        0x7FFF, 0x10, inner)  # padded to 4 bytes
+    assert relayed_transport(encode_channel_data(0x4001, _transport(0x10 << 8, 32))) == (
+        0x4001, 0x10, _transport(0x10 << 8, 32))  # a keepalive
+    assert relayed_transport(encode_channel_data(0x4001, _stun())) is None
+    assert relayed_transport(encode_channel_data(0x4001, inner[:20])) is None
+    assert relayed_transport(inner) is None
+    assert relayed_transport(b"") is None
+    assert relayed_transport(b"\x40\x01\x00\xff" + inner) is None  # longer than sent
+    assert relayed_transport(b"\x80\x01" + encode_channel_data(0x4001, inner)[2:]) is None
+
+
+@given(st.binary(max_size=200))
+def test_the_fast_path_rules_never_raise(data: bytes) -> None:
+    transport_key(data)
+    relayed_transport(data)
