@@ -395,8 +395,10 @@ def run(config: GatewayConfig, reload: Callable[[], GatewayConfig] | None = None
     runtime.closers.append(runtime.gc_policy.stop)
     started = False
     try:
-        _start_servers(runtime)  # raises when another gateway owns the control socket
+        # Signals first: once /readyz answers, a signal must find its handler (SIGUSR1's
+        # default action would kill the process).
         _install_signals(runtime, reload)
+        _start_servers(runtime)  # raises when another gateway owns the control socket
         started = True
         log.info("gateway running")
         while not runtime.stopping.wait(0.5):
