@@ -114,7 +114,7 @@ class GetNodeStatus:
 @dataclass(frozen=True, slots=True)
 class _LegacyResolved:
     """A legacy request's domain was looked up; the request is handled now, as 1.4 does
-    (resolve first, then accept and allow, gateway-messages.md §1.3/§1.4)."""
+    (resolve first, then accept and allow, rust/gateway/src/eventloop.rs)."""
 
     request: LegacyRequest
     addresses: tuple[IPAddress, ...]

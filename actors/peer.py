@@ -10,8 +10,9 @@ is applied under the session's lock; what it means is decided by the session's p
 
 Lifecycle: started by the NodeActor when a client's first connection is created; a new
 connection for the same client (``authorize_flow`` with new ICE credentials) only swaps the
-WireGuard session (per-client state survives, dataplane.md §4); stopped when the connection
-fails or on reset. Stopping closes the session, so a reader still holding it drops data.
+WireGuard session (per-client state survives, as in rust/connlib/tunnel/src/gateway.rs); stopped
+when the connection fails or on reset. Stopping closes the session, so a reader still holding it
+drops data.
 
 Failure (README, "Supervision"): an exception in a handler stops this actor alone; its
 ``on_failure`` closes the session and tells the node ``PeerFailed`` naming this actor, so

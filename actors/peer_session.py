@@ -124,8 +124,9 @@ class PeerIdle:
 
 @dataclass(frozen=True, slots=True)
 class PeerFailed:
-    """Told to the NodeActor when the WireGuard session expired (snownet.md §8.4 cause 3),
-    or when this client's PeerActor or data path failed (README, "Supervision")."""
+    """Told to the NodeActor when the WireGuard session expired (rust/connlib/snownet/src/node.rs:
+    "connection expired"), or when this client's PeerActor or data path failed (README,
+    "Supervision")."""
 
     client_id: uuid.UUID
     reason: str

@@ -1,8 +1,8 @@
 """Demultiplexing received UDP datagrams: the rules live here, once.
 
 One socket pair carries STUN to/from relays, ChannelData from relays, ICE checks and
-WireGuard (snownet.md §7, RFC 7983 first-byte ranges). This runs for every datagram, so it
-only looks at a few bytes and never parses.
+WireGuard (rust/connlib/snownet/src/node.rs, RFC 7983 first-byte ranges). This runs for every
+datagram, so it only looks at a few bytes and never parses.
 
 * :func:`classify`: which handler of the node a datagram goes to.
 * The fast path (``actors/io/udp.py``): WireGuard transport data goes straight to its
@@ -22,11 +22,12 @@ from enum import Enum
 from gateway.turn.channel_data import HEADER_LEN
 from gateway.types import Address
 
-#: WireGuard receiver indices: the node hands out the upper 24 bits (snownet.md §1); the
-#: tunnel may use the low 8 bits for its sessions. A route key is ``index >> INDEX_SHIFT``.
+#: WireGuard receiver indices: the node hands out the upper 24 bits
+#: (rust/connlib/snownet/src/node.rs); the tunnel may use the low 8 bits for its sessions. A route
+#: key is ``index >> INDEX_SHIFT``.
 INDEX_SHIFT = 8
 
-#: Datagrams longer than this are never processed (snownet.md §6.3).
+#: Datagrams longer than this are never processed (rust/connlib/snownet/src/allocation.rs).
 MAX_DATAGRAM_PAYLOAD = 1336
 
 _STUN_COOKIE = b"\x21\x12\xa4\x42"

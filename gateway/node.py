@@ -1,6 +1,6 @@
 """The gateway's connectivity core: keys, relays, one ICE agent per client, demultiplexing.
 
-Theory of operation (snownet.md):
+Theory of operation (Firezone's rust/connlib/snownet/src/node.rs):
 
 * The node owns the static X25519 key pair, the node-wide handshake rate limiter, one
   TURN :class:`~gateway.turn.allocation.Allocation` per relay and one :class:`Connection`
@@ -19,7 +19,7 @@ Theory of operation (snownet.md):
   into ``broadcast_ice_candidates``).
 * Once ICE nominates a pair, :class:`PathChanged` tells the shell how to reach the client:
   directly, or through a relay channel. WireGuard datagrams produced before that are
-  buffered by the peer (ring of 10, snownet.md §8.1).
+  buffered by the peer (ring of 10, as rust/connlib/snownet/src/node.rs).
 * :meth:`Node.reset` rotates the key and forgets every connection and allocation; the
   caller rebinds its sockets and reconnects the portal with the new public key.
 
@@ -65,7 +65,8 @@ from gateway.wg.tunnel import message_type, receiver_index
 
 log = logging.getLogger(__name__)
 
-#: A connection fails if no remote candidate arrived this long after creation (§8.2).
+#: A connection fails if no remote candidate arrived this long after creation
+#: (``CANDIDATE_TIMEOUT`` in rust/connlib/snownet/src/node.rs).
 CANDIDATE_TIMEOUT = 10.0
 #: TURN channels one connection may ask for on a signalled candidate's or a check's behalf
 #: (1.4 binds one per non-host candidate, unbounded; a client needs about four). Refilled
@@ -172,7 +173,8 @@ class ConnectionReused:
 
 @dataclass(frozen=True, slots=True)
 class NoTurnServers:
-    """No relay known: the caller must not reply and should re-fetch ``init`` (§5.1)."""
+    """No relay known: the caller must not reply and should re-fetch ``init``
+    (rust/gateway/src/eventloop.rs)."""
 
 
 UpsertResult = ConnectionCreated | ConnectionReused | NoTurnServers
@@ -211,8 +213,8 @@ class Connection:
     #: our checks go there, and STUN responses are routed by them.
     remote_addresses: set[Address] = field(default_factory=set)
     #: Addresses ICE traffic was verified from, and the nominated one: only these route
-    #: handshake initiations here (snownet.md §7 step 5). A subset of what the agent
-    #: ``accepts_from`` (at most its 64 seen addresses and the nominated one).
+    #: handshake initiations here (``decapsulate`` in rust/connlib/snownet/src/node.rs). A subset
+    #: of what the agent ``accepts_from`` (at most its 64 seen addresses and the nominated one).
     seen: set[Address] = field(default_factory=set)
     #: (relay id, peer) channels this connection asked for, and what is left of its budget.
     channels: set[tuple[str, Address]] = field(default_factory=set)
@@ -282,7 +284,8 @@ class Node:
 
     @property
     def software(self) -> str:
-        """The STUN SOFTWARE value: a session id derived from the public key (§1)."""
+        """The STUN SOFTWARE value: a session id derived from the public key
+        (rust/connlib/snownet/src/node.rs)."""
         session = hashlib.sha256(b"SESSION-ID" + self.static.public).hexdigest().upper()
         return f"snownet; session={session}"
 
@@ -290,7 +293,8 @@ class Node:
         """Rotate the static key and forget every connection, allocation and candidate.
 
         Returns the ids of the closed connections. The caller must rebind its sockets (relays
-        identify allocations by 5-tuple) and reconnect the portal with the new key (§9).
+        identify allocations by 5-tuple) and reconnect the portal with the new key (README.rst,
+        "Reset and key rotation").
         """
         closed = list(self._connections)
         self._connections.clear()
@@ -334,8 +338,9 @@ class Node:
     def update_relays(
         self, removed: Iterable[str], added: Iterable[TurnServer], now: float
     ) -> None:
-        """Apply ``init``/``relays_presence`` (snownet.md §6.1), except that a relay whose
-        only change is its credentials keeps its allocation (see the comment below)."""
+        """Apply ``init``/``relays_presence`` (``update_relays`` in
+        rust/connlib/snownet/src/node.rs), except that a relay whose only change is its credentials
+        keeps its allocation (see the comment below)."""
         for relay_id in removed:
             self._deferred.pop(relay_id, None)
             if relay_id in self._allocations:
@@ -468,7 +473,8 @@ class Node:
         remote: IceCredentials,
         now: float,
     ) -> UpsertResult:
-        """``authorize_flow``: reuse iff the local ICE credentials match, else replace (§5.1)."""
+        """``authorize_flow``: reuse iff the local ICE credentials match, else replace
+        (``upsert_connection`` in rust/connlib/snownet/src/node.rs)."""
         existing = self._connections.get(client_id)
         if existing is not None and existing.failed is None and existing.local_credentials == local:
             log.debug("already got a connection for %s", client_id)
@@ -500,7 +506,8 @@ class Node:
     ) -> UpsertResult:
         usable = [rid for rid, a in self._allocations.items() if not a.is_freed]
         # A relay whose replacement waits for the old allocation's delete is still a
-        # known relay (snownet.md §5.1: entries exist before the allocation succeeds).
+        # known relay (rust/connlib/snownet/src/node.rs: entries exist before the allocation
+        # succeeds).
         usable += [rid for rid in self._deferred if rid not in self._allocations]
         if not usable:
             self.counters["no_turn_servers"] += 1
@@ -575,7 +582,8 @@ class Node:
         return True
 
     def set_idle(self, client_id: uuid.UUID, idle: bool, now: float) -> None:
-        """Connected <-> Idle (§8.1): idle connections use the idle STUN timings (§8.2)."""
+        """Connected <-> Idle: idle connections use the idle STUN timings
+        (rust/connlib/snownet/src/node.rs)."""
         conn = self._connections.get(client_id)
         if conn is None or conn.path is None or conn.idle == idle:
             return
@@ -601,7 +609,8 @@ class Node:
     def add_remote_candidates(
         self, client_id: uuid.UUID, candidates: Iterable[str], now: float
     ) -> None:
-        """``ice_candidates``: only while the connection is still connecting (§4.4)."""
+        """``ice_candidates``: only while the connection is still connecting
+        (rust/connlib/snownet/src/node.rs)."""
         conn = self._connections.get(client_id)
         if conn is None:
             self.counters["candidates_for_unknown_client"] += 1
@@ -630,7 +639,8 @@ class Node:
             self._index_remote(conn, candidate.address)
             if candidate.kind != "host":
                 # So that the client's relayed and reflexive candidates reach our relayed
-                # one (snownet.md §4.4), within the connection's and the relay's budget.
+                # one (rust/connlib/snownet/src/node.rs), within the connection's and the relay's
+                # budget.
                 self._bind_channel(conn, conn.relay_id, candidate.address, now)
         if bad is not None:  # one line per message, however many were bad
             log.warning("ignoring unparseable candidate(s) from %s: %s", client_id, bad)
@@ -639,7 +649,8 @@ class Node:
     def remove_remote_candidates(
         self, client_id: uuid.UUID, candidates: Iterable[str], now: float
     ) -> None:
-        """``invalidate_ice_candidates``: in any state; may disconnect the agent (§4.4)."""
+        """``invalidate_ice_candidates``: in any state; may disconnect the agent
+        (rust/connlib/snownet/src/node.rs)."""
         conn = self._connections.get(client_id)
         if conn is None:
             return
@@ -668,7 +679,8 @@ class Node:
     def handle_datagram(
         self, local: Address, src: Address, data: bytes, now: float
     ) -> WireGuardDatagram | None:
-        """Demultiplex one received datagram (§7). Never raises on bad input."""
+        """Demultiplex one received datagram (``decapsulate`` in rust/connlib/snownet/src/node.rs).
+        Never raises on bad input."""
         self._now = now
         if len(data) > MAX_DATAGRAM_PAYLOAD:
             self.counters["oversized_datagram"] += 1
@@ -720,7 +732,8 @@ class Node:
 
     def _route_wireguard(self, data: bytes, src: Address) -> uuid.UUID | None:
         """Responses, cookie replies and transport data by their receiver index; the rest
-        (initiations) by their source, if ICE traffic was verified from it (snownet.md §7).
+        (initiations) by their source, if ICE traffic was verified from it
+        (rust/connlib/snownet/src/node.rs).
 
         Signalled candidates never route: a client could name another client's address and
         capture its handshakes. Among connections that saw ``src`` (only possible with
@@ -880,8 +893,9 @@ class Node:
         except ValueError:
             self.counters["bad_local_address"] += 1
             return False
-        # Invalid for ICE (snownet.md §4.1): unspecified, multicast, IPv4 broadcast and IPv4
-        # link-local; an IPv6 link-local address is a host candidate like any other.
+        # Invalid for ICE (rust/connlib/snownet/src/node.rs): unspecified, multicast, IPv4
+        # broadcast and IPv4 link-local; an IPv6 link-local address is a host candidate like any
+        # other.
         if ip.is_unspecified or ip.is_multicast or (
             isinstance(ip, ipaddress.IPv4Address)
             and (ip.is_link_local or ip == ipaddress.IPv4Address("255.255.255.255"))
@@ -989,7 +1003,8 @@ class Node:
         self._pending_invalidated.setdefault(client_id, []).append(candidate.to_sdp())
 
     def _flush_candidate_events(self) -> None:
-        """One event per client per processing step, sorted and de-duplicated (§2.3)."""
+        """One event per client per processing step, sorted and de-duplicated
+        (rust/gateway/src/eventloop.rs)."""
         for client_id, lines in self._pending_added.items():
             if client_id in self._connections:
                 self._events.append(CandidatesAdded(client_id, tuple(sorted(set(lines)))))
@@ -1012,7 +1027,8 @@ class Node:
             elif isinstance(event, PeerReflexive):
                 # A verified check taught the agent a remote candidate: the client's
                 # signalled ones may still be on their way through the portal, and must
-                # not fail a connection that already works (§8.4, cause 1).
+                # not fail a connection that already works (``CANDIDATE_TIMEOUT`` in
+                # rust/connlib/snownet/src/node.rs).
                 conn.got_remote_candidate = True
             elif isinstance(event, Disconnected):
                 self._fail(conn, f"ICE disconnected: {event.reason}")

@@ -10,8 +10,8 @@ The reader drains both sockets until they would block and splits each batch two 
   (``relay_routes``: (relay server, channel) -> the client's address behind the relay),
   wrapping a WireGuard transport message, is unwrapped here and goes the same way; the
   channel is recorded in ``channel_activity`` so the NodeActor can keep the relay's
-  channel-refresh bookkeeping (snownet.md §6.5) without seeing the packet. The NodeActor
-  takes notes out with ``set.pop`` (atomic), never by copying then clearing the set.
+  channel-refresh bookkeeping (rust/connlib/snownet/src/allocation.rs) without seeing the packet.
+  The NodeActor takes notes out with ``set.pop`` (atomic), never by copying then clearing the set.
 
 The rules (what is transport data, its route key, the ChannelData unwrap) are
 ``gateway/demux.py``'s; the tables are filled from the route commands of the gateway core
@@ -55,7 +55,8 @@ log = logging.getLogger(__name__)
 wire_recv = logging.getLogger("wire.net.recv")
 wire_send = logging.getLogger("wire.net.send")
 
-#: SO_MARK so our own traffic bypasses the tunnel's policy routing (dataplane.md §2.2).
+#: SO_MARK so our own traffic bypasses the tunnel's policy routing
+#: (rust/bin-shared/src/tun_device_manager/linux.rs).
 FIREZONE_MARK = 0xFD002021
 SO_MARK = 36
 #: Like SO_RCVBUF/SO_SNDBUF but past net.core.rmem_max/wmem_max (needs CAP_NET_ADMIN,
@@ -165,8 +166,9 @@ class UdpSockets:
         return out
 
     def send(self, dst: Address, payload: bytes, src: Address | None = None) -> None:
-        """Send one datagram, from local address ``src`` if given (snownet.md §7: a direct
-        path sends from its base); errors are counted, never raised (the path may be gone).
+        """Send one datagram, from local address ``src`` if given
+        (rust/connlib/snownet/src/node.rs: a direct path sends from its base); errors are counted,
+        never raised (the path may be gone).
         """
         sock = self.v6 if ":" in dst[0] else self.v4
         if sock is None:
@@ -514,7 +516,8 @@ class UdpReader(threading.Thread):
     ) -> None:
         """Put one datagram on its client's batch (fast paths) or on the node's; the rules
         are ``gateway/demux.py``'s, the tables the gateway core's published routes."""
-        if len(data) > MAX_DATAGRAM_PAYLOAD:  # dropped before any processing (§3.1 step 1)
+        # Dropped before any processing (rust/connlib/snownet/src/allocation.rs).
+        if len(data) > MAX_DATAGRAM_PAYLOAD:
             self.counters["oversized"] += 1
             return
         # Fast path: WireGuard transport data for a known receiver index.
