@@ -79,6 +79,7 @@ from actors.timer import CallTimer, Timer
 from actors.tun import ConfigureInterface, TunWriter
 from gateway import gateway as cmd
 from gateway.demux import INDEX_SHIFT
+from gateway.drops import Drop, Event
 from gateway.gateway import Command, Gateway, LegacyRequest
 from gateway.node import Node
 from gateway.types import Address, Rng
@@ -329,7 +330,7 @@ class NodeActor(pykka.ThreadingActor):
             # not stop with it (nothing else may re-arm them on an idle gateway), nor spin
             # on a deadline that keeps failing.
             log.exception("node timer step failed; retrying in %.0f s", TIMER_RETRY)
-            self.node.counters["timer_step_failed"] += 1
+            self.node.counters[Event.TIMER_STEP_FAILED] += 1
             if self._wake is not None:
                 self._wake.arm(now + TIMER_RETRY)
 
@@ -432,9 +433,9 @@ class NodeActor(pykka.ThreadingActor):
         peer = self._peers.get(command.client_id)
         counters = self.core.node.counters
         if peer is None:
-            counters["handshake_no_peer"] += len(command.datagrams)
+            counters[Drop.HANDSHAKE_NO_PEER] += len(command.datagrams)
         elif not peer.inflight.try_acquire():  # backpressure: its mailbox is full
-            counters["handshake_peer_busy"] += len(command.datagrams)
+            counters[Drop.HANDSHAKE_PEER_BUSY] += len(command.datagrams)
         elif not self._tell_peer(command.client_id, peer, FromNetwork(command.datagrams)):
             peer.inflight.release()
 
@@ -554,7 +555,7 @@ class NodeActor(pykka.ThreadingActor):
         counters: dict[str, int] = {}
         if self._reader is not None:
             counters.update(self._reader.counters)
-        counters["node_queue_drop"] = self._steps.dropped
+        counters[Drop.NODE_QUEUE_DROP] = self._steps.dropped
         if self._sockets is not None:
             counters.update(self._sockets.counters)
         return counters

@@ -37,6 +37,7 @@ from actors.io.udp import UdpSockets
 from actors.resolver import IPAddress
 from actors.timer import CallTimer, Timer
 from actors.tun import RegisterClient, TunWriter, UnregisterClient
+from gateway.drops import Drop
 from gateway.node import Path
 from gateway.packet.nat import NAT_PORTS
 from gateway.resources import Resource
@@ -198,7 +199,7 @@ class PeerSession:
         with self.lock:
             core = self.core
             if core.closed:  # a reader still holding this entry: nothing reaches the core
-                core.counters["closed"] += len(datagrams)
+                core.counters[Drop.CLOSED] += len(datagrams)
                 return
             try:
                 clock = self._clock
@@ -218,7 +219,7 @@ class PeerSession:
         with self.lock:
             core = self.core
             if core.closed:  # a reader still holding this entry: nothing reaches the core
-                core.counters["closed"] += len(packets)
+                core.counters[Drop.CLOSED] += len(packets)
                 return
             try:
                 clock = self._clock

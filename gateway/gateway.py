@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from typing import TypeAlias
 
 from gateway.demux import INDEX_SHIFT
+from gateway.drops import Drop
 from gateway.ice.candidate import IceCredentials
 from gateway.node import (
     CandidatesAdded,
@@ -373,7 +374,7 @@ class Gateway:
             if client_id in self._sessions:
                 self._commands.append(DeliverHandshakes(client_id, datagrams))
             else:
-                node.counters["handshake_no_peer"] += len(datagrams)
+                node.counters[Drop.HANDSHAKE_NO_PEER] += len(datagrams)
         self._drain_node()
 
     def note_channel_activity(self, seen: Iterable[tuple[Address, int]], now: float) -> None:

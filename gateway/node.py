@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.demux import INDEX_SHIFT, MAX_DATAGRAM_PAYLOAD, DatagramKind, classify
+from gateway.drops import Drop, Event
 from gateway.errors import MalformedPacket
 from gateway.ice.agent import (
     MAX_REMOTE_CANDIDATES,
@@ -318,7 +319,7 @@ class Node:
         self._pending_invalidated.clear()
         self.static = StaticKeyPair.generate(self._rng)
         self.rate_limiter = HandshakeRateLimiter(self.static.public, self._rng)
-        self.counters["resets"] += 1
+        self.counters[Event.RESETS] += 1
         log.info("node reset: key rotated, %d connection(s) closed", len(closed))
         return closed
 
@@ -510,7 +511,7 @@ class Node:
         # succeeds).
         usable += [rid for rid in self._deferred if rid not in self._allocations]
         if not usable:
-            self.counters["no_turn_servers"] += 1
+            self.counters[Event.NO_TURN_SERVERS] += 1
             log.warning("no TURN servers connected; cannot create connection for %s", client_id)
             return NoTurnServers()
         relay_id = self._rng.choice(sorted(usable))
@@ -540,7 +541,7 @@ class Node:
                 self._add_local(conn, Candidate.relay(address, relay_id))
         self._drain_agent(conn, now)
         self._flush_candidate_events()
-        self.counters["connections_created"] += 1
+        self.counters[Event.CONNECTIONS_CREATED] += 1
         return ConnectionCreated(
             client_id=client_id,
             local_index=conn.local_index,
@@ -613,24 +614,24 @@ class Node:
         (rust/connlib/snownet/src/node.rs)."""
         conn = self._connections.get(client_id)
         if conn is None:
-            self.counters["candidates_for_unknown_client"] += 1
+            self.counters[Drop.CANDIDATES_FOR_UNKNOWN_CLIENT] += 1
             return
         if conn.path is not None and now >= conn.accept_candidates_until:
-            self.counters["candidates_after_nomination"] += 1
+            self.counters[Drop.CANDIDATES_AFTER_NOMINATION] += 1
             return
         lines = list(candidates)
         bad: ValueError | None = None
         for n, line in enumerate(lines):
             if n >= MAX_CANDIDATE_LINES or conn.agent.remote_candidates_full:
                 # Bounded (``gateway/ice/agent.py``): the rest is counted, not parsed.
-                self.counters["remote_candidates_over_limit"] += len(lines) - n
+                self.counters[Drop.REMOTE_CANDIDATES_OVER_LIMIT] += len(lines) - n
                 log.warning("client %s signalled more candidates than kept; %d ignored",
                             client_id, len(lines) - n)
                 break
             try:
                 candidate = Candidate.parse(line)
             except ValueError as exc:
-                self.counters["bad_remote_candidate"] += 1
+                self.counters[Drop.BAD_REMOTE_CANDIDATE] += 1
                 bad = exc
                 continue
             conn.got_remote_candidate = True
@@ -656,13 +657,13 @@ class Node:
             return
         lines = list(candidates)
         if len(lines) > MAX_CANDIDATE_LINES:
-            self.counters["invalidations_over_limit"] += len(lines) - MAX_CANDIDATE_LINES
+            self.counters[Drop.INVALIDATIONS_OVER_LIMIT] += len(lines) - MAX_CANDIDATE_LINES
             del lines[MAX_CANDIDATE_LINES:]
         for line in lines:
             try:
                 candidate = Candidate.parse(line)
             except ValueError:
-                self.counters["bad_remote_candidate"] += 1
+                self.counters[Drop.BAD_REMOTE_CANDIDATE] += 1
                 continue
             address = candidate.address
             if address not in conn.remote_addresses and address not in conn.seen:
@@ -683,7 +684,7 @@ class Node:
         Never raises on bad input."""
         self._now = now
         if len(data) > MAX_DATAGRAM_PAYLOAD:
-            self.counters["oversized_datagram"] += 1
+            self.counters[Drop.OVERSIZED_DATAGRAM] += 1
             return None
         if not self._learn_host_candidate(local, now):
             return None
@@ -694,13 +695,13 @@ class Node:
         if kind is DatagramKind.CHANNEL_DATA_FROM_RELAY:
             relay_id = self._server_to_relay.get(src)
             if relay_id is None:  # only an allocation being deleted uses that server
-                self.counters["channel_data_dropped"] += 1
+                self.counters[Drop.CHANNEL_DATA_DROPPED] += 1
                 return None
             allocation = self._allocations[relay_id]
             unwrapped = allocation.decapsulate(data, src, now)
             self._drain_allocation(allocation, now)
             if unwrapped is None:
-                self.counters["channel_data_dropped"] += 1
+                self.counters[Drop.CHANNEL_DATA_DROPPED] += 1
                 return None
             peer, payload, relayed = unwrapped
             return self._handle_peer_datagram(relayed, peer, payload, now, relayed=True)
@@ -724,10 +725,10 @@ class Node:
         if kind is DatagramKind.WIREGUARD:
             client_id = self._route_wireguard(data, src)
             if client_id is None:
-                self.counters["wireguard_no_connection"] += 1
+                self.counters[Drop.WIREGUARD_NO_CONNECTION] += 1
                 return None
             return WireGuardDatagram(client_id, data, src)
-        self.counters["garbage_datagram"] += 1
+        self.counters[Drop.GARBAGE_DATAGRAM] += 1
         return None
 
     def _route_wireguard(self, data: bytes, src: Address) -> uuid.UUID | None:
@@ -759,7 +760,7 @@ class Node:
         try:
             message = parse_stun(data)
         except MalformedPacket:
-            self.counters["malformed_stun_from_relay"] += 1
+            self.counters[Drop.MALFORMED_STUN_FROM_RELAY] += 1
             return
         for deleting in self._deleting:
             if deleting.expects(message):
@@ -768,7 +769,7 @@ class Node:
                 return
         relay_id = self._server_to_relay.get(src)
         if relay_id is None:
-            self.counters["stun_from_deleted_relay"] += 1
+            self.counters[Drop.STUN_FROM_DELETED_RELAY] += 1
             return
         allocation = self._allocations[relay_id]
         allocation.handle_stun(message, data, src, local, now)
@@ -798,7 +799,7 @@ class Node:
         try:
             message = parse_stun(data)
         except MalformedPacket:
-            self.counters["malformed_stun"] += 1
+            self.counters[Drop.MALFORMED_STUN] += 1
             return
         if message.cls == MessageClass.REQUEST:
             try:
@@ -818,7 +819,7 @@ class Node:
                 self._drain_agent(conn, now)
                 self._flush_candidate_events()
                 return
-        self.counters["stun_no_agent"] += 1
+        self.counters[Drop.STUN_NO_AGENT] += 1
 
     def _index_remote(self, conn: Connection, address: Address) -> None:
         if address not in conn.remote_addresses:
@@ -870,10 +871,10 @@ class Node:
         grant = (relay_id, peer)
         if grant not in conn.channels:
             if conn.channel_budget <= 0:
-                self.counters["channel_refused_connection_budget"] += 1
+                self.counters[Drop.CHANNEL_REFUSED_CONNECTION_BUDGET] += 1
                 return False
             if self._relay_channels[relay_id] >= MAX_CANDIDATE_CHANNELS_PER_RELAY:
-                self.counters["channel_refused_relay_budget"] += 1
+                self.counters[Drop.CHANNEL_REFUSED_RELAY_BUDGET] += 1
                 return False
             conn.channel_budget -= 1
             conn.channels.add(grant)
@@ -891,7 +892,7 @@ class Node:
         try:
             ip = ipaddress.ip_address(local[0])
         except ValueError:
-            self.counters["bad_local_address"] += 1
+            self.counters[Drop.BAD_LOCAL_ADDRESS] += 1
             return False
         # Invalid for ICE (rust/connlib/snownet/src/node.rs): unspecified, multicast, IPv4
         # broadcast and IPv4 link-local; an IPv6 link-local address is a host candidate like any
@@ -900,7 +901,7 @@ class Node:
             isinstance(ip, ipaddress.IPv4Address)
             and (ip.is_link_local or ip == ipaddress.IPv4Address("255.255.255.255"))
         ):
-            self.counters["invalid_host_candidate"] += 1
+            self.counters[Drop.INVALID_HOST_CANDIDATE] += 1
             return False
         candidate = Candidate.host(local)
         self._host_candidates[local] = candidate
@@ -988,7 +989,7 @@ class Node:
         self._connections.pop(conn.client_id, None)
         self._by_index.pop(conn.local_index >> INDEX_SHIFT, None)
         self._unindex(conn)
-        self.counters["connections_failed"] += 1
+        self.counters[Event.CONNECTIONS_FAILED] += 1
         log.info("connection to %s failed: %s", conn.client_id, reason)
         self._events.append(ConnectionFailed(conn.client_id, reason))
 
@@ -1079,7 +1080,7 @@ class Node:
                     wrapped = allocation.encapsulate(tx.dst, tx.payload, now)
                     if wrapped is None:
                         self._bind_channel(conn, allocation.relay_id, tx.dst, now)
-                        self.counters["no_channel"] += 1
+                        self.counters[Drop.NO_CHANNEL] += 1
                     else:
                         self._transmits.append(wrapped)
                     return

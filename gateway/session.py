@@ -39,6 +39,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from gateway.drops import Drop
 from gateway.idle import IdleTracker
 from gateway.node import DirectPath, Path
 from gateway.packet.ip import IPAddress
@@ -239,7 +240,7 @@ class ClientSession:
         """WireGuard datagrams from this client; returns the IP packets for the TUN."""
         tunnel = self.tunnel
         if tunnel is None:
-            self.counters["closed" if self.closed else "no_session"] += len(datagrams)
+            self.counters[Drop.CLOSED if self.closed else Drop.NO_SESSION] += len(datagrams)
             return []
         client = self.client
         packets: list[bytes] = []
@@ -256,7 +257,7 @@ class ClientSession:
             if self.idle.note_data(now):
                 self.events.append(IdleChanged(False))
             if client is None:
-                self.counters["no_client_state"] += len(packets)
+                self.counters[Drop.NO_CLIENT_STATE] += len(packets)
             else:
                 inbound = client.handle_inbound
                 for packet in packets:
@@ -276,7 +277,7 @@ class ClientSession:
         """IP packets the TUN read for this client: filtered, encrypted, queued to send."""
         tunnel, client = self.tunnel, self.client
         if tunnel is None or client is None:
-            self.counters["closed" if self.closed else "tun_no_session"] += len(packets)
+            self.counters[Drop.CLOSED if self.closed else Drop.TUN_NO_SESSION] += len(packets)
             return
         encapsulate = tunnel.encapsulate
         outbound = client.handle_outbound
@@ -442,7 +443,7 @@ class ClientSession:
         path = self.path
         if path is None:
             if len(self.pending) == PENDING_DATAGRAMS:
-                self.counters["pending_full"] += 1  # the oldest goes
+                self.counters[Drop.PENDING_FULL] += 1  # the oldest goes
             self.pending.append(datagram)
         elif isinstance(path, DirectPath):
             self.transmits.append(Transmit(path.remote, [datagram], path.local))
@@ -540,5 +541,5 @@ class ClientSession:
             "resources": resources,
             "drops": dict(self.counters + (client.counters if client else Counter())),
             # Handshakes dropped because the node was under load (no cookie replies, as 1.4).
-            "handshakes_under_load": tunnel.counters["under_load"] if tunnel is not None else 0,
+            "handshakes_under_load": tunnel.counters[Drop.UNDER_LOAD] if tunnel is not None else 0,
         }

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from gateway.demux import MAX_DATAGRAM_PAYLOAD, relayed_transport, transport_key
+from gateway.drops import Drop, Event
 from gateway.types import Address, format_address
 
 log = logging.getLogger(__name__)
@@ -172,7 +173,7 @@ class UdpSockets:
         """
         sock = self.v6 if ":" in dst[0] else self.v4
         if sock is None:
-            self.counters["send_no_socket"] += 1
+            self.counters[Drop.SEND_NO_SOCKET] += 1
             return
         if self.trace:
             _trace_send(dst, src, [payload])
@@ -184,10 +185,10 @@ class UdpSockets:
                 sock.sendmsg([payload], [source], 0, dst)
         except OSError as exc:
             if source is not None and exc.errno in _SOURCE_REFUSALS:
-                self.counters["send_source_refused"] += 1  # no longer ours: kernel's choice
+                self.counters[Drop.SEND_SOURCE_REFUSED] += 1  # no longer ours: kernel's choice
                 self.send(dst, payload)
             elif exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                self.counters["send_would_block"] += 1
+                self.counters[Drop.SEND_WOULD_BLOCK] += 1
             else:
                 self.counters[f"send_error_{exc.errno}"] += 1
 
@@ -200,14 +201,14 @@ class UdpSockets:
             return
         sock = self.v6 if ":" in dst[0] else self.v4
         if sock is None:
-            self.counters["send_no_socket"] += len(payloads)
+            self.counters[Drop.SEND_NO_SOCKET] += len(payloads)
             return
         if self.trace:
             _trace_send(dst, src, payloads)
         try:
             send_segmented(sock, dst, payloads, self.counters, _source_control(src, dst))
         except SourceRefused as exc:
-            self.counters["send_source_refused"] += 1
+            self.counters[Drop.SEND_SOURCE_REFUSED] += 1
             self.send_many(dst, payloads[exc.sent:])  # EINVAL may also mean GSO: see there
         except GsoRefused as exc:
             log.warning("UDP GSO refused (%s); sending one datagram per call from now on", exc)
@@ -342,7 +343,7 @@ def send_segmented(
             if extra and exc.errno in _SOURCE_REFUSALS:
                 raise SourceRefused(exc, start) from exc
             if exc.errno in (errno.EAGAIN, errno.ENOBUFS):
-                counters["send_would_block"] += end - start
+                counters[Drop.SEND_WOULD_BLOCK] += end - start
             elif end - start > 1 and exc.errno in _GSO_REFUSALS:
                 raise GsoRefused(exc, start) from exc
             else:
@@ -427,7 +428,7 @@ class UdpReader(threading.Thread):
                     self._drain(by_fd[fd])
                 except Exception:
                     # A bug must cost one batch, not every datagram from now on.
-                    self.counters["reader_error"] += 1
+                    self.counters[Drop.READER_ERROR] += 1
                     log.exception("UDP reader: batch dropped after an unexpected error")
 
     def _drain(self, sock: socket.socket) -> None:
@@ -447,7 +448,7 @@ class UdpReader(threading.Thread):
             if trace:
                 self._trace_recv(sock, data, ancdata, src)
             if ancdata and (train := split_gro(data, ancdata)) is not None:
-                self.counters["gro_trains"] += 1
+                self.counters[Event.GRO_TRAINS] += 1
                 self._sort_train(sock, train, ancdata, src, peer_batches, node_batch)
             else:
                 self._sort(sock, data, ancdata, src, peer_batches, node_batch)
@@ -455,13 +456,13 @@ class UdpReader(threading.Thread):
         for key, datagrams in peer_batches.items():
             route = routes.get(key)
             if route is None:
-                self.counters["peer_gone"] += len(datagrams)
+                self.counters[Drop.PEER_GONE] += len(datagrams)
                 continue
             try:
                 route.deliver(datagrams)
             except Exception:
                 # A bug in one client's path must cost that batch, not everyone's.
-                self.counters["peer_error"] += len(datagrams)
+                self.counters[Drop.PEER_ERROR] += len(datagrams)
                 log.exception("UDP reader: a client's batch was dropped")
         if node_batch:
             self._to_node(Datagrams(node_batch))
@@ -518,7 +519,7 @@ class UdpReader(threading.Thread):
         are ``gateway/demux.py``'s, the tables the gateway core's published routes."""
         # Dropped before any processing (rust/connlib/snownet/src/allocation.rs).
         if len(data) > MAX_DATAGRAM_PAYLOAD:
-            self.counters["oversized"] += 1
+            self.counters[Drop.OVERSIZED] += 1
             return
         # Fast path: WireGuard transport data for a known receiver index.
         key = transport_key(data, self._index_shift)
