@@ -64,6 +64,12 @@ class SimTurnServer:
         """Accept one more long-term credential (the portal rotates them on every init)."""
         self._keys[username] = long_term_key(username, "firezone", password)
 
+    def restart(self) -> None:
+        """The relay went down and came back: every allocation is gone."""
+        self.allocations.clear()
+        self.by_relayed.clear()
+        self.owners.clear()
+
     def relayed_addresses(self) -> set[Address]:
         return set(self.by_relayed)
 

@@ -28,8 +28,8 @@ from collections import deque
 from typing import Any
 
 from gateway.errors import GatewayError
-from gateway.idle import IdleTracker
 from gateway.ice.candidate import IceCredentials
+from gateway.idle import IdleTracker
 from gateway.node import (
     CandidatesAdded,
     CandidatesInvalidated,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 import random
 import uuid
 from collections.abc import Callable
@@ -93,6 +94,7 @@ class AuthorizeSent:
     expires_at: float | None
     gateway_key: str
     gateway_ice_username: str
+    unix: float
 
 
 class SimPortal:
@@ -112,6 +114,8 @@ class SimPortal:
         self.flows: dict[str, tuple[SimClient, uuid.UUID, dict[str, Any], dict[str, Any], str]] = {}
         self.authorized: list[AuthorizeSent] = []
         self.turn_usernames: list[str] = []
+        #: Told of every ``authorize_flow`` as it is sent (the reference model follows).
+        self.on_authorize: Callable[[AuthorizeSent], None] | None = None
 
     # ---- gateway side
     def gateway_connect(self, public_key: str) -> None:
@@ -182,8 +186,11 @@ class SimPortal:
             expires_at = (None if lifetime is None
                           else int(self.world.clock.unix() + lifetime))
             self.flows[ref] = (client, rid, creds.client.to_json(), creds.gateway.to_json(), psk)
-            self.authorized.append(AuthorizeSent(client.id, rid, expires_at, self.gateway_key,
-                                                 creds.gateway.username))
+            sent = AuthorizeSent(client.id, rid, expires_at, self.gateway_key,
+                                 creds.gateway.username, self.world.clock.unix())
+            self.authorized.append(sent)
+            if self.on_authorize is not None:
+                self.on_authorize(sent)
             self.world.to_gateway("authorize_flow", {
                 "ref": ref, "flow_id": str(uuid.UUID(int=self.rng.getrandbits(128))),
                 "actor": {"id": str(client.id)},
@@ -211,6 +218,9 @@ class SimPortal:
         self.world.to_gateway("resource_updated", self.resources[rid].to_json())
 
     def relays_presence(self, removed: list[SimRelay], added: list[SimRelay]) -> None:
+        """A relay leaving has gone down (its allocations with it); one joining is up."""
+        for relay in removed:
+            relay.server.restart()
         payload = {"disconnected_ids": [str(r.id) for r in removed],
                    "connected": self.relay_entries(added)}
         self.world.to_gateway("relays_presence", payload)
@@ -237,7 +247,8 @@ class World:
             rid = uuid.UUID(int=0xA000 + i)
             self.portal.resources[rid] = SimResource(rid, f"res{i}", i + 1, [])
         #: (resource host ip) -> tags that arrived there
-        self.arrived: dict[str, set[bytes]] = {r.host: set() for r in self.portal.resources.values()}
+        self.arrived: dict[str, set[bytes]] = {
+            r.host: set() for r in self.portal.resources.values()}
         self.clients: list[SimClient] = []
         for i in range(clients):
             core = ClientCore(rng=random.Random(seed * 31 + i), now=self.clock.monotonic(),
@@ -301,9 +312,9 @@ class World:
                 progress = True
                 self.portal.from_gateway(event, payload)
             local = gw.local_addresses[0]
-            for src, dst, payload in gw.datagrams_out():
+            for src, dst, datagram in gw.datagrams_out():
                 progress = True
-                self._enqueue(src or local, dst, payload)
+                self._enqueue(src or local, dst, datagram)
             for packet in gw.tun_out():
                 progress = True
                 self._resource_receive(packet)
@@ -315,17 +326,17 @@ class World:
                 while (tx := core.poll_transmit()) is not None:
                     progress = True
                     self._enqueue(tx.src or client.local, tx.dst, tx.payload)
-                while (packet := core.poll_tun()) is not None:
-                    client.received.add(_tag(packet))
+                while (received := core.poll_tun()) is not None:
+                    client.received.add(_tag(received))
                 while core.poll_event() is not None:
                     pass
             queue, self._portal_queue = self._portal_queue, []
-            for kind, client, event, payload in queue:
+            for kind, to, event, message in queue:
                 progress = True
                 if kind == "gateway":
-                    self.gateway.portal_message(event, payload)
+                    self.gateway.portal_message(event, message)
                 else:
-                    client.core.handle_portal_message(event, payload, self.now, self.clock.unix())
+                    to.core.handle_portal_message(event, message, self.now, self.clock.unix())
 
     def _resource_receive(self, packet: bytes) -> None:
         """A resource host got ``packet``: note its tag and answer it."""
@@ -340,6 +351,7 @@ class World:
     def run(self, seconds: float, until: Callable[[], bool] | None = None) -> bool:
         """Advance event by event for up to ``seconds``, or until ``until()`` holds."""
         end = self.now + seconds
+        spins = 0
         while True:
             self.pump()
             if until is not None and until():
@@ -349,12 +361,14 @@ class World:
             if self._queue:
                 deadlines.append(self._queue[0][0])
             present = [d for d in deadlines if d is not None]
-            next_at = min(present, default=end)
+            next_at = min(present, default=math.inf)
             if next_at > end:
                 self.clock.skip_to(end)
                 self._timers()
                 self.pump()
                 return until is not None and until()
+            spins = spins + 1 if next_at <= self.now else 0
+            assert spins < 10_000, f"busy loop at {self.now}: a deadline that never moves"
             self.clock.skip_to(next_at)
             while self._queue and self._queue[0][0] <= self.now:
                 _, _, src, dst, payload = heapq.heappop(self._queue)
