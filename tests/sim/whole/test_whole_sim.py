@@ -56,7 +56,7 @@ CONNECT_BOUND = 30.0
 TRANSIT = 0.05
 CLIENTS = 2
 RESOURCES = 3
-LIFETIMES = (None, 20.0, 90.0, 400.0)
+LIFETIMES = (None, 20.0, 60.0, 120.0)
 PORTS = (53, 80, 443, 8080)
 FILTER_SETS: tuple[list[dict[str, Any]], ...] = (
     [],
