@@ -332,6 +332,7 @@ def _quiet() -> Iterator[None]:
 
 
 @pytest.mark.configures_logging
+@pytest.mark.timeout(900)  # a failure shrinks for up to 5 minutes: keep its report
 def test_whole_gateway_against_the_model() -> None:
     machine: Any = WholeGatewayMachine
     if SEED is not None:
