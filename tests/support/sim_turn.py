@@ -60,6 +60,16 @@ class SimTurnServer:
         #: Authenticated requests as (method, username, lifetime, answer code or 0).
         self.log: list[tuple[int, str | None, int | None, int]] = []
 
+    def add_account(self, username: str, password: str) -> None:
+        """Accept one more long-term credential (the portal rotates them on every init)."""
+        self._keys[username] = long_term_key(username, "firezone", password)
+
+    def restart(self) -> None:
+        """The relay went down and came back: every allocation is gone."""
+        self.allocations.clear()
+        self.by_relayed.clear()
+        self.owners.clear()
+
     def relayed_addresses(self) -> set[Address]:
         return set(self.by_relayed)
 
