@@ -251,6 +251,11 @@ class ClientSession:
                     self._send(extra)
             elif isinstance(result, Dropped):
                 self.counters[result.reason] += 1
+        # The initiator's first message on a new session (a keepalive: no result) confirms
+        # it and flushes the packets queued for it into the tunnel's outbox: send them
+        # now, not at this session's next timer (up to the idle timer, 10 s, later).
+        while (extra := tunnel.poll_transmit()) is not None:
+            self._send(extra)
         to_tun: list[bytes] = []
         if packets:
             # Decrypted IP packets are data, filtered or not (gateway/idle.py); once a batch.

@@ -281,3 +281,27 @@ def test_data_after_close_is_counted_and_goes_nowhere(clock: ManualClock) -> Non
     assert world.to_gateway(world.encrypt(up())) == []
     session.from_tun_batch([down()], world.now, world.clock.unix())
     assert session.counters["closed"] == 2 and world.sent() == []
+
+
+def test_packets_queued_for_an_unconfirmed_session_go_out_when_it_is_confirmed(
+    clock: ManualClock,
+) -> None:
+    """The responder may not send on a session the initiator has not confirmed yet, so a
+    resource's packet waits in the tunnel; the initiator's confirming keepalive (which
+    yields no packet) must send it at once, not at the session's next timer."""
+    world = make_world(clock)
+    world.session.set_path(DIRECT, world.now)
+    initiation = world.client.encapsulate(b"", world.now, world.clock.unix())
+    assert isinstance(initiation, WriteToNetwork)
+    assert world.to_gateway(initiation.datagram) == []
+    (response,) = world.sent()
+    world.session.from_tun_batch([down(b"early")], world.now, world.clock.unix())
+    assert world.sent() == []  # queued: the session is not confirmed yet
+    confirm = world.client.decapsulate(unwrap(response, DIRECT), BASE, world.now,
+                                       world.clock.unix())
+    assert isinstance(confirm, WriteToNetwork)  # the keepalive that confirms the session
+    assert world.to_gateway(confirm.datagram) == []
+    (flushed,) = world.sent()
+    result = world.client.decapsulate(unwrap(flushed, DIRECT), BASE, world.now,
+                                      world.clock.unix())
+    assert isinstance(result, WriteToTunnel) and result.packet == down(b"early")

@@ -1,18 +1,30 @@
 """The ONE place the whole-gateway simulation touches the gateway's internals.
 
-It is the stand-in until ``gateway/gateway.py`` (the gateway's pure state machine) and
-``gateway/session.py`` (one client's pure data path) exist: today it composes the cores
-the way ``actors/node.py`` (NodeActor) and ``actors/peer_session.py`` (PeerSession) do —
-:class:`gateway.node.Node` for the key, relays, ICE and the connection table, and per
-client a :class:`gateway.wg.tunnel.Tunnel`, a :class:`gateway.peer.ClientOnGateway`, an
-:class:`gateway.idle.IdleTracker`, the nominated path and the pending datagrams — minus
-threads, sockets, mailboxes and the legacy (``request_connection``/DNS) path. Once those
-modules land, this file becomes a thin wrapper over them and nothing else in
-``tests/sim/whole`` changes.
+A thin, single-threaded stand-in for the actor shells around the two pure cores that make
+every decision: :class:`gateway.gateway.Gateway` (portal messages, the node's datagrams and
+timers, sessions' reports in; commands out) and one :class:`gateway.session.ClientSession`
+per client. It carries their outputs out the way the shells do, minus threads, sockets,
+mailboxes and actor liveness:
+
+* ``actors/node.py`` (NodeActor): the core's commands in order, then its transmits; the
+  UDP reader's fast-path tables (route key -> session, relay channel -> client address)
+  filled from ``RouteAdded``/``RelayRouteAdded``; the channel-activity fold before the
+  node's timer step; the socket rebind of a reset (a new port);
+* ``actors/io/udp.py`` (UdpReader): each datagram is sorted by ``gateway/demux.py``'s rules
+  (transport data by route key, relayed transport data by channel, the rest to the node);
+* ``actors/peer.py`` / ``actors/peer_session.py`` (PeerActor, PeerSession): the session's
+  transmits go to the network, its packets to the TUN, its reports to the node (after the
+  current node step, as a ``tell`` would: see :meth:`GatewayUnderTest._node_mailbox`);
+* ``actors/tun.py`` (TunActor/TunReader): packets from the TUN go to the client that
+  registered their destination address.
+
+Every ``if`` below is one of those IO concerns; no protocol decision is made here. The
+legacy path (``request_connection``/DNS) is wired too, with a resolver that knows no
+names, though the simulated portal never uses it.
 
 The interface the world uses (everything else is private):
 
-* inputs: :meth:`portal_message` (event, payload as the portal pushes them),
+* inputs: :meth:`start`, :meth:`portal_message` (event, payload as the portal pushes them),
   :meth:`datagram_in`, :meth:`tun_packet_in`, :meth:`advance`, :meth:`reset`;
 * outputs: :meth:`portal_out` (event, payload), :meth:`datagrams_out` (src, dst, payload),
   :meth:`tun_out` (IP packets), :meth:`connect_requests` (the public key the portal
@@ -25,191 +37,32 @@ from __future__ import annotations
 import ipaddress
 import uuid
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
+from gateway import gateway as cmd
+from gateway.demux import MAX_DATAGRAM_PAYLOAD, relayed_transport, transport_key
 from gateway.errors import GatewayError
-from gateway.ice.candidate import IceCredentials
-from gateway.idle import IdleTracker
-from gateway.node import (
-    CandidatesAdded,
-    CandidatesInvalidated,
-    ConnectionCreated,
-    ConnectionFailed,
-    DirectPath,
-    Node,
-    NoTurnServers,
-    Path,
-    PathChanged,
-    RelayedPath,
-    TurnServer,
+from gateway.gateway import Command, Gateway
+from gateway.portal.messages import encode_egress, parse_ingress
+from gateway.session import (
+    ClientSession,
+    IdleChanged,
+    ResolveRequest,
+    SessionFailed,
+    TunRegister,
+    TunUnregister,
 )
-from gateway.peer import ClientOnGateway, Reply
-from gateway.portal.messages import (
-    AuthorizeFlow,
-    BroadcastIceCandidates,
-    BroadcastInvalidatedIceCandidates,
-    FlowAuthorized,
-    IceCandidates,
-    Init,
-    InvalidateIceCandidates,
-    PortalIceCredentials,
-    RejectAccess,
-    RelaysPresence,
-    ResourceUpdated,
-    encode_egress,
-    merge_relays,
-    parse_ingress,
-)
-from gateway.turn.channel_data import encode_channel_data
 from gateway.types import Address, Rng
-from gateway.wg.keys import encode_key
-from gateway.wg.tunnel import ConnectionExpired, Dropped, Tunnel, WriteToNetwork
 
-#: As actors/peer_session.py.
-PENDING_DATAGRAMS = 10
-PERSISTENT_KEEPALIVE = 25.0
-
-
-class _Session:
-    """What PeerSession combines for one client (actors/peer_session.py), single-threaded."""
-
-    def __init__(self, owner: GatewayUnderTest, client_id: uuid.UUID) -> None:
-        self.owner = owner
-        self.client_id = client_id
-        self.tunnel: Tunnel | None = None
-        self.client: ClientOnGateway | None = None
-        self.path: Path | None = None
-        self.pending: deque[bytes] = deque(maxlen=PENDING_DATAGRAMS)
-        self.idle = IdleTracker()
-
-    # control
-    def new_session(self, created: ConnectionCreated, now: float) -> None:
-        node = self.owner.node
-        self.tunnel = Tunnel(
-            static=node.static, peer_public=created.peer_public,
-            preshared_key=created.preshared_key, local_index=created.local_index,
-            rate_limiter=node.rate_limiter, rng=self.owner.rng, now=now,
-            persistent_keepalive=PERSISTENT_KEEPALIVE,
-        )
-        self.path = None
-        self.pending.clear()
-
-    def authorize(self, msg: AuthorizeFlow, now: float) -> None:
-        client = msg.client
-        if self.client is None:
-            self.client = ClientOnGateway(
-                client_id=self.client_id, ipv4=ipaddress.IPv4Address(str(client.ipv4)),
-                ipv6=ipaddress.IPv6Address(str(client.ipv6)), now=now,
-            )
-        self.owner.register_tun(self.client_id, str(client.ipv4), str(client.ipv6))
-        self.client.add_resource(msg.resource, msg.expires_at, now)
-
-    def remove_resource(self, resource_id: uuid.UUID) -> None:
-        if self.client is not None:
-            self.client.remove_resource(resource_id)
-            self._drop_client_if_empty()
-
-    def set_path(self, path: Path, now: float) -> None:
-        self.idle.start(now)
-        self.path = path
-        while self.pending:
-            self._send(self.pending.popleft())
-
-    # data
-    def from_network(self, datagram: bytes, src: Address, now: float, unix: float) -> None:
-        tunnel = self.tunnel
-        if tunnel is None:
-            return
-        packets: list[bytes] = []
-        for result in tunnel.decapsulate_many([(datagram, src)], now, unix, packets):
-            if isinstance(result, WriteToNetwork):
-                self._send(result.datagram)
-                while (extra := tunnel.poll_transmit()) is not None:
-                    self._send(extra)
-            elif isinstance(result, Dropped):
-                pass
-        if packets:
-            if self.idle.note_data(now):
-                self.owner.node.set_idle(self.client_id, False, now)
-            if self.client is not None:
-                for packet in packets:
-                    out = self.client.handle_inbound(packet, now)
-                    if type(out) is bytes:
-                        self.owner.tun.append(out)
-                    elif isinstance(out, Reply):
-                        self._encapsulate_and_send(out.packet, now, unix)
-        self._drain_tunnel_events(now)
-
-    def from_tun(self, packet: bytes, now: float, unix: float) -> None:
-        if self.tunnel is None or self.client is None:
-            return
-        out = self.client.handle_outbound(packet, now)
-        if out is not None:
-            result = self.tunnel.encapsulate(out, now, unix)
-            if isinstance(result, WriteToNetwork):
-                self._send(result.datagram)
-                if self.idle.note_data(now):
-                    self.owner.node.set_idle(self.client_id, False, now)
-        self._drain_tunnel_events(now)
-
-    def _encapsulate_and_send(self, packet: bytes, now: float, unix: float) -> None:
-        assert self.tunnel is not None
-        result = self.tunnel.encapsulate(packet, now, unix)
-        if isinstance(result, WriteToNetwork):
-            self._send(result.datagram)
-
-    def _send(self, datagram: bytes) -> None:
-        path = self.path
-        if path is None:
-            self.pending.append(datagram)
-        elif isinstance(path, DirectPath):
-            self.owner.udp.append((path.local, path.remote, datagram))
-        elif isinstance(path, RelayedPath):
-            self.owner.udp.append((None, path.server, encode_channel_data(path.channel, datagram)))
-
-    # timers
-    def handle_timeout(self, now: float, unix: float) -> None:
-        if self.idle.handle_timeout(now):
-            self.owner.node.set_idle(self.client_id, True, now)
-        if self.tunnel is not None:
-            self.tunnel.handle_timeout(now, unix)
-            while (datagram := self.tunnel.poll_transmit()) is not None:
-                self._send(datagram)
-            self._drain_tunnel_events(now)
-        if self.client is not None:
-            self.client.handle_timeout(now, unix)
-            while self.client.poll_event() is not None:
-                pass
-            self._drop_client_if_empty()
-
-    def poll_timeout(self) -> float | None:
-        deadlines = [self.idle.poll_timeout()]
-        if self.tunnel is not None:
-            deadlines.append(self.tunnel.poll_timeout())
-        if self.client is not None:
-            deadlines.append(self.client.poll_timeout())
-        present = [d for d in deadlines if d is not None]
-        return min(present) if present else None
-
-    def _drop_client_if_empty(self) -> None:
-        if self.client is not None and self.client.is_empty():
-            self.owner.unregister_tun(self.client_id)
-            self.client = None
-
-    def _drain_tunnel_events(self, now: float) -> None:
-        if self.tunnel is None:
-            return
-        while (event := self.tunnel.poll_event()) is not None:
-            if isinstance(event, ConnectionExpired):
-                self.tunnel = None
-                self.owner.session_failed(self.client_id, now)
-                return
-
-    def close(self) -> None:
-        if self.client is not None:
-            self.owner.unregister_tun(self.client_id)
-        self.client = None
-        self.tunnel = None
+#: A message for the node, handled after the current node step (what a ``tell`` does).
+_NodeMessage = Callable[[], None]
+#: Commands the NodeActor tells one client's PeerActor.
+_SESSION_COMMANDS = (
+    cmd.DeliverHandshakes, cmd.AuthorizeResource, cmd.SetupDns, cmd.ForgetClient,
+    cmd.RemoveResource, cmd.UpdateResource, cmd.SetPath,
+)
 
 
 class GatewayUnderTest:
@@ -221,9 +74,18 @@ class GatewayUnderTest:
         self._port = 40000
         self._now = now
         self._unix = unix
-        self.node = Node(rng=rng, now=now)
-        self._sessions: dict[uuid.UUID, _Session] = {}
+        self.core = Gateway(rng=rng, now=now)
+        #: PeerActors: one session per client the core started.
+        self._sessions: dict[uuid.UUID, ClientSession] = {}
+        # The UDP reader's fast-path tables (actors/node.py fills them from route commands).
+        self._routes: dict[int, ClientSession] = {}
+        self._relay_routes: dict[tuple[Address, int], Address] = {}
+        self._channel_activity: set[tuple[Address, int]] = set()
+        # The TunActor's table: destination address -> client; and each client's addresses.
         self._tun_routes: dict[bytes, uuid.UUID] = {}
+        self._tun_addresses: dict[uuid.UUID, set[bytes]] = {}
+        #: Reports told to the NodeActor (PeerIdle, PeerFailed, resolver answers).
+        self._mailbox: deque[_NodeMessage] = deque()
         self.udp: list[tuple[Address | None, Address, bytes]] = []
         self.tun: list[bytes] = []
         self._portal: list[tuple[str, dict[str, Any]]] = []
@@ -234,7 +96,7 @@ class GatewayUnderTest:
 
     @property
     def public_key(self) -> str:
-        return encode_key(self.node.public_key)
+        return self.core.public_key
 
     @property
     def local_addresses(self) -> tuple[Address, ...]:
@@ -244,81 +106,76 @@ class GatewayUnderTest:
     # ------------------------------------------------------------------ inputs
 
     def start(self) -> None:
-        """The PortalActor connects with the node's key (``AttachPortal``)."""
-        self._connects.append(self.public_key)
+        """``AttachPortal``: the core asks the portal to log in with its key."""
+        self._node_step(self.core.portal_attached)
 
     def portal_message(self, event: str, payload: Any) -> None:
         try:
             message = parse_ingress(event, payload)
-        except GatewayError:
+        except GatewayError:  # the portal channel counts and drops it
             self.portal_errors += 1
             return
-        now = self._now
-        node = self.node
-        if isinstance(message, Init):
-            node.update_relays([], _turn_servers(message.relays), now)
-        elif isinstance(message, AuthorizeFlow):
-            self._authorize_flow(message, now)
-        elif isinstance(message, RejectAccess):
-            session = self._sessions.get(message.client_id)
-            if session is not None:
-                session.remove_resource(message.resource_id)
-        elif isinstance(message, IceCandidates):
-            node.add_remote_candidates(message.client_id, message.candidates, now)
-        elif isinstance(message, InvalidateIceCandidates):
-            node.remove_remote_candidates(message.client_id, message.candidates, now)
-        elif isinstance(message, RelaysPresence):
-            removed = [str(rid) for rid in message.disconnected_ids]
-            node.update_relays(removed, _turn_servers(message.connected), now)
-        elif isinstance(message, ResourceUpdated):
-            for session in self._sessions.values():
-                if session.client is not None:
-                    session.client.update_resource(message.resource)
-        self._drain(now)
+        # NodeActor._check_alive: a session here never dies but by StopSession.
+        self._node_step(lambda: self.core.handle_portal(message, self._now))
 
     def datagram_in(self, local: Address, src: Address, data: bytes) -> None:
+        """UdpReader._sort for one datagram, then its delivery."""
         if local not in self.local_addresses:
             return  # a socket closed by a reset
-        wg = self.node.handle_datagram(local, src, data, self._now)
-        if wg is not None:
-            session = self._sessions.get(wg.client_id)
+        if len(data) > MAX_DATAGRAM_PAYLOAD:
+            return  # dropped before any processing (the reader counts it)
+        key = transport_key(data)
+        if key is not None:
+            session = self._routes.get(key)
             if session is not None:
-                session.from_network(wg.datagram, wg.src, self._now, self._unix)
-        self._drain(self._now)
+                self._session_data(session, [(data, src)])
+                self._run_mailbox()
+                return
+        elif self._relay_routes and (relayed := relayed_transport(data)) is not None:
+            number, key, inner = relayed
+            remote = self._relay_routes.get((src, number))
+            session = self._routes.get(key)
+            if remote is not None and session is not None:
+                self._channel_activity.add((src, number))
+                self._session_data(session, [(inner, remote)])
+                self._run_mailbox()
+                return
+        batch = [(local, src, data)]
+        self._node_step(lambda: self.core.handle_datagrams(batch, self._now))
 
     def tun_packet_in(self, packet: bytes) -> None:
+        """TunReader._dispatch: to the client that registered the destination."""
         dst = packet[16:20] if packet[0] >> 4 == 4 else packet[24:40]
         client_id = self._tun_routes.get(dst)
         session = self._sessions.get(client_id) if client_id is not None else None
         if session is not None:
-            session.from_tun(packet, self._now, self._unix)
-        self._drain(self._now)
+            session.from_tun_batch([packet], self._now, self._unix)
+            self._session_outputs(session)
+            self._run_mailbox()
 
     def advance(self, now: float, unix: float) -> None:
-        """The clock moved to ``now``: run every deadline due."""
+        """The clock moved to ``now``: every timer due fires (the node's, then each
+        session's, as the Timer thread would in some order)."""
         self._now, self._unix = now, unix
-        deadline = self.node.poll_timeout()
+        deadline = self.core.poll_timeout()
         if deadline is not None and deadline <= now:
-            self.node.handle_timeout(now)
+            self._node_step(self._node_timer)
         for session in list(self._sessions.values()):
             deadline = session.poll_timeout()
             if deadline is not None and deadline <= now:
                 session.handle_timeout(now, unix)
-        self._drain(now)
+                self._session_outputs(session)
+        self._run_mailbox()
 
     def poll_timeout(self) -> float | None:
-        deadlines = [self.node.poll_timeout()]
+        deadlines = [self.core.poll_timeout()]
         deadlines += [s.poll_timeout() for s in self._sessions.values()]
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
 
     def reset(self) -> None:
-        """NodeActor._reset: rotate the key, stop every session, rebind, reconnect."""
-        self.node.reset(self._now)
-        for client_id in list(self._sessions):
-            self._stop_session(client_id)
-        self._port += 1
-        self._connects.append(self.public_key)
+        """NodeActor's ``Reset`` message."""
+        self._node_step(lambda: self.core.reset("simulated reset", self._now))
 
     # ------------------------------------------------------------------ outputs
 
@@ -338,76 +195,162 @@ class GatewayUnderTest:
         out, self.tun = self.tun, []
         return out
 
-    # ------------------------------------------------------------------ combining
+    # ------------------------------------------------------------------ the node's shell
 
-    def _authorize_flow(self, msg: AuthorizeFlow, now: float) -> None:
-        client = msg.client
-        result = self.node.upsert_connection(
-            client.id, client_public_key=client.public_key_bytes,
-            preshared_key=client.preshared_key_bytes, local=_ice(msg.gateway_ice_credentials),
-            remote=_ice(msg.client_ice_credentials), now=now,
-        )
-        if isinstance(result, NoTurnServers):
-            self._connects.append(self.public_key)  # NodeActor._refetch_relays
-            return
-        if isinstance(result, ConnectionCreated):
-            session = self._sessions.get(client.id)
-            if session is None:
-                session = self._sessions[client.id] = _Session(self, client.id)
-            session.new_session(result, now)
-        session_or_none = self._sessions.get(client.id)
-        if session_or_none is None:
-            return
-        session_or_none.authorize(msg, now)
-        self._send_portal(encode_egress(FlowAuthorized(msg.ref)))
+    def _node_step(self, step: Callable[[], None]) -> None:
+        """One NodeActor step (NodeActor._step), then what it told itself meanwhile."""
+        step()
+        self._carry_out()
+        self._run_mailbox()
 
-    def session_failed(self, client_id: uuid.UUID, now: float) -> None:
-        """PeerFailed (WireGuard session expired): NodeActor._on_peer_failed."""
-        self.node.remove_connection(client_id, "WireGuard connection expired")
-        self._stop_session(client_id)
+    def _run_mailbox(self) -> None:
+        while self._mailbox:
+            self._mailbox.popleft()()
+            self._carry_out()
 
-    def _stop_session(self, client_id: uuid.UUID) -> None:
-        session = self._sessions.pop(client_id, None)
-        if session is not None:
-            session.close()
+    def _node_timer(self) -> None:
+        """NodeActor._timer_step: fold the fast path's channel notes, then the timers."""
+        if self._channel_activity:
+            seen = list(self._channel_activity)
+            self._channel_activity.clear()
+            self.core.note_channel_activity(seen, self._now)
+        self.core.handle_timeout(self._now)
 
-    def register_tun(self, client_id: uuid.UUID, ipv4: str, ipv6: str) -> None:
-        self._tun_routes[ipaddress.ip_address(ipv4).packed] = client_id
-        self._tun_routes[ipaddress.ip_address(ipv6).packed] = client_id
+    def _legacy_resolved(self, command: cmd.Resolve) -> None:
+        """NodeActor's ``_LegacyResolved`` (no addresses)."""
+        self.core.handle_resolved(command.request, (), command.generation, self._now)
 
-    def unregister_tun(self, client_id: uuid.UUID) -> None:
-        for address in [a for a, c in self._tun_routes.items() if c == client_id]:
-            del self._tun_routes[address]
-
-    def _send_portal(self, event_payload: tuple[str, dict[str, Any]]) -> None:
-        self._portal.append(event_payload)
-
-    def _drain(self, now: float) -> None:
-        node = self.node
-        while (tx := node.poll_transmit()) is not None:
+    def _carry_out(self) -> None:
+        """NodeActor._carry_out: the commands in order, then the node's datagrams."""
+        core = self.core
+        while (command := core.poll_command()) is not None:
+            self._execute(command)
+        while (tx := core.poll_transmit()) is not None:
             self.udp.append((tx.src, tx.dst, tx.payload))
-        while (event := node.poll_event()) is not None:
-            if isinstance(event, CandidatesAdded):
-                self._send_portal(encode_egress(
-                    BroadcastIceCandidates((event.client_id,), event.candidates)))
-            elif isinstance(event, CandidatesInvalidated):
-                self._send_portal(encode_egress(
-                    BroadcastInvalidatedIceCandidates((event.client_id,), event.candidates)))
-            elif isinstance(event, PathChanged):
-                session = self._sessions.get(event.client_id)
-                if session is not None:
-                    session.set_path(event.path, now)
-            elif isinstance(event, ConnectionFailed):
-                self._stop_session(event.client_id)
 
+    def _execute(self, command: Command) -> None:
+        now = self._now
+        if isinstance(command, cmd.StartSession):
+            session = self._sessions.get(command.client_id)
+            if session is None:  # a new PeerActor; an existing one swaps its tunnel
+                session = self._sessions[command.client_id] = ClientSession(
+                    command.client_id, rng=self.rng)
+            session.new_wireguard_session(
+                local_index=command.local_index, peer_public=command.peer_public,
+                preshared_key=command.preshared_key, static=command.static,
+                rate_limiter=command.rate_limiter, now=now)
+            self._session_outputs(session)
+        elif isinstance(command, cmd.StopSession):
+            stopped = self._sessions.pop(command.client_id, None)
+            if stopped is not None:
+                stopped.close()
+                self._session_outputs(stopped)
+        elif isinstance(command, cmd.RouteAdded):
+            self._routes[command.key] = self._sessions[command.client_id]
+        elif isinstance(command, cmd.RouteRemoved):
+            self._routes.pop(command.key, None)
+        elif isinstance(command, cmd.RelayRouteAdded):
+            self._relay_routes[(command.server, command.channel)] = command.remote
+        elif isinstance(command, cmd.RelayRouteRemoved):
+            self._relay_routes.pop((command.server, command.channel), None)
+        elif isinstance(command, cmd.SendToPortal):
+            self._portal.append(encode_egress(command.message))
+        elif isinstance(command, (cmd.ConnectPortal, cmd.PortalKeyRotated)):
+            self._connects.append(command.public_key)
+        elif isinstance(command, cmd.Rebind):
+            self._port += 1
+        elif isinstance(command, cmd.Resolve):
+            # A resolver that knows no names; the answer comes as a later message.
+            self._mailbox.append(partial(self._legacy_resolved, command))
+        elif isinstance(command, (cmd.ProtectKey, cmd.ConfigureInterface)):
+            pass  # no log to keep the key from; no device to configure
+        else:
+            self._tell_session(command)
 
-def _ice(creds: PortalIceCredentials) -> IceCredentials:
-    return IceCredentials(creds.username, creds.password)
+    def _tell_session(self, command: Command) -> None:
+        """A command for one client's PeerActor, applied to its session (NodeActor's
+        ``_tell_session`` and ``_deliver_handshakes``; PeerActor's ``_control``)."""
+        assert isinstance(command, _SESSION_COMMANDS), f"unknown command {command!r}"
+        session = self._sessions.get(command.client_id)
+        if session is None:  # it ended earlier in this step
+            return
+        now = self._now
+        if isinstance(command, cmd.DeliverHandshakes):
+            self._session_data(session, command.datagrams)
+            return
+        if isinstance(command, cmd.AuthorizeResource):
+            session.authorize(command.resource, command.expires_at, command.ipv4,
+                              command.ipv6, now)
+        elif isinstance(command, cmd.SetupDns):
+            session.resolved(command.resource_id, command.domain, command.proxy_ips,
+                             command.addresses, False, now, self._unix)
+        elif isinstance(command, cmd.ForgetClient):
+            session.forget_client()
+        elif isinstance(command, cmd.RemoveResource):
+            session.remove_resource(command.resource_id)
+        elif isinstance(command, cmd.UpdateResource):
+            session.update_resource(command.resource)
+        else:
+            session.set_path(command.path, now)
+        self._session_outputs(session)
 
+    # ------------------------------------------------------------------ sessions' shell
 
-def _turn_servers(entries: Any) -> list[TurnServer]:
-    servers = []
-    for relay in merge_relays(entries):
-        addresses = tuple(a for a in (relay.addr_v4, relay.addr_v6) if a is not None)
-        servers.append(TurnServer(str(relay.id), addresses, relay.username, relay.password))
-    return servers
+    def _session_data(self, session: ClientSession, datagrams: list[tuple[bytes, Address]]
+                      ) -> None:
+        """PeerSession.from_network: decrypted packets to the TUN, then the outputs."""
+        self.tun += session.from_network_batch(datagrams, self._now, self._unix)
+        self._session_outputs(session)
+
+    def _session_outputs(self, session: ClientSession) -> None:
+        """PeerSession._transmit and _report."""
+        for transmit in session.take_transmits():
+            for payload in transmit.payloads:
+                self.udp.append((transmit.src, transmit.dst, payload))
+        client_id = session.client_id
+        for event in session.take_events():
+            if isinstance(event, IdleChanged):
+                self._mailbox.append(partial(self._session_idle, client_id, event.idle))
+            elif isinstance(event, SessionFailed):
+                self._mailbox.append(partial(self._session_failed, session, event.reason))
+            elif isinstance(event, ResolveRequest):
+                self._mailbox.append(partial(self._resolved, session, event))
+            elif isinstance(event, TunRegister):
+                self._tun_register(client_id, event.ipv4, event.ipv6)
+            elif isinstance(event, TunUnregister):
+                self._tun_unregister(client_id)
+
+    def _session_idle(self, client_id: uuid.UUID, idle: bool) -> None:
+        """NodeActor's ``PeerIdle``."""
+        self.core.session_idle(client_id, idle, self._now)
+
+    def _session_failed(self, session: ClientSession, reason: str) -> None:
+        """NodeActor._on_peer_failed: a report from a session already stopped is stale."""
+        if self._sessions.get(session.client_id) is session:
+            self.core.session_failed(session.client_id, reason)
+
+    def _resolved(self, session: ClientSession, request: ResolveRequest) -> None:
+        """The PeerActor's ``Resolved`` message, from a resolver that knows no names."""
+        if not session.closed:
+            session.resolved(request.resource_id, request.domain, request.proxy_ips, (),
+                             request.reply, self._now, self._unix)
+            self._session_outputs(session)
+
+    # ------------------------------------------------------------------ the TUN's table
+
+    def _tun_register(self, client_id: uuid.UUID, ipv4: str, ipv6: str) -> None:
+        """TunActor._register: every address the client was authorized with routes to it;
+        an address that moved to this client no longer belongs to the previous one."""
+        addresses = self._tun_addresses.setdefault(client_id, set())
+        for address in (ipaddress.ip_address(ipv4).packed, ipaddress.ip_address(ipv6).packed):
+            previous = self._tun_routes.get(address)
+            if previous is not None and previous != client_id:
+                self._tun_addresses.get(previous, set()).discard(address)
+            addresses.add(address)
+        for address in addresses:
+            self._tun_routes[address] = client_id
+
+    def _tun_unregister(self, client_id: uuid.UUID) -> None:
+        for address in self._tun_addresses.pop(client_id, set()):
+            if self._tun_routes.get(address) == client_id:
+                del self._tun_routes[address]
