@@ -727,17 +727,20 @@ class IceAgent:
         """The peer nominates another pair: check at once that the selected one still works.
 
         A roaming peer (new address, same credentials) nominates a new pair while our
-        selected pair still looks alive for up to ~10 s. A triggered check on the selected
-        pair finds out in two RTOs instead; ``_reselect`` then prefers the healthy pair.
+        selected pair still looks alive for up to ~10 s (minutes when idle). A triggered
+        check on the selected pair finds out in two RTOs instead; ``_reselect`` then prefers
+        the healthy pair. If a check on the selected pair is already overdue (sent at least
+        the default initial RTO ago, also while idle timings space them 60 s apart), the
+        probe is its second unanswered check and the switch is immediate: 1.4 switches the
+        socket on a new nomination (rust/connlib/snownet/src/node.rs).
         """
         selected = self._selected
         if (
             selected is None
             or selected is nominated
-            or selected.unanswered > 0
             or (
                 selected.last_sent is not None
-                and now - selected.last_sent < self._timings.initial_rto
+                and now - selected.last_sent < DEFAULT_TIMINGS.initial_rto
             )
         ):
             return

@@ -180,3 +180,27 @@ def test_controlled_side_follows_a_roaming_peer_quickly(clock: ManualClock) -> N
     assert net.run(5.0, lambda: _selected_remote(g) == roamed_host and bool(_nominated(roamed)))
     assert clock.monotonic() - start < 2.0, "fail-over took the slow path"
     assert not any(isinstance(e, Disconnected) for e in g.events)
+
+
+def test_an_idle_controlled_side_follows_a_roaming_peer_at_once(clock: ManualClock) -> None:
+    """As above, but the connection was idle (60 s rechecks) and the gateway's last check
+    on the old pair is still unanswered when the roamed client nominates its new pair.
+    The new nomination switches the socket at once, as 1.4 does; it used to wait for the
+    next idle recheck (60-120 s of WireGuard replies sent to a dead address)."""
+    net, c, g = _setup(clock, relays=False)
+    assert net.run(5.0, lambda: _both_connected(c, g))
+    g.agent.set_idle(True, clock.monotonic())
+    old = c.agent
+    net.detach("client")
+    net.run(61.0, lambda: False)  # the gateway's idle recheck goes out, unanswered
+    client = IceAgent(controlling=True, local=old.local_credentials,
+                      remote=old.remote_credentials, rng=random.Random(99),
+                      now=clock.monotonic())
+    roamed_host = (CLIENT_HOST[0], CLIENT_HOST[1] + 1)
+    client.add_local_candidate(Candidate.host(roamed_host))
+    client.add_remote_candidate(Candidate.host(GATEWAY_HOST), clock.monotonic())
+    roamed = net.attach("client2", client, roamed_host)
+    start = clock.monotonic()
+    assert net.run(10.0, lambda: _selected_remote(g) == roamed_host and bool(_nominated(roamed)))
+    assert clock.monotonic() - start < 2.0, "an idle gateway took the slow path"
+    assert not any(isinstance(e, Disconnected) for e in g.events)
