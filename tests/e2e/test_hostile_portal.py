@@ -18,9 +18,8 @@ from typing import Any
 
 import pytest
 
-from devstack.stack import CIDR_RESOURCE, Stack, stack
-from devstack.topology import RESOURCE
-from tests.support.interop import require_bin, require_netns
+from devstack.stack import CIDR_RESOURCE, Stack
+from tests.e2e.hostile import echo_works, readyz, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -29,33 +28,8 @@ FIXTURES = Path(__file__).resolve().parent.parent / "fixtures" / "portal"
 
 @pytest.fixture
 def e2e(tmp_path: Path) -> Iterator[Stack]:
-    require_netns()
-    require_bin("turnserver", "coturn")
-    require_bin("nft", "nftables")
-    require_bin("curl", "curl")
-    with stack(tmp_path) as built:
-        built.start_portal()
-        built.start_resource_servers()
-        built.start_gateway()
-        try:
-            built.wait_gateway_ready()
-            yield built
-        except BaseException:
-            print(built.logs())
-            raise
-
-
-def _readyz(e2e: Stack) -> str:
-    result = e2e.topo.run(
-        "gateway", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-        "http://127.0.0.1:18080/readyz", check=False,
-    )
-    return result.stdout.strip()
-
-
-def _echo_works(e2e: Stack, payload: bytes, tries: int = 5) -> bool:
-    return any(e2e.udp_echo(RESOURCE, 7000, payload, timeout=1.0) == payload
-               for _ in range(tries))
+    with running_stack(tmp_path) as built:
+        yield built
 
 
 def _frame(event: str, payload: Any) -> str:
@@ -90,7 +64,7 @@ def test_hostile_frames_are_dropped_and_the_gateway_lives_on(e2e: Stack) -> None
     client.wait_line(
         lambda s: s.startswith("READY") and f"resource={CIDR_RESOURCE}" in s, timeout=30
     )
-    assert _echo_works(e2e, b"before the hostile portal")
+    assert echo_works(e2e, b"before the hostile portal")
     attempts = e2e.portal.connection_attempts
     mark = len(e2e.gateway.lines)
 
@@ -106,17 +80,17 @@ def test_hostile_frames_are_dropped_and_the_gateway_lives_on(e2e: Stack) -> None
         time.sleep(0.1)
     assert len(dropped) == len(frames), e2e.logs()
     assert e2e.gateway.popen.poll() is None, e2e.logs()
-    assert _readyz(e2e) == "200", e2e.logs()
+    assert readyz(e2e) == "200", e2e.logs()
     status = e2e.wait_gateway_ready()
     assert status["portal"]["state"] == "joined"
     # Still the same socket: no frame made the gateway reconnect.
     assert e2e.portal.connection_attempts == attempts
     assert e2e.portal.gateways()[0].open_sockets == 1
-    assert _echo_works(e2e, b"after the hostile portal")
+    assert echo_works(e2e, b"after the hostile portal")
     # A valid frame still gets through: the channel is not wedged.
     relay = e2e.portal._relay_entries()[0]
     assert e2e.portal.push_raw_to_gateway(
         _frame("relays_presence", {"disconnected_ids": [], "connected": [relay]})
     ) == 1
-    assert _echo_works(e2e, b"after a valid relays_presence")
-    assert e2e.gateway.popen.poll() is None and _readyz(e2e) == "200", e2e.logs()
+    assert echo_works(e2e, b"after a valid relays_presence")
+    assert e2e.gateway.popen.poll() is None and readyz(e2e) == "200", e2e.logs()

@@ -18,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from devstack.stack import CIDR_RESOURCE, Stack, stack
+from devstack.stack import CIDR_RESOURCE, Stack
 from devstack.topology import RESOURCE
 from gateway.resources import resource_to_json
-from tests.support.interop import require_bin, require_netns
+from tests.e2e.hostile import echo_works, readyz, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(180)]
 
@@ -31,39 +31,15 @@ MALLORY = uuid.UUID("6d3f2a10-5b7c-4e8d-9f01-23456789abcd")
 
 @pytest.fixture
 def e2e(tmp_path: Path) -> Iterator[Stack]:
-    require_netns()
-    require_bin("turnserver", "coturn")
-    require_bin("curl", "curl")
-    with stack(tmp_path) as built:
-        built.start_portal()
-        built.start_resource_servers()
-        built.start_gateway()
-        try:
-            built.wait_gateway_ready()
-            yield built
-        except BaseException:
-            print(built.logs())
-            raise
-
-
-def _readyz(e2e: Stack) -> str:
-    result = e2e.topo.run(
-        "gateway", "curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
-        "http://127.0.0.1:18080/readyz", check=False,
-    )
-    return result.stdout.strip()
-
-
-def _echo_works(e2e: Stack, payload: bytes, tries: int = 10) -> bool:
-    return any(e2e.udp_echo(RESOURCE, 7000, payload, timeout=1.0) == payload
-               for _ in range(tries))
+    with running_stack(tmp_path) as built:
+        yield built
 
 
 def _alice_passes_traffic(e2e: Stack) -> None:
     client = e2e.start_client(CIDR_RESOURCE)
     client.wait_line(lambda line: line.startswith("READY") and f"resource={CIDR_RESOURCE}"
                      in line, timeout=30)
-    assert _echo_works(e2e, b"before"), e2e.logs()
+    assert echo_works(e2e, b"before"), e2e.logs()
 
 
 def _alive(e2e: Stack) -> None:
@@ -112,8 +88,8 @@ def test_a_flow_whose_peer_fails_costs_that_client_only(e2e: Stack) -> None:
         time.sleep(0.2)
     assert all(c["client_id"] != str(MALLORY) for c in status["clients"]), status
     _alive(e2e)
-    assert _readyz(e2e) == "200"
-    assert _echo_works(e2e, b"after the bad flow"), e2e.logs()
+    assert readyz(e2e) == "200"
+    assert echo_works(e2e, b"after the bad flow"), e2e.logs()
     assert e2e.gateway is not None
     assert "Eventloop failed" not in "\n".join(e2e.gateway.lines)
 
@@ -134,8 +110,8 @@ def test_a_frame_nested_too_deep_neither_stops_nor_wedges_the_portal_connection(
         assert portal.wait_for(lambda p: p.gateways()[0].open_sockets == 1, timeout=10)
     _alive(e2e)
     e2e.wait_gateway_ready()
-    assert _readyz(e2e) == "200"
-    assert _echo_works(e2e, b"after the deep frame"), e2e.logs()
+    assert readyz(e2e) == "200"
+    assert echo_works(e2e, b"after the deep frame"), e2e.logs()
     # The portal connection still works: a revocation takes effect.
     assert portal.reject_access("alice", CIDR_RESOURCE) == 1
     deadline = time.monotonic() + 3
@@ -143,4 +119,4 @@ def test_a_frame_nested_too_deep_neither_stops_nor_wedges_the_portal_connection(
         pass
     assert e2e.udp_echo(RESOURCE, 7000, b"after reject", timeout=1.0) is None, e2e.logs()
     _alive(e2e)
-    assert _readyz(e2e) == "200"
+    assert readyz(e2e) == "200"
