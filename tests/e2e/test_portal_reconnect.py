@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from devstack.stack import CIDR_RESOURCE, Stack, stack
+from devstack.stack import CIDR_RESOURCE, Stack
 from devstack.topology import ADDRESSES, RESOURCE
-from tests.support.interop import require_bin, require_netns
+from tests.e2e.hostile import running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.netns, pytest.mark.timeout(240)]
 
@@ -31,19 +31,8 @@ WATCH = 4.0
 
 @pytest.fixture
 def e2e(tmp_path: Path) -> Iterator[Stack]:
-    require_netns()
-    require_bin("turnserver", "coturn")
-    require_bin("nft", "nftables")
-    with stack(tmp_path) as built:
-        built.start_portal()
-        built.start_resource_servers()
-        built.start_gateway()
-        try:
-            built.wait_gateway_ready()
-            yield built
-        except BaseException:
-            print(built.logs())
-            raise
+    with running_stack(tmp_path) as built:
+        yield built
 
 
 def _ready(client: Any, timeout: float = 45.0) -> str:
